@@ -1,0 +1,5 @@
+import sys
+
+from qkvlab.cli.main import main
+
+sys.exit(main())

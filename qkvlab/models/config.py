@@ -1,0 +1,145 @@
+"""Typed model configuration, validated once at construction, and the paper's presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from qkvlab.errors import QkvlabError, check
+from qkvlab.variants import VariantSpec, parse_variant
+
+KINDS = ("decoder", "encoder", "vit")
+POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One transformer: a GPT-style decoder, a bidirectional encoder, or a ViT.
+
+    `variant` is any name `parse_variant` accepts; `spec` is the parsed form.
+    Decoder and encoder read `vocab_size` (or, for the encoder, `input_dim` for continuous
+    inputs); the encoder and ViT read `n_classes`; the ViT reads the image fields.
+    """
+
+    kind: str = "decoder"
+    variant: str = "QKV"
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    head_dim: int | None = None  # default d_model // n_heads
+    d_mlp: int | None = None  # default 4 * d_model
+    max_seq_len: int = 128
+    vocab_size: int = 256
+    input_dim: int | None = None  # encoder on vectors instead of token ids
+    n_classes: int = 10
+    positions: str = "learned"
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    bias: bool = True
+    dropout: float = 0.0  # residual and embedding dropout, GPT-2 placement
+    attn_dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    pair_bias_dim: int = 32  # m of the (n, n, m) table of the "+" variants
+    norm_eps: float = 1e-5
+    # ViT
+    image_size: int = 28
+    patch_size: int = 7
+    in_channels: int = 1
+    dense_head: bool = False  # per-pixel logits (segmentation) instead of one class per image
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        check(self.kind in KINDS, f"model kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        spec = parse_variant(self.variant)
+        object.__setattr__(self, "variant", spec.name)
+        for name in ("n_layers", "d_model", "n_heads", "max_seq_len", "vocab_size", "n_classes",
+                     "pair_bias_dim", "image_size", "patch_size", "in_channels"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        for name in ("head_dim", "d_mlp", "input_dim"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value > 0),
+                  f"{name} must be a positive integer or null, got {value!r}")
+        if self.head_dim is None:
+            check(self.d_model % self.n_heads == 0,
+                  f"n_heads={self.n_heads} does not divide d_model={self.d_model}; "
+                  "choose heads that divide it or set head_dim")
+        spec.validate(self.n_heads)
+        if spec.q_source == "x":
+            check(self.n_heads * self.resolved_head_dim == self.d_model,
+                  f"{spec.name} uses the input as the query, so n_heads * head_dim must equal d_model "
+                  f"({self.n_heads} * {self.resolved_head_dim} != {self.d_model})")
+        check(self.positions in POSITIONS, f"positions {self.positions!r} is not one of {', '.join(POSITIONS)}")
+        check(self.norm in NORMS, f"norm {self.norm!r} is not one of {', '.join(NORMS)}")
+        check(self.mlp in MLPS, f"mlp {self.mlp!r} is not one of {', '.join(MLPS)}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(0.0 <= self.attn_dropout < 1.0, f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
+        if self.positions == "rotary":
+            check(self.resolved_head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
+        if self.kind == "vit":
+            check(self.image_size % self.patch_size == 0,
+                  f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
+            check(self.max_seq_len >= self.n_patches + 1,
+                  f"max_seq_len={self.max_seq_len} is shorter than {self.n_patches} patches + 1 class token")
+
+    @property
+    def spec(self) -> VariantSpec:
+        return parse_variant(self.variant)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_d_mlp(self) -> int:
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.spec.n_kv_heads(self.n_heads)
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "decoder"
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with `changes` applied (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise QkvlabError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _gpt2_style(**kw) -> ModelConfig:
+    """The paper's language models: learned positions, pre-LayerNorm, GELU MLP, tied embeddings, biases."""
+    base = dict(kind="decoder", positions="learned", norm="layernorm", mlp="gelu", bias=True,
+                tie_embeddings=True, dropout=0.1, max_seq_len=2048, vocab_size=50304)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "paper-300m": _gpt2_style(n_layers=20, d_model=1024, n_heads=16, d_mlp=4096),
+    "paper-1.2b": _gpt2_style(n_layers=22, d_model=2048, n_heads=32, d_mlp=8192),
+    "tiny": ModelConfig(kind="decoder", n_layers=2, d_model=64, n_heads=4, max_seq_len=128, vocab_size=256),
+    "modern-tiny": ModelConfig(kind="decoder", n_layers=2, d_model=64, n_heads=4, max_seq_len=128,
+                               vocab_size=256, positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False,
+                               tie_embeddings=False),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset config, with field overrides (e.g. `variant="Q-K=V"`)."""
+    if name not in PRESETS:
+        raise QkvlabError(f"unknown preset {name!r}; accepted: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
