@@ -1,0 +1,40 @@
+"""GPT-style decoder: the paper's language model (and a modern RoPE/RMSNorm/SwiGLU option)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkvlab.models.backbone import Backbone, init_weights
+from qkvlab.models.config import ModelConfig
+from qkvlab.nn.kv_cache import KVCache
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self, config)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_attention: bool = False,
+                last_only: bool = False):
+        """Token ids (B, T) -> logits (B, T, V) (or (B, 1, V) with `last_only`).
+
+        With a `cache`, the tokens continue each row from its cached length.
+        """
+        out = self.backbone(self.tok_emb(idx), cache=cache, need_weights=return_attention)
+        h, weights = out if return_attention else (out, None)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(h)  # (B, T, V)
+        return (logits, weights) if return_attention else logits
+
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A preallocated cache on the model's device, in its dtype unless given."""
+        param = self.tok_emb.weight
+        return KVCache.for_model(self.config, batch_size, max_len, dtype or param.dtype, param.device)

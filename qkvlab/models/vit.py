@@ -1,0 +1,38 @@
+"""Vision transformer: one class per image, or per-pixel classes with a dense head (segmentation)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkvlab.models.backbone import Backbone, init_weights
+from qkvlab.models.config import ModelConfig
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        p = config.patch_size
+        self.patch_emb = nn.Conv2d(config.in_channels, config.d_model, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.d_model))
+        self.backbone = Backbone(config)
+        out = config.n_classes * p * p if config.dense_head else config.n_classes
+        self.head = nn.Linear(config.d_model, out, bias=config.bias)
+        init_weights(self, config)
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        """images (B, C, H, W) -> logits (B, n_classes), or (B, n_classes, H, W) with a dense head."""
+        B, _, H, W = images.shape
+        p = self.config.patch_size
+        patches = self.patch_emb(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        h = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, 1+N, C)
+        out = self.backbone(h, need_weights=return_attention)
+        h, weights = out if return_attention else (out, None)
+        if self.config.dense_head:
+            per_patch = self.head(h[:, 1:])  # (B, N, n_classes*p*p)
+            logits = F.fold(per_patch.transpose(1, 2), output_size=(H, W), kernel_size=p, stride=p)  # (B, K, H, W)
+        else:
+            logits = self.head(h[:, 0])  # (B, n_classes)
+        return (logits, weights) if return_attention else logits

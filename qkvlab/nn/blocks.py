@@ -1,0 +1,52 @@
+"""The transformer block: pre-norm attention and MLP with GPT-2's dropout placement."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkvlab.models.config import ModelConfig
+from qkvlab.nn.attention import Attention, AttentionContext
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class MLP(nn.Module):
+    """GELU (GPT-2) or SwiGLU (Llama) feed-forward."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.resolved_d_mlp
+        self.fc = nn.Linear(config.d_model, (2 if self.swiglu else 1) * hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, hidden or 2*hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.proj(h)  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.norm1, self.norm2 = make_norm(config), make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, need_weights: bool = False):
+        a = self.attn(self.norm1(x), ctx, need_weights)
+        a, weights = a if need_weights else (a, None)
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.mlp(self.norm2(x)))  # (B, T, C)
+        return (x, weights) if need_weights else x

@@ -1,0 +1,78 @@
+"""Position encodings: sinusoidal tables, rotary embeddings, and the 2D pair bias of the "+" variants."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_table(n: int, dim: int, offset: int = 0, base: float = 10000.0) -> torch.Tensor:
+    """Fixed sin/cos features of positions offset..offset+n-1: (n, dim), dim even."""
+    pos = torch.arange(offset, offset + n, dtype=torch.float64)[:, None]  # (n, 1)
+    freqs = torch.exp(-math.log(base) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angles = pos * freqs  # (n, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # (n, dim)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (half-split convention), with tables for every position."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq  # (L, D/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `positions` (B, T) or (T,), shaped to broadcast over heads."""
+        cos, sin = self.cos[positions], self.sin[positions]  # (B, T, D/2) or (T, D/2)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the angles of cos/sin (broadcastable to (B, H, T, D/2))."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class PairBias(nn.Module):
+    """The 2D positional encoding of the "+" variants, as one (T, Tk) bias per forward pass.
+
+    The fixed table P (n, n, m) holds, for each (query i, key j) pair, sinusoidal features of
+    the offset i - j (m/2 dims), of i (m/4) and of j (m/4). A learned linear map m -> 1 turns
+    s_ij + P_ij into the logit: w.(s_ij + P_ij) + b = s_ij * sum(w) + (P w)_ij + b. Because P
+    is built from per-offset and per-position features, (P w) is computed from three vectors
+    of length <= 2n and P itself is never materialised.
+    """
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__()
+        rel_dim = 2 * max(1, dim // 4)
+        abs_dim = 2 * max(1, (dim - rel_dim) // 4)
+        self.max_len = max_len
+        self.register_buffer("rel", sinusoidal_table(2 * max_len - 1, rel_dim, offset=-(max_len - 1)),
+                             persistent=False)  # (2n-1, m_rel), row r = offset r-(n-1)
+        self.register_buffer("abs", sinusoidal_table(max_len, abs_dim), persistent=False)  # (n, m_abs)
+        self.dim = rel_dim + 2 * abs_dim
+        self.weight = nn.Parameter(torch.full((self.dim,), 1.0 / self.dim))  # (m,)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def score_scale(self) -> torch.Tensor:
+        """sum(w): the factor on every raw score s_ij."""
+        return self.weight.sum()
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(P w)_ij + b for query positions (B, T) or (T,) and key positions (Tk,): (B, 1, T, Tk) or (T, Tk)."""
+        m_rel, m_abs = self.rel.shape[1], self.abs.shape[1]
+        w_rel, w_q, w_k = self.weight.split([m_rel, m_abs, m_abs])
+        rel = self.rel @ w_rel  # (2n-1,)
+        by_q, by_k = self.abs @ w_q, self.abs @ w_k  # (n,), (n,)
+        offsets = q_pos[..., None] - k_pos + (self.max_len - 1)  # (..., T, Tk)
+        bias = rel[offsets] + by_q[q_pos][..., None] + by_k[k_pos] + self.bias  # (..., T, Tk)
+        return bias[:, None] if q_pos.dim() == 2 else bias
