@@ -21,18 +21,16 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_attention: bool = False,
-                last_only: bool = False):
-        """Token ids (B, T) -> logits (B, T, V) (or (B, 1, V) with `last_only`).
-
-        With a `cache`, the tokens continue each row from its cached length.
-        """
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_attention: bool = False):
+        """Token ids (B, T) -> logits (B, T, V); with a `cache`, each row continues from its cached length."""
         out = self.backbone(self.tok_emb(idx), cache=cache, need_weights=return_attention)
         h, weights = out if return_attention else (out, None)
-        if last_only:
-            h = h[:, -1:]
         logits = self.lm_head(h)  # (B, T, V)
         return (logits, weights) if return_attention else logits
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C), for callers that need logits at a few positions only."""
+        return self.backbone(self.tok_emb(idx), cache=cache)
 
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A preallocated cache on the model's device, in its dtype unless given."""

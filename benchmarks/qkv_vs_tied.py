@@ -1,0 +1,112 @@
+"""QKV vs Q-K=V on the same model: a training step and a decode step at a long context.
+
+Both variants are built in one process and timed interleaved (ABAB...), so machine noise hits
+both alike; the script prints medians and the ratio Q-K=V / QKV (below 1 = Q-K=V faster).
+
+    python benchmarks/qkv_vs_tied.py                     # defaults: 6 layers, d 512, 8 heads
+    python benchmarks/qkv_vs_tied.py --positions rotary --context 4096 --variants QKV Q-K=V Q-MQA
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from qkvlab.models import ModelConfig, build_model
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["QKV", "Q-K=V"], help="first one is the baseline")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--positions", default="learned", choices=["learned", "rotary"])
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--context", type=int, default=2048, help="tokens already in the cache when decoding")
+    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def train_step_fn(model, batch: int, length: int, vocab: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, vocab, (batch, length + 1))
+
+    def step():
+        logits = model(idx[:, :-1])  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def decode_step_fn(model, batch: int, context: int, vocab: int):
+    """One new token per row on top of `context` cached tokens (the cache is rewound each call)."""
+    cache = model.make_cache(batch, max_len=context + 1)
+    with torch.inference_mode():
+        for start in range(0, context, 512):  # fill the cache in chunks
+            model(torch.randint(0, vocab, (batch, min(512, context - start))), cache)
+    token = torch.randint(0, vocab, (batch, 1))
+
+    @torch.inference_mode()
+    def step():
+        cache.set_lengths([context] * batch)
+        model(token, cache)
+    return step, cache.nbytes
+
+
+def timed(fn, repeats_box: list[float]) -> None:
+    start = time.perf_counter()
+    fn()
+    repeats_box.append(time.perf_counter() - start)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    max_len = max(args.context + 1, args.train_len)
+    models = {}
+    for v in args.variants:
+        torch.manual_seed(0)
+        cfg = ModelConfig(variant=v, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
+                          vocab_size=args.vocab, max_seq_len=max_len, positions=args.positions)
+        models[v] = build_model(cfg)
+    train = {v: train_step_fn(m.train(), args.train_batch, args.train_len, args.vocab) for v, m in models.items()}
+    decode, nbytes = {}, {}
+    for v, m in models.items():
+        decode[v], nbytes[v] = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab)
+    times = {(kind, v): [] for kind in ("train", "decode") for v in args.variants}
+    for fn_map in (train, decode):  # warm-up
+        for fn in fn_map.values():
+            fn()
+    for _ in range(args.repeats):
+        for v in args.variants:
+            models[v].train()
+            timed(train[v], times["train", v])
+        for v in args.variants:
+            models[v].eval()
+            timed(decode[v], times["decode", v])
+    base = args.variants[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} layers, d_model "
+          f"{args.d_model}, {args.heads} heads, {args.positions} positions; median of {args.repeats} interleaved runs")
+    print(f"train step: batch {args.train_batch} x {args.train_len} tokens (forward + backward + AdamW)")
+    print(f"decode step: batch {args.decode_batch}, 1 new token on {args.context} cached tokens")
+    print(f"{'variant':<10} {'train ms':>10} {'ratio':>7} {'decode ms':>10} {'ratio':>7} {'cache MiB':>10} {'ratio':>7}")
+    med = {key: statistics.median(vals) * 1e3 for key, vals in times.items()}
+    for v in args.variants:
+        print(f"{v:<10} {med['train', v]:>10.1f} {med['train', v] / med['train', base]:>7.3f} "
+              f"{med['decode', v]:>10.2f} {med['decode', v] / med['decode', base]:>7.3f} "
+              f"{nbytes[v] / 2**20:>10.1f} {nbytes[v] / nbytes[base]:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
