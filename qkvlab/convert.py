@@ -22,15 +22,6 @@ from qkvlab.variants import parse_variant
 MERGES = ("mean", "k", "v")
 
 
-def split_projections(attn: Attention) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """The (weight (out, in), bias) of each projection the layer has, keyed "q", "k", "v"."""
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    widths = [w for w in attn.widths.values()]
-    w_parts = weight.split(widths, dim=0)
-    b_parts = bias.split(widths, dim=0) if bias is not None else [None] * 3
-    return {name: (w, b) for name, w, b, width in zip(attn.widths, w_parts, b_parts, widths) if width}
-
-
 def _regroup_heads(t: torch.Tensor | None, heads: int, target: int, head_dim: int) -> torch.Tensor | None:
     """Rows of a key/value weight or bias with `heads` heads, as `target` heads.
 
@@ -55,7 +46,7 @@ def _merge(a, b, how: str):
 
 def converted_projections(attn: Attention, config: ModelConfig, merge: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused (weight, bias) that `config.variant` needs, derived from `attn`'s projections."""
-    spec, src = config.spec, split_projections(attn)
+    spec, src = config.spec, attn.projection_weights()
     D, H = attn.head_dim, attn.n_heads
     identity = (torch.eye(attn.qkv.in_features, dtype=attn.qkv.weight.dtype),  # Q = X as a projection
                 None if attn.qkv.bias is None else attn.qkv.bias.new_zeros(attn.qkv.in_features))

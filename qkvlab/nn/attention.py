@@ -70,6 +70,13 @@ class Attention(nn.Module):
             q = self._heads(x, self.n_heads)
         return q, k, (self._heads(v, self.n_kv_heads) if self.spec.has_v_proj else None)
 
+    def projection_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight (out, in), bias) of each projection the layer learns, keyed "q", "k", "v"."""
+        widths = list(self.widths.values())
+        weights = self.qkv.weight.split(widths, dim=0)
+        biases = self.qkv.bias.split(widths, dim=0) if self.qkv.bias is not None else [None] * 3
+        return {name: (w, b) for name, w, b, width in zip(self.widths, weights, biases, widths) if width}
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext, need_weights: bool = False):
         """x (B, T, C) -> (B, T, C); with `need_weights`, also {"scores", "probs"} (B, H, T, Tk)."""
         q, k, v = self.project(x)

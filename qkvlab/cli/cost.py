@@ -1,0 +1,153 @@
+"""`qkvlab cost`: parameters, MACs and KV cache of every variant on one architecture, vs QKV.
+
+The architecture comes from `--preset` (a `ModelConfig` preset), `--arch` (a named real model or paper
+preset, see `qkvlab.cost.ARCHS`) or the size flags; size flags given with a preset or arch override it.
+`add_arch_arguments` / `arch_from_args` are shared with `qkvlab cache`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from qkvlab.cli.table import emit, human_bytes, human_count, percent_change
+from qkvlab.cost import (STUDY_VARIANTS, ArchSpec, cache_bytes, cache_bytes_per_token, default_seq_len, dtype_bytes, get_arch, macs,
+                         param_counts, resolve_variant)
+from qkvlab.errors import QkvlabError, check
+from qkvlab.models.config import MLPS, NORMS, POSITIONS, preset
+from qkvlab.variants import VariantSpec, parse_variant
+
+# command-line flag (argparse dest) -> ArchSpec field
+_SIZE_FLAGS = {
+    "layers": "n_layers", "d_model": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
+    "head_dim": "head_dim", "d_mlp": "d_mlp", "vocab": "vocab_size", "max_seq_len": "max_seq_len",
+    "mlp": "mlp", "norm": "norm", "positions": "positions", "bias": "bias", "tie_embeddings": "tie_embeddings",
+}
+
+
+def add_arch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that describe an architecture: a named one, by hand, or a named one modified."""
+    named = parser.add_mutually_exclusive_group()
+    named.add_argument("--preset", help="a model config preset (paper-300m, paper-1.2b, tiny, modern-tiny)")
+    named.add_argument("--arch", help="a named architecture (llama-3-8b, llama-3.1-8b, llama-2-7b, mistral-7b, "
+                                      "gpt2, gpt2-medium, paper-300m, paper-1.2b)")
+    sizes = parser.add_argument_group("architecture by hand (or overriding --preset/--arch)")
+    sizes.add_argument("--layers", type=int, help="transformer layers")
+    sizes.add_argument("--d-model", type=int, help="model width")
+    sizes.add_argument("--heads", type=int, help="query heads")
+    sizes.add_argument("--kv-heads", type=int,
+                       help="the model's own key/value heads (GQA); the baseline QKV then means this GQA config")
+    sizes.add_argument("--head-dim", type=int, help="width of one head (default d_model / heads)")
+    sizes.add_argument("--d-mlp", type=int, help="MLP hidden width (default 4 * d_model)")
+    sizes.add_argument("--vocab", type=int, help="vocabulary size (default 50304)")
+    sizes.add_argument("--max-seq-len", type=int, help="longest sequence (learned position table; default 2048)")
+    sizes.add_argument("--mlp", choices=MLPS, help="MLP kind (default gelu)")
+    sizes.add_argument("--norm", choices=NORMS, help="norm kind (default layernorm)")
+    sizes.add_argument("--positions", choices=POSITIONS, help="position encoding (default learned)")
+    sizes.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                       help="biases in linear layers and LayerNorm (default on)")
+    sizes.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                       help="LM head shares the token embedding (default on)")
+
+
+def arch_from_args(args: argparse.Namespace) -> ArchSpec:
+    """The `ArchSpec` the flags describe (QkvlabError naming what is missing or wrong)."""
+    overrides = {field: getattr(args, dest) for dest, field in _SIZE_FLAGS.items() if getattr(args, dest) is not None}
+    if args.preset is not None:
+        base = ArchSpec.from_model_config(preset(args.preset), name=args.preset)
+    elif args.arch is not None:
+        base = get_arch(args.arch)
+    else:
+        missing = [f"--{dest.replace('_', '-')}" for dest in ("layers", "d_model", "heads") if dest not in
+                   {d for d, f in _SIZE_FLAGS.items() if f in overrides}]
+        check(not missing, f"describe the model with --preset NAME, --arch NAME, or by hand with --layers, "
+                           f"--d-model and --heads (missing: {', '.join(missing)})")
+        return ArchSpec(**overrides)
+    if not overrides:
+        return base
+    changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
+    return base.replace(**changed, name=f"{base.name} (modified)") if changed else base
+
+
+def parse_variant_list(values: list[str] | None) -> list[VariantSpec]:
+    """Variant names from `--variants` (space- or comma-separated); default: the study's."""
+    names = [n for v in values for n in v.split(",") if n.strip()] if values else list(STUDY_VARIANTS)
+    return list(dict.fromkeys(parse_variant(n) for n in names))
+
+
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="variants to show (default: all of the study); spaces or commas between names")
+    parser.add_argument("--batch", type=int, default=1, help="sequences in the batch (default 1)")
+    parser.add_argument("--dtype", default="bf16", help="KV-cache dtype: fp32, bf16, fp16, fp8, int8 (default bf16)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def resolved_name(arch: ArchSpec, spec: VariantSpec) -> str:
+    """What a variant becomes on `arch` (QKV on a GQA-8 model is GQA-8), or "" when it is unchanged."""
+    name = resolve_variant(arch, spec).name
+    return "" if name == spec.name else name
+
+
+def run(args: argparse.Namespace) -> int:
+    arch = arch_from_args(args)
+    specs = parse_variant_list(args.variants)
+    dtype_bytes(args.dtype)
+    check(args.seq_len is None or args.seq_len > 0, f"--seq-len must be a positive integer, got {args.seq_len}")
+    check(args.batch > 0, f"--batch must be a positive integer, got {args.batch}")
+    seq_len = default_seq_len(arch) if args.seq_len is None else args.seq_len
+    base = {"params": param_counts(arch, "QKV")["total"], "macs": macs(arch, "QKV", seq_len, args.batch)["total"],
+            "cache": cache_bytes(arch, "QKV", seq_len, args.batch, args.dtype)}
+    records, table = [], []
+    for spec in specs:
+        try:
+            resolve_variant(arch, spec)
+        except QkvlabError as err:
+            records.append({"variant": spec.name, "available": False, "reason": str(err)})
+            table.append({"variant": spec.name, "params": "n/a", "MACs": "n/a", "KV cache": "n/a",
+                          "note": f"n/a ({err})"})
+            continue
+        params, ops = param_counts(arch, spec), macs(arch, spec, seq_len, args.batch)
+        cache = cache_bytes(arch, spec, seq_len, args.batch, args.dtype)
+        as_name = resolved_name(arch, spec)
+        records.append({
+            "variant": spec.name, "as": as_name or spec.name, "available": True, "params": params, "macs": ops,
+            "cache_bytes": cache, "cache_bytes_per_token": cache_bytes_per_token(arch, spec, args.dtype),
+            "relative_to_baseline": {"params": params["total"] / base["params"], "macs": ops["total"] / base["macs"],
+                                     "cache": cache / base["cache"]},
+        })
+        table.append({
+            "variant": spec.name, "as": as_name,
+            "params": human_count(params["total"]), "Δ params": percent_change(params["total"], base["params"]),
+            "MACs": human_count(ops["total"]), "Δ MACs": percent_change(ops["total"], base["macs"]),
+            "KV cache": human_bytes(cache), "Δ cache": percent_change(cache, base["cache"]),
+        })
+    if not any(row.get("as") for row in table):
+        for row in table:
+            row.pop("as", None)
+    baseline = resolve_variant(arch, "QKV").name
+    data = {"arch": dataclasses.asdict(arch), "seq_len": seq_len, "batch": args.batch, "dtype": args.dtype,
+            "baseline": baseline, "baseline_totals": base, "variants": records}
+    notes = [
+        f"Δ: relative to QKV{'' if baseline == 'QKV' else f' (on this model: {baseline})'}: "
+        f"{human_count(base['params'])} params, {human_count(base['macs'])} MACs, {human_bytes(base['cache'])} cache.",
+        f"MACs: matrix products of one forward over {seq_len} tokens x batch {args.batch}, including the LM head; "
+        "attention scores and weighted sum over the full T x T matrix (no causal halving, as SDPA computes it). "
+        "FLOPs = 2 x MACs.",
+        f"KV cache: {seq_len} tokens x batch {args.batch} in {args.dtype}.",
+    ]
+    emit(table, args.json, right=("params", "Δ params", "MACs", "Δ MACs", "KV cache", "Δ cache"),
+         title=arch.describe(), notes=notes, data=data)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cost", help="parameters, MACs and KV cache of every variant, relative to QKV",
+        description="Parameters, multiply-accumulates of one forward pass and KV-cache bytes for each variant "
+                    "on one architecture, with the change relative to QKV. Computed analytically; the counts "
+                    "equal the built models' (see docs/cost.md).")
+    add_arch_arguments(parser)
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's max_seq_len)")
+    add_variant_arguments(parser)
+    parser.set_defaults(func=run)
