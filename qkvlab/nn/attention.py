@@ -7,15 +7,19 @@ input itself). Attention runs through `scaled_dot_product_attention` with groupe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkvlab.models.config import ModelConfig
 from qkvlab.nn.kv_cache import KVCache
 from qkvlab.nn.positions import PairBias, Rotary, apply_rotary
+
+if TYPE_CHECKING:
+    from qkvlab.models.config import ModelConfig
 
 
 @dataclass

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkvlab.models.config import ModelConfig
 from qkvlab.nn.attention import Attention, AttentionContext
+
+if TYPE_CHECKING:
+    from qkvlab.models.config import ModelConfig
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
