@@ -12,7 +12,7 @@ import sys
 
 from qkvlab.errors import QkvlabError
 
-COMMANDS = ("variants", "cost", "cache", "generate", "data", "train", "sweep", "report", "reproduce")
+COMMANDS = ("variants", "cost", "cache", "generate", "convert", "analyze", "data", "train", "sweep", "report", "reproduce")
 
 
 class _Parser(argparse.ArgumentParser):

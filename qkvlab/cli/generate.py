@@ -1,0 +1,79 @@
+"""`qkvlab generate MODEL --prompt TEXT`: sample from a saved decoder with the KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from qkvlab.errors import QkvlabError
+from qkvlab.generate import SamplingConfig, generate
+from qkvlab.models.gpt import GPT
+from qkvlab.models.io import load_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a saved decoder with the KV cache",
+                       description="Generate from a saved decoder (export, checkpoint or run directory). "
+                                   "Several --prompt options generate as one batch.")
+    p.add_argument("model", help="export, checkpoint or run directory, or a .safetensors file")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="gpt2, stdlib-bpe, bytes (default), or a Hugging Face tokenizer.json path")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _tokenizer(name: str):
+    from pathlib import Path
+
+    if Path(name).suffix == ".json":
+        from tokenizers import Tokenizer
+
+        from qkvlab.data.tokenizer import TextTokenizer
+
+        if not Path(name).is_file():
+            raise QkvlabError(f"tokenizer file {name!r} does not exist")
+        return TextTokenizer(Path(name).stem, Tokenizer.from_file(name))
+    from qkvlab.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, stop_tokens=tuple(args.stop), prefill_chunk=args.prefill_chunk,
+                              seed=args.seed)
+    model = load_model(args.model, args.device)
+    if not isinstance(model, GPT):
+        raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; generate needs a decoder")
+    tok = _tokenizer(args.tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
+                          f"{model.config.vocab_size}")
+    prompts = [tok.encode(p) for p in args.prompt]
+    start = time.perf_counter()
+    outputs = generate(model, prompts, sampling)
+    seconds = time.perf_counter() - start
+    n_new = sum(len(o) for o in outputs)
+    if args.json:
+        rows = [{"prompt": p, "completion": tok.decode(o), "tokens": o} for p, o in zip(args.prompt, outputs)]
+        print(json.dumps({"outputs": rows, "seconds": seconds, "new_tokens": n_new}, indent=2))
+    else:
+        for p, o in zip(args.prompt, outputs):
+            print(p + tok.decode(o))
+            print("-" * 40)
+        print(f"{n_new} tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s, "
+              f"{model.config.variant}, KV cache {torch.get_num_threads()} threads)", file=sys.stderr)
+    return 0

@@ -1,0 +1,75 @@
+"""`qkvlab generate / convert / analyze` on saved models, and model save/load."""
+
+import json
+
+import pytest
+import torch
+
+from qkvlab.cli.main import main
+from qkvlab.errors import QkvlabError
+from qkvlab.models import ModelConfig, build_model
+from qkvlab.models.io import load_model, save_model
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="QKV", n_layers=2, d_model=32, n_heads=4, max_seq_len=64))
+    return model.eval(), save_model(model, tmp_path / "model")
+
+
+def test_save_load_round_trip_keeps_ties_and_outputs(saved, tmp_path):
+    model, path = saved
+    loaded = load_model(path)
+    idx = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(loaded(idx), model(idx))
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    run = tmp_path / "run" / "checkpoints" / "step_7"
+    run.parent.mkdir(parents=True)
+    save_model(model, run)
+    torch.testing.assert_close(load_model(tmp_path / "run")(idx), model(idx))
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(QkvlabError, match="no model at"):
+        load_model(tmp_path)
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(QkvlabError, match="cannot read"):
+        load_model(bad)
+
+
+def test_generate_greedy_from_a_saved_model(saved, capsys):
+    _, path = saved
+    argv = ["generate", str(path), "--prompt", "ab", "--prompt", "hello", "--max-new-tokens", "5",
+            "--temperature", "0", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [len(o["tokens"]) for o in out["outputs"]] == [5, 5]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"] == out["outputs"]
+
+
+def test_convert_writes_the_target_variant(saved, tmp_path, capsys):
+    _, path = saved
+    assert main(["convert", str(path), "--variant", "tied-kv", "--out", str(tmp_path / "kv")]) == 0
+    assert "Q-K=V" in capsys.readouterr().out
+    converted = load_model(tmp_path / "kv")
+    assert converted.config.variant == "Q-K=V"
+    assert converted.make_cache(1).nbytes * 2 == load_model(path).make_cache(1).nbytes
+
+
+def test_convert_bad_variant_exits_2_and_writes_nothing(saved, tmp_path, capsys):
+    _, path = saved
+    assert main(["convert", str(path), "--variant", "Q=Y", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkvlab: error: unknown variant 'Q=Y'") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_analyze_reports_every_layer(saved, capsys):
+    _, path = saved
+    assert main(["analyze", str(path), "--batch", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["layer"] for r in rows] == [0, 1, "mean"]
+    assert all(-1 <= r["cos_kv"] <= 1 for r in rows)
