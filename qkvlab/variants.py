@@ -187,7 +187,7 @@ def parse_variant(name: str | VariantSpec) -> VariantSpec:
         raise QkvlabError(f"unknown variant {name!r}; accepted: {ACCEPTED_FORMS}")
     text = re.sub(r"\s+", "", name).upper().replace("_", "-")
     pair_bias = text.endswith("+")
-    text = text.rstrip("+") if pair_bias else text
+    text = text[:-1] if pair_bias else text
     if text.endswith("+"):
         raise QkvlabError(f"unknown variant {name!r}: at most one '+'; accepted: {ACCEPTED_FORMS}")
     text = ALIASES.get(text, text)

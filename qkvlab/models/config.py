@@ -14,6 +14,10 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One transformer: a GPT-style decoder, a bidirectional encoder, or a ViT.
@@ -42,7 +46,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
-    pair_bias_dim: int = 32  # m of the (n, n, m) table of the "+" variants
+    pair_bias_dim: int = 32  # m of the (n, n, m) table of the "+" variants (a multiple of 8)
     norm_eps: float = 1e-5
     # ViT
     image_size: int = 28
@@ -58,10 +62,10 @@ class ModelConfig:
         for name in ("n_layers", "d_model", "n_heads", "max_seq_len", "vocab_size", "n_classes",
                      "pair_bias_dim", "image_size", "patch_size", "in_channels"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            check(_positive_int(value), f"{name} must be a positive integer, got {value!r}")
         for name in ("head_dim", "d_mlp", "input_dim"):
             value = getattr(self, name)
-            check(value is None or (isinstance(value, int) and value > 0),
+            check(value is None or _positive_int(value),
                   f"{name} must be a positive integer or null, got {value!r}")
         if self.head_dim is None:
             check(self.d_model % self.n_heads == 0,
@@ -77,6 +81,9 @@ class ModelConfig:
         check(self.mlp in MLPS, f"mlp {self.mlp!r} is not one of {', '.join(MLPS)}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check(0.0 <= self.attn_dropout < 1.0, f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
+        check(self.pair_bias_dim % 8 == 0, f"pair_bias_dim must be a multiple of 8, got {self.pair_bias_dim}")
+        if self.positions == "sinusoidal":
+            check(self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.positions == "rotary":
             check(self.resolved_head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
         if self.kind == "vit":

@@ -92,7 +92,7 @@ class Attention(nn.Module):
                 k = apply_rotary(k, cos, sin)
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
-            stored = ctx.cache.read(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D) each
+            stored = [t.to(q.dtype) for t in ctx.cache.read(self.layer_idx, ctx.k_len)]  # (B, H_kv, Tk, D) each
             k, v = (stored[0], None) if v is None else stored
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k

@@ -53,13 +53,12 @@ class PairBias(nn.Module):
 
     def __init__(self, max_len: int, dim: int):
         super().__init__()
-        rel_dim = 2 * max(1, dim // 4)
-        abs_dim = 2 * max(1, (dim - rel_dim) // 4)
+        rel_dim, abs_dim = dim // 2, dim // 4  # dim is a multiple of 8: every part has even width
         self.max_len = max_len
         self.register_buffer("rel", sinusoidal_table(2 * max_len - 1, rel_dim, offset=-(max_len - 1)),
                              persistent=False)  # (2n-1, m_rel), row r = offset r-(n-1)
         self.register_buffer("abs", sinusoidal_table(max_len, abs_dim), persistent=False)  # (n, m_abs)
-        self.dim = rel_dim + 2 * abs_dim
+        self.dim = dim
         self.weight = nn.Parameter(torch.full((self.dim,), 1.0 / self.dim))  # (m,)
         self.bias = nn.Parameter(torch.zeros(()))
 
