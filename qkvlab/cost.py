@@ -27,7 +27,7 @@ What stock `FlopCounterMode` misses on CPU (PyTorch 2.13), asserted in tests/cos
   formula, so it counts 0 for `scores` and `weighted_sum`. Under
   `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` SDPA decomposes into bmm ops and is counted.
 - The "+" variants' pair bias reduces its fixed tables with matrix-vector products (`aten.mv`), which
-  have no formula either: `pair_bias` MACs (tiny: about (4 n + m) per layer) are not counted.
+  have no formula either: `pair_bias` MACs (small: about max_seq_len x pair_bias_dim per layer) are not counted.
 
 `measured_flops` registers both formulas and so measures exactly 2 * `macs(...)["total"]`.
 """
@@ -35,8 +35,8 @@ What stock `FlopCounterMode` misses on CPU (PyTorch 2.13), asserted in tests/cos
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from math import gcd
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.config import KINDS, MLPS, NORMS, POSITIONS, PRESETS, ModelConfig
@@ -71,15 +71,16 @@ def dtype_bytes(dtype) -> int:
     return _DTYPE_BYTES[key]
 
 
-def pair_bias_size(dim: int) -> int:
-    """Width of the pair-bias feature table for a requested `pair_bias_dim` (see `PairBias.__init__`)."""
-    rel_dim = 2 * max(1, dim // 4)
-    abs_dim = 2 * max(1, (dim - rel_dim) // 4)
-    return rel_dim + 2 * abs_dim
+def pair_bias_widths(dim: int) -> tuple[int, int]:
+    """(offset features, per-position features) of the "+" pair-bias table of width `dim`, as
+    `PairBias.__init__` splits it: dim = offset + 2 * per-position (query and key)."""
+    return dim // 2, dim // 4
 
 
 def _divisors(n: int, limit: int = 16) -> str:
-    found = [d for d in range(1, n + 1) if n % d == 0]
+    """The smallest divisors of n, for error messages: "1, 2, 4, 8"."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    found = sorted(set(small + [n // d for d in small]))
     return ", ".join(map(str, found[:limit])) + (", ..." if len(found) > limit else "")
 
 
@@ -137,12 +138,16 @@ class ArchSpec:
         check(self.norm in NORMS, f"norm {self.norm!r} is not one of {', '.join(NORMS)}")
         check(self.positions in POSITIONS, f"positions {self.positions!r} is not one of {', '.join(POSITIONS)}")
         if self.positions == "rotary":
-            check(self.resolved_head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
+            check(self.resolved_head_dim % 2 == 0,
+                  f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
         if self.kind == "vit":
             check(self.image_size % self.patch_size == 0,
                   f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
             check(self.max_seq_len >= self.n_patches + 1,
                   f"max_seq_len={self.max_seq_len} is shorter than {self.n_patches} patches + 1 class token")
+        # The checks above name the accepted values; `ModelConfig` has the last word on the rest (e.g. the
+        # "+" table width, even widths for sinusoidal tables), so no arch exists that the library would refuse.
+        self.to_model_config("QKV")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -214,6 +219,27 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def resolve_variant(arch: ArchSpec, variant: str | VariantSpec) -> VariantSpec:
+    """The variant as it applies to `arch`: its own head sharing if it names one, else the arch's kv heads.
+
+    Raises `QkvlabError` when the variant cannot apply (Q = K with grouped heads, GQA-g with g not
+    dividing the heads, Q = X when n_heads * head_dim != d_model).
+    """
+    spec = parse_variant(variant)
+    if spec.kv_heads is None and arch.resolved_kv_heads != arch.n_heads:
+        if spec.qk_tied:
+            raise QkvlabError(
+                f"{spec.name} ties Q to K, so it cannot share {arch.n_kv_heads} key/value heads among "
+                f"{arch.n_heads} query heads (grouped query heads would be identical)")
+        spec = dataclasses.replace(spec, kv_heads=arch.n_kv_heads)
+    spec.validate(arch.n_heads)
+    if spec.q_source == "x":
+        check(arch.n_heads * arch.resolved_head_dim == arch.d_model,
+              f"{spec.name} uses the input as the query, so n_heads * head_dim must equal d_model "
+              f"({arch.n_heads} * {arch.resolved_head_dim} != {arch.d_model})")
+    return spec
+
+
 def _llama(**kw) -> ArchSpec:
     base = dict(n_layers=32, d_model=4096, n_heads=32, mlp="swiglu", norm="rmsnorm", bias=False,
                 tie_embeddings=False, positions="rotary")
@@ -253,27 +279,6 @@ def get_arch(name: str) -> ArchSpec:
     raise QkvlabError(f"unknown architecture {name!r}; accepted: {', '.join(accepted)}")
 
 
-def resolve_variant(arch: ArchSpec, variant: str | VariantSpec) -> VariantSpec:
-    """The variant as it applies to `arch`: its own head sharing if it names one, else the arch's kv heads.
-
-    Raises `QkvlabError` when the variant cannot apply (Q = K with grouped heads, GQA-g with g not
-    dividing the heads, Q = X when n_heads * head_dim != d_model).
-    """
-    spec = parse_variant(variant)
-    if spec.kv_heads is None and arch.resolved_kv_heads != arch.n_heads:
-        if spec.qk_tied:
-            raise QkvlabError(
-                f"{spec.name} ties Q to K, so it cannot keep {arch.label}'s {arch.n_kv_heads} key/value heads "
-                f"for {arch.n_heads} query heads (grouped query heads would be identical)")
-        spec = dataclasses.replace(spec, kv_heads=arch.n_kv_heads)
-    spec.validate(arch.n_heads)
-    if spec.q_source == "x":
-        check(arch.n_heads * arch.resolved_head_dim == arch.d_model,
-              f"{spec.name} uses the input as the query, so n_heads * head_dim must equal d_model "
-              f"({arch.n_heads} * {arch.resolved_head_dim} != {arch.d_model})")
-    return spec
-
-
 def _attention_widths(arch: ArchSpec, spec: VariantSpec) -> tuple[int, int]:
     """(width of the fused qkv projection, width of the attention output H * D)."""
     D, H, H_kv = arch.resolved_head_dim, arch.n_heads, spec.n_kv_heads(arch.n_heads)
@@ -286,7 +291,7 @@ def param_counts(arch: ArchSpec, variant: str | VariantSpec = "QKV") -> dict[str
 
     Parts: embedding (token embedding, input projection, or ViT patch conv + class token), positions
     (learned table), attention (qkv + output projection), mlp, norms (two per layer + final), pair_bias
-    (the "+" variants' learned map, dim + 1 per layer), head (untied LM head or the classifier).
+    (the "+" variants' learned map, pair_bias_dim + 1 per layer), head (untied LM head or the classifier).
     """
     spec = resolve_variant(arch, variant)
     d, L, b = arch.d_model, arch.n_layers, int(arch.bias)
@@ -311,7 +316,7 @@ def param_counts(arch: ArchSpec, variant: str | VariantSpec = "QKV") -> dict[str
         "attention": L * (d * qkv + b * qkv + attn_out * d + b * d),
         "mlp": L * (d * fc_out + b * fc_out + hidden * d + b * d),
         "norms": (2 * L + 1) * norm,
-        "pair_bias": L * (pair_bias_size(arch.pair_bias_dim) + 1) if spec.pair_bias else 0,
+        "pair_bias": L * (arch.pair_bias_dim + 1) if spec.pair_bias else 0,
         "head": head,
     }
     counts["total"] = sum(counts.values())
@@ -351,9 +356,8 @@ def macs(arch: ArchSpec, variant: str | VariantSpec = "QKV", seq_len: int | None
     qkv, attn_out = _attention_widths(arch, spec)
     fc_out = (2 if arch.mlp == "swiglu" else 1) * hidden
     if spec.pair_bias:  # rel (2n-1, m_rel) @ w_rel and abs (n, m_abs) @ w_q, @ w_k: matrix-vector products
-        n, m = arch.max_seq_len, pair_bias_size(arch.pair_bias_dim)
-        m_rel = 2 * max(1, arch.pair_bias_dim // 4)
-        pair = (2 * n - 1) * m_rel + n * (m - m_rel)
+        n, (m_rel, m_abs) = arch.max_seq_len, pair_bias_widths(arch.pair_bias_dim)
+        pair = (2 * n - 1) * m_rel + 2 * n * m_abs
     else:
         pair = 0
     layer = {
@@ -403,7 +407,7 @@ def cache_ratio(arch: ArchSpec, variant: str | VariantSpec, baseline: str | Vari
     den = resolve_variant(arch, baseline)
     a = num.cache_streams * num.n_kv_heads(arch.n_heads)
     b = den.cache_streams * den.n_kv_heads(arch.n_heads)
-    g = gcd(a, b)
+    g = math.gcd(a, b)
     return a // g, b // g
 
 

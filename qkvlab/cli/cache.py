@@ -53,14 +53,19 @@ def run(args: argparse.Namespace) -> int:
     notes = [f"Baseline: {baseline_text}, {human_bytes(base_bytes)} ({base_bytes:,} bytes). "
              f"Cache: {context:,} tokens x batch {args.batch} in {args.dtype}, "
              f"{arch.n_layers} layers x head_dim {arch.resolved_head_dim}."]
-    if context > arch.max_seq_len:
+    if context > arch.max_seq_len and (arch.name or args.max_seq_len is not None):
         notes.append(f"Note: context {context:,} exceeds {arch.label}'s max_seq_len {arch.max_seq_len:,}; "
                      "the bytes are arithmetic only.")
     data = {"arch": dataclasses.asdict(arch), "context": context, "batch": args.batch, "dtype": args.dtype,
             "baseline": baseline.name, "baseline_bytes": base_bytes, "variants": records}
     emit(table, args.json, right=("kv heads", "per token", "total", "bytes", "vs baseline", "saving"),
-         title=arch.describe(), notes=notes, data=data)
+         title=_describe(arch), notes=notes, data=data)
     return 0
+
+
+def _describe(arch) -> str:
+    kv = f" ({arch.n_kv_heads} kv heads)" if arch.resolved_kv_heads != arch.n_heads else ""
+    return f"{arch.label}: {arch.n_layers} layers, {arch.n_heads} query heads{kv}, head_dim {arch.resolved_head_dim}"
 
 
 def register(subparsers) -> None:

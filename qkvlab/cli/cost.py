@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 from qkvlab.cli.table import emit, human_bytes, human_count, percent_change
-from qkvlab.cost import (STUDY_VARIANTS, ArchSpec, cache_bytes, cache_bytes_per_token, default_seq_len, dtype_bytes, get_arch, macs,
-                         param_counts, resolve_variant)
+from qkvlab.cost import (ARCHS, STUDY_VARIANTS, ArchSpec, cache_bytes, cache_bytes_per_token, default_seq_len,
+                         dtype_bytes, get_arch, macs, param_counts, resolve_variant)
 from qkvlab.errors import QkvlabError, check
-from qkvlab.models.config import MLPS, NORMS, POSITIONS, preset
+from qkvlab.models.config import MLPS, NORMS, POSITIONS, PRESETS, preset
 from qkvlab.variants import VariantSpec, parse_variant
 
 # command-line flag (argparse dest) -> ArchSpec field
@@ -25,12 +26,15 @@ _SIZE_FLAGS = {
 }
 
 
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(ArchSpec)}
+
+
 def add_arch_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that describe an architecture: a named one, by hand, or a named one modified."""
+    on_off = {True: "on", False: "off"}
     named = parser.add_mutually_exclusive_group()
-    named.add_argument("--preset", help="a model config preset (paper-300m, paper-1.2b, tiny, modern-tiny)")
-    named.add_argument("--arch", help="a named architecture (llama-3-8b, llama-3.1-8b, llama-2-7b, mistral-7b, "
-                                      "gpt2, gpt2-medium, paper-300m, paper-1.2b)")
+    named.add_argument("--preset", help=f"a model config preset: {', '.join(PRESETS)}")
+    named.add_argument("--arch", help=f"a named architecture: {', '.join(ARCHS)} (or a preset)")
     sizes = parser.add_argument_group("architecture by hand (or overriding --preset/--arch)")
     sizes.add_argument("--layers", type=int, help="transformer layers")
     sizes.add_argument("--d-model", type=int, help="model width")
@@ -39,27 +43,44 @@ def add_arch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the model's own key/value heads (GQA); the baseline QKV then means this GQA config")
     sizes.add_argument("--head-dim", type=int, help="width of one head (default d_model / heads)")
     sizes.add_argument("--d-mlp", type=int, help="MLP hidden width (default 4 * d_model)")
-    sizes.add_argument("--vocab", type=int, help="vocabulary size (default 50304)")
-    sizes.add_argument("--max-seq-len", type=int, help="longest sequence (learned position table; default 2048)")
-    sizes.add_argument("--mlp", choices=MLPS, help="MLP kind (default gelu)")
-    sizes.add_argument("--norm", choices=NORMS, help="norm kind (default layernorm)")
-    sizes.add_argument("--positions", choices=POSITIONS, help="position encoding (default learned)")
+    sizes.add_argument("--vocab", type=int, help=f"vocabulary size (default {_DEFAULT['vocab_size']})")
+    sizes.add_argument("--max-seq-len", type=int,
+                       help=f"longest sequence (learned position table; default {_DEFAULT['max_seq_len']})")
+    sizes.add_argument("--mlp", choices=MLPS, help=f"MLP kind (default {_DEFAULT['mlp']})")
+    sizes.add_argument("--norm", choices=NORMS, help=f"norm kind (default {_DEFAULT['norm']})")
+    sizes.add_argument("--positions", choices=POSITIONS, help=f"position encoding (default {_DEFAULT['positions']})")
     sizes.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
-                       help="biases in linear layers and LayerNorm (default on)")
+                       help=f"biases in linear layers and LayerNorm (default {on_off[_DEFAULT['bias']]})")
     sizes.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                       help="LM head shares the token embedding (default on)")
+                       help=f"LM head shares the token embedding (default {on_off[_DEFAULT['tie_embeddings']]})")
+
+
+def _in_flag_terms(err: QkvlabError) -> QkvlabError:
+    """The error with field names (n_heads) replaced by the flags the user typed (--heads)."""
+    text = str(err)
+    for dest, field in _SIZE_FLAGS.items():
+        if "_" in field:  # identifiers only: plain words (norm, positions) also appear in prose
+            text = re.sub(rf"\b{field}\b", "--" + dest.replace("_", "-"), text)
+    return QkvlabError(text)
 
 
 def arch_from_args(args: argparse.Namespace) -> ArchSpec:
-    """The `ArchSpec` the flags describe (QkvlabError naming what is missing or wrong)."""
+    """The `ArchSpec` the flags describe (QkvlabError naming what is missing or wrong, by flag)."""
+    try:
+        return _arch_from_args(args)
+    except QkvlabError as err:
+        raise _in_flag_terms(err) from None
+
+
+def _arch_from_args(args: argparse.Namespace) -> ArchSpec:
     overrides = {field: getattr(args, dest) for dest, field in _SIZE_FLAGS.items() if getattr(args, dest) is not None}
     if args.preset is not None:
         base = ArchSpec.from_model_config(preset(args.preset), name=args.preset)
     elif args.arch is not None:
         base = get_arch(args.arch)
     else:
-        missing = [f"--{dest.replace('_', '-')}" for dest in ("layers", "d_model", "heads") if dest not in
-                   {d for d, f in _SIZE_FLAGS.items() if f in overrides}]
+        missing = [flag for dest, flag in (("layers", "--layers"), ("d_model", "--d-model"), ("heads", "--heads"))
+                   if getattr(args, dest) is None]
         check(not missing, f"describe the model with --preset NAME, --arch NAME, or by hand with --layers, "
                            f"--d-model and --heads (missing: {', '.join(missing)})")
         return ArchSpec(**overrides)

@@ -1,0 +1,76 @@
+"""Helpers for the cost tests: small architectures, model building, and a CLI entry with only this suite's
+commands. (A plain module, not conftest, so test files can import it by a name no other suite uses.)"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from qkvlab.cost import ArchSpec
+from qkvlab.errors import QkvlabError
+from qkvlab.models import build_model
+
+# Small architectures of every kind, with 8 heads so GQA-4, GQA-8 and MQA all apply.
+SMALL_ARCHS: dict[str, ArchSpec] = {
+    "gpt2-style": ArchSpec(2, 64, 8, vocab_size=50, max_seq_len=24),
+    "llama-style": ArchSpec(2, 64, 8, vocab_size=50, max_seq_len=24, mlp="swiglu", norm="rmsnorm", bias=False,
+                            tie_embeddings=False, positions="rotary"),
+    "head-dim": ArchSpec(2, 48, 8, head_dim=4, d_mlp=40, vocab_size=50, max_seq_len=24, bias=False,
+                         positions="sinusoidal"),
+    "encoder": ArchSpec(2, 64, 8, kind="encoder", vocab_size=50, max_seq_len=24, n_classes=5),
+    "encoder-vectors": ArchSpec(2, 64, 8, kind="encoder", input_dim=6, max_seq_len=24, n_classes=5,
+                                positions="none", pair_bias_dim=8),
+    "vit": ArchSpec(2, 64, 8, kind="vit", image_size=8, patch_size=4, in_channels=3, max_seq_len=5, n_classes=5),
+    "vit-dense": ArchSpec(2, 64, 8, kind="vit", image_size=8, patch_size=4, in_channels=3, max_seq_len=5,
+                          n_classes=3, dense_head=True, norm="rmsnorm"),
+}
+
+
+def numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(cfg):
+    """Build large configs on the meta device (shapes only, nothing allocated); small ones on CPU,
+    which is much faster for them than meta's reference kernels."""
+    if cfg.d_model < 256:
+        return build_model(cfg)
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def example_inputs(arch: ArchSpec, batch: int = 2, seq_len: int = 12) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    if arch.kind == "vit":
+        return (torch.randn(batch, arch.in_channels, arch.image_size, arch.image_size, generator=g),)
+    if arch.kind == "encoder" and arch.input_dim is not None:
+        return (torch.randn(batch, seq_len, arch.input_dim, generator=g),)
+    return (torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g),)
+
+
+def local_main(argv: list[str]) -> int:
+    """`qkvlab.cli.main.main` with only this suite's commands (until every command module exists)."""
+    from qkvlab.cli import cache, cost, variants
+    from qkvlab.cli.main import _Parser
+
+    parser = _Parser(prog="qkvlab")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for module in (variants, cost, cache):
+        module.register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QkvlabError as err:
+        print(f"qkvlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+def all_commands_exist() -> bool:
+    try:
+        from qkvlab.cli.main import build_parser
+
+        build_parser()
+    except ModuleNotFoundError:
+        return False
+    return True
