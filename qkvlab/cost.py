@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.config import KINDS, MLPS, NORMS, POSITIONS, PRESETS, ModelConfig
+from qkvlab.nn.positions import pair_bias_widths
 from qkvlab.variants import PAPER_VARIANTS, VariantSpec, parse_variant
 
 # The variants of the study plus Q=X-K=V, in table order.
@@ -69,12 +70,6 @@ def dtype_bytes(dtype) -> int:
         raise QkvlabError(f"unknown dtype {dtype!r}; accepted: {', '.join(_DTYPE_BYTES)} "
                           f"(or {', '.join(_DTYPE_ALIASES)})")
     return _DTYPE_BYTES[key]
-
-
-def pair_bias_widths(dim: int) -> tuple[int, int]:
-    """(offset features, per-position features) of the "+" pair-bias table of width `dim`, as
-    `PairBias.__init__` splits it: dim = offset + 2 * per-position (query and key)."""
-    return dim // 2, dim // 4
 
 
 def _divisors(n: int, limit: int = 16) -> str:

@@ -41,6 +41,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
+def pair_bias_widths(dim: int) -> tuple[int, int]:
+    """Feature widths (offset i - j, each of i and j) of a pair-bias table with m = dim (a multiple of 8)."""
+    return dim // 2, dim // 4
+
+
 class PairBias(nn.Module):
     """The 2D positional encoding of the "+" variants, as one (T, Tk) bias per forward pass.
 
@@ -53,7 +58,7 @@ class PairBias(nn.Module):
 
     def __init__(self, max_len: int, dim: int):
         super().__init__()
-        rel_dim, abs_dim = dim // 2, dim // 4  # dim is a multiple of 8: every part has even width
+        rel_dim, abs_dim = pair_bias_widths(dim)
         self.max_len = max_len
         self.register_buffer("rel", sinusoidal_table(2 * max_len - 1, rel_dim, offset=-(max_len - 1)),
                              persistent=False)  # (2n-1, m_rel), row r = offset r-(n-1)
