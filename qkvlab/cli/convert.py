@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Convert a saved model (export, checkpoint or run directory) to another variant: K=V merges "
                     "the key and value projections, GQA/MQA mean-pools key/value heads, untying is exact. "
                     "With --gpt2, SRC is a Hugging Face GPT-2 directory (config.json + model.safetensors). "
-                    "Fine-tune the result briefly (qkvlab train ... model.init_from=DIR).")
+                    "Fine-tune the result briefly (qkvlab train CONFIG init_from=DIR).")
     p.add_argument("src", help="model to convert")
     p.add_argument("--variant", required=True, help="target variant, e.g. Q-K=V, Q-GQA-4, tied-kv")
     p.add_argument("--out", required=True, help="output directory (written atomically)")

@@ -1,0 +1,14 @@
+"""Training: run configs, the resumable trainer, checkpoints, sweeps, the report and `reproduce`.
+
+    from qkvlab.train import load_config, train
+    summary = train(load_config("qkvlab/configs/example-reverse.yaml", ["variant=Q=K=V+"]))
+
+Modules: `config` (RunConfig and YAML/overrides), `optim` (AdamW groups, warmup + cosine),
+`checkpoint` (atomic, verified), `distributed` (DDP/FSDP under torchrun), `metrics` (JSONL,
+TensorBoard), `trainer`, `runs` (run-directory layout), `sweep`, `report`, `reproduce`.
+"""
+
+from qkvlab.train.config import RunConfig, load_config
+from qkvlab.train.trainer import TrainingDiverged, train
+
+__all__ = ["RunConfig", "TrainingDiverged", "load_config", "train"]

@@ -1,0 +1,85 @@
+"""Metrics as JSON lines (one record per log event), mirrored to TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from qkvlab.train.atomic import atomic_write_text
+
+
+def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
+    """The records of a metrics file (optionally one split); a line cut short by a crash is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (split is None or record.get("split") == split):
+            records.append(record)
+    return records
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Appends ``{"split", "step", "time", ...values}`` records to ``metrics.jsonl``.
+
+    Only the main process writes (`enabled`). On resume, `truncate_after(step)` drops the records
+    of steps the checkpoint does not contain, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (and drop a torn last line)."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, split: str, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        record = {"split": split, "step": step, "time": round(time.time(), 3)}
+        record.update({k: _jsonable(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

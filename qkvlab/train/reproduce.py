@@ -1,0 +1,83 @@
+"""`qkvlab reproduce`: the study end to end, a sweep of every variant over a suite, then the report.
+
+Presets: "quick" (one seed of each suite task at the tasks' quick budgets, sized for two CPU
+cores and about fifteen minutes) and "full" (three seeds, the tasks' full models and budgets, for
+a machine with GPUs: one run per GPU at a time). A rerun skips finished runs and resumes
+interrupted ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qkvlab.errors import QkvlabError, check
+from qkvlab.train.report import aggregate, collect, summary_table, write_report
+from qkvlab.train.sweep import SweepResult, available_cores, check_data, plan, run_sweep, visible_gpus
+
+
+@dataclass(frozen=True)
+class ReproducePreset:
+    """What one preset runs: a task suite, the tasks' budget preset, seeds, default parallelism."""
+
+    name: str
+    suite: str
+    task_preset: str
+    seeds: tuple[int, ...]
+    jobs: int | None  # None: one process per CUDA device, else per CPU core
+
+    def default_out(self) -> Path:
+        return Path("runs") / f"reproduce-{self.name}"
+
+
+PRESETS: dict[str, ReproducePreset] = {
+    "quick": ReproducePreset("quick", suite="quick", task_preset="quick", seeds=(0,), jobs=None),
+    "full": ReproducePreset("full", suite="full", task_preset="full", seeds=(0, 1, 2), jobs=None),
+    "tiny": ReproducePreset("tiny", suite="tiny", task_preset="tiny", seeds=(0,), jobs=None),
+}
+
+
+def get_preset(name: str) -> ReproducePreset:
+    if name not in PRESETS:
+        raise QkvlabError(f"unknown reproduce preset {name!r}; accepted: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def suite_tasks(preset: ReproducePreset, tasks: list[str] | None = None) -> list[str]:
+    """The preset's suite, or `tasks` (registered names, or "module:Class" import paths)."""
+    from qkvlab.tasks.registry import SUITES, task_names
+
+    if not tasks:
+        check(preset.suite in SUITES, f"no task suite {preset.suite!r}; suites: {', '.join(SUITES)}")
+        return list(SUITES[preset.suite])
+    known = list(task_names())
+    for task in tasks:
+        check(task in known or ":" in task, f"unknown task {task!r}; accepted: {', '.join(known)}")
+    return list(tasks)
+
+
+@dataclass
+class Reproduction:
+    report: Path
+    table: str
+    results: list[SweepResult]
+
+    @property
+    def failed(self) -> list[SweepResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[int] | None = None,
+              jobs: int | None = None, tasks: list[str] | None = None, overrides: list[str] = (),
+              progress: bool = True) -> Reproduction:
+    """Run the preset's sweep into `out` and write its report."""
+    spec = get_preset(preset)
+    root = Path(out) if out is not None else spec.default_out()
+    names = suite_tasks(spec, tasks)
+    check_data(names, list(overrides))
+    runs = plan(root, names, list(seeds or spec.seeds), preset=spec.task_preset, overrides=list(overrides))
+    jobs = jobs or spec.jobs or min(len(visible_gpus()) or available_cores(), len(runs))
+    results = run_sweep(runs, jobs=jobs, progress=progress)
+    check(collect(root), f"no run of the sweep in {str(root)!r} finished; see the train.log files there")
+    report = write_report(root)
+    return Reproduction(report=report, table=summary_table(aggregate(collect(root))), results=results)

@@ -1,0 +1,363 @@
+"""The training loop: one optimizer step per global batch, resumable to the exact same result.
+
+Determinism: the batch of a step is a pure function of (seed, step) and the global RNG is
+re-seeded from (seed, step, rank) before every step, so dropout never depends on history.
+Together with the optimizer and scheduler state in the checkpoint this makes a resumed run
+equal to an uninterrupted one (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qkvlab.errors import QkvlabError, check
+from qkvlab.train import checkpoint as ckpt
+from qkvlab.train.config import RunConfig, differences, load_config, model_config, resolve, save_config
+from qkvlab.train.distributed import (DistEnv, all_reduce_mean, barrier, broadcast_object, full_state_dicts,
+                                      gradient_sync, init_distributed, load_full_state_dicts, micro_batches,
+                                      optimizer_format, shard_batch, shutdown, unwrap, wrap_model)
+from qkvlab.train.metrics import MetricsLogger
+from qkvlab.train.optim import build_optimizer, build_scheduler
+from qkvlab.train.runs import CONFIG, FINISHED, METRICS, SUMMARY, load_task, read_summary, write_summary
+
+try:
+    VERSION = metadata.version("qkvlab")
+except metadata.PackageNotFoundError:
+    VERSION = "0+unknown"
+
+
+class TrainingDiverged(QkvlabError):
+    """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is kept."""
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one step on one rank (dropout masks), independent of what ran before."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _rng_state() -> dict:
+    bit_gen, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [bit_gen, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    bit_gen, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((bit_gen, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _tokens_per_row(batch: dict) -> int | None:
+    """Sequence length of the batch's first 2-D integer tensor (token ids), if it has one."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim == 2 and not value.is_floating_point():
+            return int(value.shape[1])
+    return None
+
+
+def _autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 for autocast, or None for plain float32."""
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    """Trains one run (`fit`), resuming from its latest checkpoint when one exists."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv | None = None, task=None, restart: bool = False):
+        self.env = env or DistEnv()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.task = task if task is not None else load_task(cfg.task, cfg.data_dir)
+        self.cfg = resolve(cfg, self.task)
+        self.model_cfg = model_config(self.cfg, self.task)
+        t = self.cfg.train
+        world = self.env.world_size
+        check(t.batch_size % (world * t.grad_accum) == 0,
+              f"train.batch_size={t.batch_size} must be divisible by processes x train.grad_accum "
+              f"= {world} x {t.grad_accum}")
+        self.run_dir = Path(t.out_dir)
+        self.restart = restart
+        self.amp_dtype = _autocast_dtype(t.dtype, self.env.device)
+
+    # --- run directory -------------------------------------------------------------
+    def _prepare_run_dir(self) -> dict | None:
+        """Check the directory against the config; the finished run's summary if there is nothing to do."""
+        config_path = self.run_dir / CONFIG
+        if self.restart:
+            if self.env.is_main:
+                for name in ("checkpoints", "tensorboard"):
+                    shutil.rmtree(self.run_dir / name, ignore_errors=True)
+                for name in (METRICS, SUMMARY, CONFIG):
+                    (self.run_dir / name).unlink(missing_ok=True)
+            barrier(self.env)
+        elif config_path.is_file():
+            diffs = differences(load_config(config_path), self.cfg)
+            if diffs:
+                more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+                raise QkvlabError(f"{str(self.run_dir)!r} holds a run with another config ({diffs[0]}{more}); "
+                                  "resume it unchanged, set another train.out_dir, or restart it (--restart)")
+            summary = read_summary(self.run_dir)
+            if summary is not None and summary.get("status") in FINISHED:
+                return summary
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / SUMMARY).unlink(missing_ok=True)
+            save_config(self.cfg, config_path)
+        barrier(self.env)
+        return None
+
+    # --- the run -------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to `train.steps` (or return the summary of a run that already finished)."""
+        finished = self._prepare_run_dir()
+        if finished is not None:
+            return finished
+        self._session_start = time.perf_counter()
+        self._session_cpu = time.process_time()
+        self._build()
+        self.logger = MetricsLogger(self.run_dir / METRICS, enabled=self.env.is_main,
+                                    tensorboard=self.cfg.train.tensorboard)
+        try:
+            self._resume()
+            self._loop()
+            return self._finish()
+        finally:
+            self.logger.close()
+
+    def _build(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        builder = getattr(self.task, "build_model", None)
+        if builder is None:
+            from qkvlab.models import build_model as builder
+        model = builder(self.model_cfg)
+        if self.cfg.init_from is not None:
+            from qkvlab.models.io import load_model
+
+            model.load_state_dict(load_model(self.cfg.init_from).state_dict())
+        model = model.to(self.env.device)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.model = wrap_model(model, self.env, self.cfg.distributed)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.train.steps)
+        self.step = 0
+        self.prior_elapsed = 0.0
+        self.prior_cpu = 0.0
+        self.last_eval: dict = {}
+        self.last_loss = float("nan")
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            self.logger.truncate_after(0)
+            return
+        weights, state = ckpt.load_checkpoint(latest)
+        saved, needed = state.get("optimizer_format", "plain"), optimizer_format(self.env)
+        check(saved == needed, f"checkpoint {str(latest)!r} holds {saved} optimizer state, this run needs {needed}: "
+              f"resume with distributed.strategy={'fsdp' if saved == 'fsdp' else 'ddp'} "
+              f"(or single-process for ddp checkpoints)")
+        load_full_state_dicts(self.model, self.optimizer, weights, state["optimizer"], self.env)
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.prior_elapsed = float(state.get("elapsed_s", 0.0))
+        self.prior_cpu = float(state.get("cpu_s", 0.0))
+        self.last_eval = dict(state.get("last_eval", {}))
+        self.last_loss = float(state.get("last_loss", float("nan")))
+        self.logger.truncate_after(self.step)
+        if self.env.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        self._say(f"resumed {self.run_dir} at step {self.step}")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    def _say(self, message: str) -> None:
+        if self.env.is_main:
+            if getattr(self, "_bar", None) is not None and not self._bar.disable:
+                self._bar.write(message)
+            else:
+                print(message, flush=True)
+
+    def _train_step(self, step: int) -> tuple[float, float, dict]:
+        """Forward/backward over the micro-batches of `step`; returns (mean loss, grad norm, batch)."""
+        t, env = self.cfg.train, self.env
+        torch.manual_seed(step_seed(self.cfg.seed, step, env.rank))
+        batch = self.task.train_batch(step, t.batch_size, self.cfg.seed)
+        parts = micro_batches(shard_batch(batch, env.rank, env.world_size), t.grad_accum)
+        total = torch.zeros((), device=env.device)
+        for i, part in enumerate(parts):
+            with gradient_sync(self.model, i == len(parts) - 1):
+                with self._autocast():
+                    loss = self.task.loss(self.model, _to_device(part, env.device))
+                check(loss.ndim == 0, f"task {self.task.name!r} returned a loss of shape {tuple(loss.shape)}, "
+                      "not a scalar")
+                (loss / len(parts)).backward()
+            total += loss.detach().float()
+        mean_loss = all_reduce_mean(total / len(parts), env).item()
+        clip = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return mean_loss, float(norm), batch
+
+    def _loop(self) -> None:
+        t = self.cfg.train
+        steps = t.steps
+        self._bar = tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                         desc=f"{self.task.name} {self.cfg.variant} s{self.cfg.seed}",
+                         disable=not (self.env.is_main and t.progress))
+        self.model.train()
+        try:
+            while self.step < steps:
+                started = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm, batch = self._train_step(self.step)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self._diverged(loss, grad_norm, lr)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.last_loss = loss
+                self._log_train(loss, grad_norm, lr, batch, time.perf_counter() - started)
+                if self._due(t.eval_every):
+                    self._evaluate()
+                if self._due(t.checkpoint_every):
+                    self._checkpoint()
+                self._bar.update(1)
+        finally:
+            self._bar.close()
+
+    def _due(self, every: int) -> bool:
+        return self.step == self.cfg.train.steps or (every > 0 and self.step % every == 0)
+
+    def _log_train(self, loss: float, grad_norm: float, lr: float, batch: dict, seconds: float) -> None:
+        rows = self.cfg.train.batch_size
+        rates = {"samples_per_s": rows / max(seconds, 1e-9)}
+        seq = _tokens_per_row(batch)
+        if seq is not None:
+            rates["tokens_per_s"] = rows * seq / max(seconds, 1e-9)
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps:
+            self.logger.log("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm, **rates)
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        postfix.update({k.replace("_per_s", "/s"): f"{v:,.0f}" for k, v in rates.items()})
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def _evaluate(self) -> None:
+        env = self.env
+        model = self.model if env.sharded else unwrap(self.model)
+        metrics = None
+        if env.sharded or env.is_main:
+            bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
+            model.eval()
+            with torch.no_grad(), self._autocast():
+                metrics = self.task.evaluate(model, bs, self.cfg.train.eval_batches)
+            model.train()
+            metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = broadcast_object(metrics, env)
+        self.last_eval = {"step": self.step, **metrics}
+        self.logger.log("eval", self.step, **metrics)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._say(f"step {self.step}/{self.cfg.train.steps}: {shown}")
+
+    def _elapsed(self) -> float:
+        return self.prior_elapsed + time.perf_counter() - self._session_start
+
+    def _cpu(self) -> float:
+        """CPU seconds of this process (all its threads) since the run began, over sessions."""
+        return self.prior_cpu + time.process_time() - self._session_cpu
+
+    def _checkpoint(self) -> None:
+        model_state, optim_state = full_state_dicts(self.model, self.optimizer, self.env)
+        if self.env.is_main:
+            state = {"step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                     "rng": _rng_state(), "config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict(),
+                     "version": VERSION, "elapsed_s": self._elapsed(), "cpu_s": self._cpu(),
+                     "last_eval": self.last_eval, "last_loss": self.last_loss, "world_size": self.env.world_size,
+                     "optimizer_format": optimizer_format(self.env)}
+            meta = {"qkvlab.model_config": json.dumps(self.model_cfg.to_dict()), "qkvlab.step": str(self.step),
+                    "qkvlab.version": VERSION}
+            ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir, self.step), model_state, state, meta)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        barrier(self.env)
+
+    def _summary(self, status: str) -> dict:
+        spec = self.model_cfg.spec
+        fraction = spec.cache_fraction(self.model_cfg.n_heads)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        return {
+            "status": status, "task": self.task.name, "family": self.task.family, "variant": self.cfg.variant,
+            "seed": self.cfg.seed, "preset": self.cfg.preset, "metric": self.task.metric,
+            "higher_is_better": self.task.higher_is_better, "final": self.last_eval, "train_loss": self.last_loss,
+            "step": self.step, "steps": self.cfg.train.steps, "params": self.n_params,
+            "n_heads": self.model_cfg.n_heads, "n_kv_heads": self.model_cfg.n_kv_heads,
+            "cache_fraction": fraction, "cache_reduction": 1.0 - fraction, "wall_time_s": round(self._elapsed(), 3),
+            "cpu_time_s": round(self._cpu(), 3),
+            "world_size": self.env.world_size,
+            "checkpoint": str(latest.relative_to(self.run_dir)) if latest is not None else None,
+            "version": VERSION,
+        }
+
+    def _diverged(self, loss: float, grad_norm: float, lr: float) -> None:
+        step = self.step + 1
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = str(latest) if latest is not None else "none (no checkpoint was written yet)"
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        message = (f"training diverged: {what} at step {step} of {self.task.name} {self.cfg.variant} seed "
+                   f"{self.cfg.seed} (lr {lr:.3g}); the last good checkpoint is {kept}; lower optim.lr or raise "
+                   "schedule.warmup_steps")
+        self.logger.log("train", step, loss=loss, grad_norm=grad_norm, lr=lr)
+        if self.env.is_main:
+            write_summary(self.run_dir, {**self._summary("diverged"), "error": message})
+        raise TrainingDiverged(message)
+
+    def _finish(self) -> dict:
+        if self.last_eval.get("step") != self.step:
+            self._evaluate()
+        if ckpt.latest_checkpoint(self.run_dir) != ckpt.checkpoint_path(self.run_dir, self.step):
+            self._checkpoint()
+        summary = self._summary("done")
+        if self.env.is_main:
+            write_summary(self.run_dir, summary)
+        barrier(self.env)
+        return summary
+
+
+def train(cfg: RunConfig, task=None, restart: bool = False) -> dict:
+    """Train (or resume, or skip when finished) the run `cfg` describes; returns its summary.
+
+    Under `torchrun` this joins the process group, trains data-parallel and leaves it again.
+    """
+    env = init_distributed(cfg.distributed, cfg.train.device)
+    try:
+        trainer = Trainer(cfg, env, task=task, restart=restart)
+        return {**trainer.fit(), "run_dir": str(trainer.run_dir)}
+    finally:
+        shutdown(env)
