@@ -53,7 +53,7 @@ class SetAnomalyTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=16, lr=2e-3, eval_every=20, eval_batches=2),
-        "quick": Budget(steps=400, batch_size=32, lr=1e-3, eval_every=400, warmup_steps=40, eval_batches=8),
+        "quick": Budget(steps=400, batch_size=32, lr=1e-3, eval_every=100, warmup_steps=40, eval_batches=8),
         "full": Budget(steps=10_000, batch_size=64, lr=5e-4, eval_every=1000, warmup_steps=500, eval_batches=40),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (4, 128, 8)}
@@ -137,7 +137,7 @@ class OneClassTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=32, lr=2e-3, eval_every=20, eval_batches=4),
-        "quick": Budget(steps=150, batch_size=64, lr=2e-3, eval_every=150, warmup_steps=15, eval_batches=8),
+        "quick": Budget(steps=150, batch_size=64, lr=2e-3, eval_every=50, warmup_steps=15, eval_batches=8),
         "full": Budget(steps=5_000, batch_size=128, lr=5e-4, eval_every=500, warmup_steps=250, eval_batches=80),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (4, 128, 8)}

@@ -42,7 +42,7 @@ class LanguageModelTask(Task):
     causal = True
     budgets = {
         "tiny": Budget(steps=30, batch_size=16, lr=3e-3, eval_every=30, eval_batches=2),
-        "quick": Budget(steps=400, batch_size=32, lr=3e-3, eval_every=400, warmup_steps=40, eval_batches=8),
+        "quick": Budget(steps=400, batch_size=32, lr=3e-3, eval_every=100, warmup_steps=40, eval_batches=8),
         "full": Budget(steps=20_000, batch_size=64, lr=6e-4, eval_every=1000, warmup_steps=1000, eval_batches=64),
     }
     # layers, d_model, heads, context; 8 and 16 heads so GQA-4 and MQA divide them

@@ -86,7 +86,7 @@ _SUFFIX = re.compile(r"^(?P<kind>[a-z]+)-(?P<length>\d+)$")
 
 SUITES: dict[str, list[str]] = {
     "tiny": ["reverse-16", "shakespeare-char"],
-    "quick": ["reverse-32", "mnist", "set-anomaly", "segmentation-42", "shakespeare-char"],
+    "quick": ["sort-32", "mnist", "set-anomaly", "segmentation-42", "shakespeare-char"],
     "full": [*SYNTHETIC, *(f"{k}-256" for k in SYNTHETIC if k != "recall"),
              "mnist", "fashion-mnist", "set-anomaly", "set-anomaly-fashion", "oneclass-mnist", "oneclass-fashion",
              "segmentation", "shakespeare-char", "ptb-word", "stdlib-bpe", "shakespeare-gpt2"],
