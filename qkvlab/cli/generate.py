@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from qkvlab.data.tokenizer import load_tokenizer
 from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models.gpt import GPT
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="export, checkpoint or run directory, or a .safetensors file")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--tokenizer", default="bytes",
-                   help="gpt2, stdlib-bpe, bytes (default), or a Hugging Face tokenizer.json path")
+                   help="gpt2, stdlib-bpe, shakespeare (characters), ptb (words), bytes (default), "
+                        "a Hugging Face tokenizer.json, or a token directory with vocab.json")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -35,22 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _tokenizer(name: str):
-    from pathlib import Path
-
-    if Path(name).suffix == ".json":
-        from tokenizers import Tokenizer
-
-        from qkvlab.data.tokenizer import TextTokenizer
-
-        if not Path(name).is_file():
-            raise QkvlabError(f"tokenizer file {name!r} does not exist")
-        return TextTokenizer(Path(name).stem, Tokenizer.from_file(name))
-    from qkvlab.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(name)
-
-
 def run(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop_tokens=tuple(args.stop), prefill_chunk=args.prefill_chunk,
@@ -58,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     if not isinstance(model, GPT):
         raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; generate needs a decoder")
-    tok = _tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}")

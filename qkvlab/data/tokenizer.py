@@ -70,8 +70,47 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> 
     return tok
 
 
-def load_tokenizer(name: str, root: str | os.PathLike | None = None) -> TextTokenizer:
-    """`gpt2`, `stdlib-bpe` (trained by `qkvlab data fetch python-stdlib`), `bytes`, or a tokenizer.json path."""
+class VocabTokenizer:
+    """Characters or whitespace-separated words of a token directory's `vocab.json` (Shakespeare, PTB)."""
+
+    def __init__(self, name: str, vocab: list[str], words: bool, eot: int | None = None,
+                 unknown: str | None = None) -> None:
+        self.name, self.vocab, self.words, self.eot = name, vocab, words, eot
+        self.vocab_size = len(vocab)
+        self._index = {t: i for i, t in enumerate(vocab)}
+        self._unknown = self._index.get(unknown) if unknown is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        pieces = text.split() if self.words else list(text)
+        missing = sorted({p for p in pieces if p not in self._index})
+        if missing and self._unknown is None:
+            raise QkvlabError(f"{self.name} has no token for {missing[:5]}; its vocabulary has {self.vocab_size}")
+        return [self._index.get(p, self._unknown) for p in pieces]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return (" " if self.words else "").join(self.vocab[i] for i in ids)
+
+
+def vocab_tokenizer(token_dir: str | os.PathLike) -> VocabTokenizer:
+    """The tokenizer of a character- or word-level token directory (one with vocab.json)."""
+    import json
+
+    path = Path(token_dir)
+    meta = json.loads((path / "meta.json").read_text())
+    words = meta.get("tokenizer") != "char"
+    vocab = json.loads((path / "vocab.json").read_text())
+    return VocabTokenizer(meta.get("tokenizer", path.name), vocab, words, meta.get("eot"),
+                          "<unk>" if words else None)
+
+
+VOCAB_DATASETS = ("shakespeare", "ptb")
+
+
+def load_tokenizer(name: str, root: str | os.PathLike | None = None) -> TextTokenizer | VocabTokenizer:
+    """`gpt2`, `stdlib-bpe` (trained by `qkvlab data fetch python-stdlib`), `bytes`, `shakespeare` (characters),
+    `ptb` (words), a tokenizer.json path, or a token directory with a vocab.json."""
+    if name in VOCAB_DATASETS:
+        return vocab_tokenizer(require(name, root))
     if name == "gpt2":
         return gpt2_tokenizer(root)
     if name == "stdlib-bpe":
@@ -81,4 +120,7 @@ def load_tokenizer(name: str, root: str | os.PathLike | None = None) -> TextToke
     path = Path(name).expanduser()
     if path.suffix == ".json" and path.is_file():
         return TextTokenizer(path.stem, Tokenizer.from_file(str(path)))
-    raise QkvlabError(f"unknown tokenizer {name!r}; accepted: {', '.join(NAMES)} or a tokenizer.json file")
+    if (path / "vocab.json").is_file() and (path / "meta.json").is_file():
+        return vocab_tokenizer(path)
+    raise QkvlabError(f"unknown tokenizer {name!r}; accepted: {', '.join(NAMES + VOCAB_DATASETS)}, "
+                      "a tokenizer.json file, or a token directory with vocab.json")
