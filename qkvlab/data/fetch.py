@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkvlab.data.cache import (READY, atomic_dir, cache_root, dataset_dir, dir_size, is_ready, read_ready,
-                               sha256_file, write_json_atomic)
+from qkvlab.atomic import atomic_dir, atomic_write_json, sha256_file
+from qkvlab.data.cache import READY, cache_root, dataset_dir, dir_size, is_ready, read_ready
 from qkvlab.data.sources import Source, get_source, resolve
 from qkvlab.errors import QkvlabError
 
@@ -158,7 +158,7 @@ def fetch_one(name: str, root: str | os.PathLike | None = None, force: bool = Fa
             else:
                 raw.mkdir()
             info = source.convert(raw, out, cache_root(root)) if source.convert else {}
-            write_json_atomic(out / READY, {"name": name, "source": source.where, "fetched": time.time(),
+            atomic_write_json(out / READY, {"name": name, "source": source.where, "fetched": time.time(),
                                             "checksums": source.checksums, **info})
     return FetchResult(name, "fetched", dir_size(final), time.perf_counter() - start)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qkvlab.data.cache import READY, atomic_dir, cache_root, read_ready, write_json_atomic
+from qkvlab.atomic import atomic_dir, atomic_write_json
+from qkvlab.data.cache import READY, cache_root, read_ready
 from qkvlab.data.images import ImageSet, load_image_set, save_image_set
 from qkvlab.errors import QkvlabError
 
@@ -78,5 +79,5 @@ def load_tinyimagenet(data_dir: str | os.PathLike | None = None,
         images, labels, wnids = _decode(root)
         with atomic_dir(out) as tmp:
             counts = save_image_set(images, labels, tmp)
-            write_json_atomic(tmp / READY, {"source": str(root), "counts": counts, "classes": list(wnids)})
+            atomic_write_json(tmp / READY, {"source": str(root), "counts": counts, "classes": list(wnids)})
     return load_image_set("tinyimagenet", out, tuple(read_ready(out)["classes"]))

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qkvlab.data.cache import atomic_dir
+from qkvlab.atomic import atomic_dir
 from qkvlab.data.tokenizer import TextTokenizer
 from qkvlab.data.tokens import TokenWriter
 from qkvlab.errors import QkvlabError

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qkvlab.data.cache import write_json_atomic
+from qkvlab.atomic import atomic_write_json
 from qkvlab.errors import QkvlabError
 
 FORMAT = "qkvlab-tokens/1"
@@ -73,7 +73,7 @@ class TokenWriter:
         for f in self._files.values():
             f.close()
         self._files = {}
-        write_json_atomic(self.out / META, self.meta)
+        atomic_write_json(self.out / META, self.meta)
         return self.meta
 
 

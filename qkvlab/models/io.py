@@ -10,10 +10,7 @@ an export directory, a checkpoint directory, a run directory (its newest checkpo
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ from safetensors.torch import load_model as _load_into
 from safetensors.torch import save_model as _save_from
 from torch import nn
 
+from qkvlab.atomic import atomic_dir
 from qkvlab.errors import QkvlabError
 from qkvlab.models import build_model
 from qkvlab.models.config import ModelConfig
@@ -34,18 +32,10 @@ _STEP = re.compile(r"^step_(\d+)$")
 def save_model(model: nn.Module, out_dir: str | Path) -> Path:
     """Write `model` (which has a `.config`) to `out_dir` atomically: complete or absent."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         config = json.dumps(model.config.to_dict())
         _save_from(model, str(tmp / WEIGHTS), metadata={CONFIG_KEY: config})
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

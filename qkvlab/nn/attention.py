@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,19 @@ class AttentionContext:
     cache: KVCache | None = None
     rotary: Rotary | None = None
 
-    @property
+    @cached_property
     def k_pos(self) -> torch.Tensor:
         return torch.arange(self.k_len, device=self.q_pos.device)  # (Tk,)
+
+    @cached_property
+    def q_rotation(self) -> torch.Tensor:
+        """Rotations of the query positions, (B, 1, T, D/2): computed once, used by every layer."""
+        return self.rotary.tables(self.q_pos)
+
+    @cached_property
+    def k_rotation(self) -> torch.Tensor:
+        """Rotations of every key position, (Tk, D/2), for keys rotated when read (K = V)."""
+        return self.rotary.tables(self.k_pos)
 
 
 class Attention(nn.Module):
@@ -86,10 +97,9 @@ class Attention(nn.Module):
         q, k, v = self.project(x)
         rotary = ctx.rotary
         if rotary is not None:
-            cos, sin = rotary.tables(ctx.q_pos)  # (B, 1, T, D/2)
-            q = apply_rotary(q, cos, sin)
+            q = apply_rotary(q, ctx.q_rotation)
             if v is not None:  # separate V: keys are stored rotated
-                k = apply_rotary(k, cos, sin)
+                k = apply_rotary(k, ctx.q_rotation)
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
             stored = [t.to(q.dtype) for t in ctx.cache.read(self.layer_idx, ctx.k_len)]  # (B, H_kv, Tk, D) each
@@ -97,7 +107,9 @@ class Attention(nn.Module):
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
             if rotary is not None:
-                k = apply_rotary(k, *rotary.tables(ctx.k_pos))  # (Tk, D/2) tables
+                reuse = ctx.cache is not None and not torch.is_grad_enabled()
+                workspace = ctx.cache.rotation_workspace(ctx.k_len) if reuse else None
+                k = apply_rotary(k, ctx.k_rotation, out=workspace)  # (B, H_kv, Tk, D)
         bias = None
         if self.pair_bias is not None:
             q = q * self.pair_bias.score_scale()

@@ -23,6 +23,7 @@ class KVCache:
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(streams)]
         self.max_len = max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host-side tokens stored per row
+        self._workspace: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int | None = None,
@@ -72,6 +73,23 @@ class KVCache:
     def read(self, layer: int, length: int) -> list[torch.Tensor]:
         """The stored streams of `layer` for positions 0..length-1: each (B, H_kv, length, D)."""
         return [buffer[layer, :, :, :length] for buffer in self.buffers]
+
+    def rotation_workspace(self, length: int) -> torch.Tensor:
+        """Scratch for one layer's rotated keys, (B, H_kv, length, D/2) complex64, reused by every layer.
+
+        Only a K = V cache with rotary positions needs it (keys are rotated when read); it is
+        working memory, not stored tokens, so it is counted in `workspace_nbytes`, not `nbytes`.
+        """
+        if self._workspace is None:
+            B, H, T, D = self.buffers[0].shape[1:]
+            self._workspace = torch.empty(B, H, T, D // 2, dtype=torch.complex64, device=self.buffers[0].device)
+        return self._workspace[:, :, :length]
+
+    @property
+    def workspace_nbytes(self) -> int:
+        """Bytes of the rotation workspace (0 until a rotary K = V layer reads the cache)."""
+        ws = self._workspace
+        return 0 if ws is None else ws.numel() * ws.element_size()
 
     def advance(self, n_new: int) -> None:
         self.lengths += n_new

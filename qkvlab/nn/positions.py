@@ -17,28 +17,35 @@ def sinusoidal_table(n: int, dim: int, offset: int = 0, base: float = 10000.0) -
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (half-split convention), with tables for every position."""
+    """Rotary position embedding: each pair (x[2i], x[2i+1]) of a head rotates as a complex number.
+
+    Angles are computed for the positions asked, in float32, so they stay exact however the
+    model's dtype is changed (there are no tables to be cast).
+    """
 
     def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
-        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq  # (L, D/2)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for `positions` (B, T) or (T,), shaped to broadcast over heads."""
-        cos, sin = self.cos[positions], self.sin[positions]  # (B, T, D/2) or (T, D/2)
-        if positions.dim() == 2:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
-        return cos, sin
+    def tables(self, positions: torch.Tensor) -> torch.Tensor:
+        """Unit complex rotations for `positions` (B, T) -> (B, 1, T, D/2), or (T,) -> (T, D/2)."""
+        dims = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32)
+        inv_freq = self.theta ** (-dims / self.head_dim)  # (D/2,)
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, D/2)
+        cis = torch.polar(torch.ones_like(angles), angles)
+        return cis[:, None] if positions.dim() == 2 else cis
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles of cos/sin (broadcastable to (B, H, T, D/2))."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+def apply_rotary(x: torch.Tensor, cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by `cis` (complex, broadcastable to (B, H, T, D/2)).
+
+    `out`, a complex64 (B, H, T, D/2) workspace, receives the product without allocating: with
+    K = V the whole cache is rotated at every decode step, and fresh buffers cost more than the
+    arithmetic.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2) complex
+    rotated = pairs * cis if out is None else torch.mul(pairs, cis, out=out)
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (B, H, T, D)
 
 
 def pair_bias_widths(dim: int) -> tuple[int, int]:

@@ -13,12 +13,10 @@ files are missing, truncated or altered.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,21 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qkvlab.errors import QkvlabError
-from qkvlab.train.atomic import fsync_dir
+from qkvlab.atomic import atomic_dir, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -101,30 +91,16 @@ def save_checkpoint(ckpt_dir: str | Path, model_state: dict[str, torch.Tensor], 
                     metadata: dict[str, str] | None = None) -> Path:
     """Atomically write checkpoint `ckpt_dir` (replacing an older one of the same name)."""
     final = Path(ckpt_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         save_weights(tmp / WEIGHTS, model_state, metadata)
         torch.save({**state, "format_version": FORMAT_VERSION}, tmp / STATE)
         files = {}
         for name in (WEIGHTS, STATE):
             _fsync(tmp / name)
-            files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
         manifest = {"format_version": FORMAT_VERSION, "step": state.get("step"), "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync(tmp / MANIFEST)
-        fsync_dir(tmp)
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -151,7 +127,7 @@ def verify_checkpoint(ckpt_dir: str | Path) -> dict:
         if path.stat().st_size != expected.get("bytes"):
             raise QkvlabError(f"checkpoint {str(ckpt_dir)!r} is corrupt: {name} has {path.stat().st_size} bytes, "
                               f"the manifest records {expected.get('bytes')} (truncated?)")
-        if _sha256(path) != expected.get("sha256"):
+        if sha256_file(path) != expected.get("sha256"):
             raise QkvlabError(f"checkpoint {str(ckpt_dir)!r} is corrupt: {name} does not match its sha256 "
                               "in the manifest")
     return manifest
@@ -193,7 +169,5 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     for _, path in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
-        for path in root.glob(".old-*"):
+        for path in [*root.glob(".*.tmp-*"), *root.glob(".*.old-*")]:
             shutil.rmtree(path, ignore_errors=True)

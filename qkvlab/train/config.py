@@ -30,7 +30,7 @@ import yaml
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.config import ModelConfig
 from qkvlab.models.config import preset as model_preset_config
-from qkvlab.train.atomic import atomic_write_text
+from qkvlab.atomic import atomic_write_text
 from qkvlab.variants import parse_variant
 
 SCHEDULES = ("cosine", "constant")

@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from qkvlab.train.atomic import atomic_write_text
+from qkvlab.atomic import atomic_write_text
 
 
 def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkvlab.errors import check
-from qkvlab.train.atomic import atomic_write_text
+from qkvlab.atomic import atomic_write_text
 from qkvlab.train.metrics import read_metrics
 from qkvlab.train.runs import FINISHED, METRICS, SUMMARY, read_summary
 from qkvlab.variants import PAPER_VARIANTS, parse_variant

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from qkvlab.errors import QkvlabError
-from qkvlab.train.atomic import atomic_write_text
+from qkvlab.atomic import atomic_write_text
 from qkvlab.variants import parse_variant
 
 SUMMARY = "summary.json"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qkvlab.models import GPT, Encoder, ViT, build_model
 

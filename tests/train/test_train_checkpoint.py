@@ -78,7 +78,7 @@ def test_failed_write_leaves_nothing_and_prune_keeps_the_newest(tmp_path, monkey
         _save(ckpt.checkpoint_path(tmp_path, 4), model, 4)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2", "step_3"]
-    (root / ".tmp-step_9-x").mkdir()  # left by a killed writer
+    (root / ".step_9.tmp-x").mkdir()  # left by a killed writer
     ckpt.prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step_2", "step_3"]
     assert ckpt.latest_checkpoint(tmp_path) == root / "step_3"
