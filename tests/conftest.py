@@ -1,4 +1,4 @@
-"""Fixtures of the task tests: fetched datasets (skipped only outside CI when absent)."""
+"""Shared fixtures: fetched datasets (skipped only outside CI when absent)."""
 
 from __future__ import annotations
 
