@@ -33,10 +33,10 @@ def _inputs(model, args) -> torch.Tensor:
     if args.task is not None:
         from qkvlab.tasks.registry import get_task
 
-        batch = get_task(args.task, args.data_dir).train_batch(0, args.batch, args.seed)
-        if "inputs" not in batch:
-            raise QkvlabError(f"task {args.task!r} has no 'inputs' in its batches")
-        return batch["inputs"]
+        task = get_task(args.task, args.data_dir)
+        if hasattr(task, "context"):  # language models read windows of the model's context
+            task.context = model.config.max_seq_len
+        return task.model_inputs(task.train_batch(0, args.batch, args.seed))
     gen = torch.Generator().manual_seed(args.seed)
     if cfg.kind == "vit":
         return torch.randn(args.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)

@@ -49,6 +49,7 @@ class SetAnomalyTask(Task):
 
     family = "anomaly"
     metric = "accuracy"
+    input_key = "sets"
     higher_is_better = True
     causal = False
     budgets = {
@@ -133,6 +134,7 @@ class OneClassTask(Task):
 
     family = "anomaly"
     metric = "auroc"
+    input_key = "images"
     higher_is_better = True
     causal = False
     budgets = {

@@ -56,6 +56,12 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
         """Metrics on held-out data, including `self.metric` and "loss"."""
 
+    input_key: str = "inputs"  # the batch entry the model reads (analysis tools feed it to the model)
+
+    def model_inputs(self, batch: Batch) -> torch.Tensor:
+        """What the model is called with for `batch` (e.g. by `qkvlab analyze`)."""
+        return batch[self.input_key]
+
     def budget(self, preset: str) -> Budget:
         if preset not in self.budgets:
             from qkvlab.errors import QkvlabError

@@ -75,6 +75,9 @@ class LanguageModelTask(Task):
                            max_seq_len=self.context, vocab_size=padded_vocab(self.vocab_size),
                            positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
 
+    def model_inputs(self, batch: Batch) -> torch.Tensor:
+        return batch["tokens"][:, :-1]  # (B, T)
+
     def train_batch(self, step: int, batch_size: int, seed: int) -> Batch:
         windows = self.tokens.split("train").random_windows(batch_size, self.context + 1, rng(seed, step))
         return {"tokens": torch.from_numpy(windows)}  # (B, T+1)

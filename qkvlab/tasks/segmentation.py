@@ -61,6 +61,7 @@ class SegmentationTask(Task):
 
     family = "segmentation"
     metric = "miou"
+    input_key = "images"
     higher_is_better = True
     causal = False
     budgets = {

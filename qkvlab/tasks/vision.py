@@ -67,6 +67,7 @@ class ClassificationTask(Task):
 
     family = "vision"
     metric = "accuracy"
+    input_key = "images"
     higher_is_better = True
     causal = False
     budgets = {
