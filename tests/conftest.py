@@ -1,4 +1,4 @@
-"""Shared fixtures: fetched datasets (skipped only outside CI when absent)."""
+"""Shared fixtures: one torch thread per test, and fetched datasets (skipped only outside CI when absent)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from qkvlab.data.cache import dataset_dir, is_ready
 
@@ -21,3 +22,12 @@ def fetched():
             pytest.skip(message)
         return dataset_dir(name)
     return need
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models in tests are tiny: one intra-op thread is faster than two fighting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

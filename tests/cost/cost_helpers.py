@@ -1,14 +1,11 @@
-"""Helpers for the cost tests: small architectures, model building, and a CLI entry with only this suite's
-commands. (A plain module, not conftest, so test files can import it by a name no other suite uses.)"""
+"""Helpers for the cost tests: small architectures and model building. (A plain module, not conftest,
+so test files can import it by a name no other suite uses.)"""
 
 from __future__ import annotations
-
-import sys
 
 import torch
 
 from qkvlab.cost import ArchSpec
-from qkvlab.errors import QkvlabError
 from qkvlab.models import build_model
 
 # Small architectures of every kind, with 8 heads so GQA-4, GQA-8 and MQA all apply.
@@ -47,30 +44,3 @@ def example_inputs(arch: ArchSpec, batch: int = 2, seq_len: int = 12) -> tuple:
     if arch.kind == "encoder" and arch.input_dim is not None:
         return (torch.randn(batch, seq_len, arch.input_dim, generator=g),)
     return (torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g),)
-
-
-def local_main(argv: list[str]) -> int:
-    """`qkvlab.cli.main.main` with only this suite's commands (until every command module exists)."""
-    from qkvlab.cli import cache, cost, variants
-    from qkvlab.cli.main import _Parser
-
-    parser = _Parser(prog="qkvlab")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (variants, cost, cache):
-        module.register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except QkvlabError as err:
-        print(f"qkvlab: error: {err}", file=sys.stderr)
-        return 2
-
-
-def all_commands_exist() -> bool:
-    try:
-        from qkvlab.cli.main import build_parser
-
-        build_parser()
-    except ModuleNotFoundError:
-        return False
-    return True

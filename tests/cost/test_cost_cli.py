@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from cost_helpers import all_commands_exist
 from qkvlab.cost import ARCHS, STUDY_VARIANTS, ArchSpec, cache_bytes, macs, param_counts
 from qkvlab.models import PRESETS
 
@@ -174,16 +173,9 @@ def test_bad_input_is_one_line_exit_2(cli, argv, message):
     assert message in err
 
 
-LOCAL_MAIN = ("import sys; sys.path.insert(0, {tests!r}); from cost_helpers import local_main; "
-              "sys.exit(local_main(sys.argv[1:]))")
-
-
 def test_subprocess_exit_code_and_one_line_stderr():
     argv = ["cache", "--heads", "0", "--layers", "32", "--d-model", "4096"]
-    if all_commands_exist():
-        cmd = [sys.executable, "-m", "qkvlab", *argv]
-    else:  # other commands not written yet: the same entry logic with this suite's commands
-        cmd = [sys.executable, "-c", LOCAL_MAIN.format(tests=str(Path(__file__).parent)), *argv]
+    cmd = [sys.executable, "-m", "qkvlab", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
