@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 
 from qkvlab.errors import QkvlabError, check
-from qkvlab.models.config import KINDS, MLPS, NORMS, POSITIONS, PRESETS, ModelConfig
+from qkvlab.models.config import KINDS, MLPS, NORMS, POSITIONS, PRESETS, DerivedSizes, ModelConfig
 from qkvlab.nn.positions import pair_bias_widths
 from qkvlab.variants import PAPER_VARIANTS, VariantSpec, parse_variant
 
@@ -80,7 +80,7 @@ def _divisors(n: int, limit: int = 16) -> str:
 
 
 @dataclass(frozen=True)
-class ArchSpec:
+class ArchSpec(DerivedSizes):
     """A transformer's shape, enough to count its parameters, MACs and KV cache under any variant.
 
     Field names follow `ModelConfig`. `n_kv_heads` is the architecture's own key/value heads (GQA/MQA;
@@ -145,20 +145,8 @@ class ArchSpec:
         self.to_model_config("QKV")
 
     @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
-
-    @property
-    def resolved_d_mlp(self) -> int:
-        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
-
-    @property
     def resolved_kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
     @property
     def label(self) -> str:

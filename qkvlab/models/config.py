@@ -18,8 +18,31 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+class DerivedSizes:
+    """Sizes every transformer description derives the same way (ModelConfig, cost.ArchSpec)."""
+
+    d_model: int
+    n_heads: int
+    head_dim: int | None
+    d_mlp: int | None
+    image_size: int
+    patch_size: int
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_d_mlp(self) -> int:
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DerivedSizes):
     """One transformer: a GPT-style decoder, a bidirectional encoder, or a ViT.
 
     `variant` is any name `parse_variant` accepts; `spec` is the parsed form.
@@ -97,24 +120,12 @@ class ModelConfig:
         return parse_variant(self.variant)
 
     @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
-
-    @property
-    def resolved_d_mlp(self) -> int:
-        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
-
-    @property
     def n_kv_heads(self) -> int:
         return self.spec.n_kv_heads(self.n_heads)
 
     @property
     def causal(self) -> bool:
         return self.kind == "decoder"
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with `changes` applied (validated again)."""
