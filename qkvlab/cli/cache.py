@@ -7,21 +7,21 @@ variants that cannot apply to it (Q = K with grouped heads) are shown as "n/a (r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from qkvlab.cli.cost import add_arch_arguments, add_variant_arguments, arch_from_args, parse_variant_list, resolved_name
+from qkvlab.cli.cost import (add_arch_arguments, add_variant_arguments, arch_from_args, check_positive, length_note,
+                             parse_variant_list, resolved_name)
 from qkvlab.cli.table import emit, fraction, human_bytes
 from qkvlab.cost import cache_bytes, cache_bytes_per_token, dtype_bytes, resolve_variant
 from qkvlab.errors import QkvlabError, check
 
 
 def run(args: argparse.Namespace) -> int:
-    arch = arch_from_args(args)
+    check_positive(args, "context", "batch")
+    named = arch_from_args(args)
+    arch = named.config
     specs = parse_variant_list(args.variants)
     dtype_bytes(args.dtype)
     context = arch.max_seq_len if args.context is None else args.context
-    check(context > 0, f"--context must be a positive integer, got {context}")
-    check(args.batch > 0, f"--batch must be a positive integer, got {args.batch}")
     baseline = resolve_variant(arch, "QKV")
     base_bytes = cache_bytes(arch, baseline, context, args.batch, args.dtype)
     records, table = [], []
@@ -53,19 +53,18 @@ def run(args: argparse.Namespace) -> int:
     notes = [f"Baseline: {baseline_text}, {human_bytes(base_bytes)} ({base_bytes:,} bytes). "
              f"Cache: {context:,} tokens x batch {args.batch} in {args.dtype}, "
              f"{arch.n_layers} layers x head_dim {arch.resolved_head_dim}."]
-    if context > arch.max_seq_len and (arch.name or args.max_seq_len is not None):
-        notes.append(f"Note: context {context:,} exceeds {arch.label}'s max_seq_len {arch.max_seq_len:,}; "
-                     "the bytes are arithmetic only.")
-    data = {"arch": dataclasses.asdict(arch), "context": context, "batch": args.batch, "dtype": args.dtype,
+    notes += length_note(named, context, "context", "bytes", args.max_seq_len is not None)
+    data = {"name": named.label, "arch": arch.to_dict(), "context": context, "batch": args.batch, "dtype": args.dtype,
             "baseline": baseline.name, "baseline_bytes": base_bytes, "variants": records}
     emit(table, args.json, right=("kv heads", "per token", "total", "bytes", "vs baseline", "saving"),
-         title=_describe(arch), notes=notes, data=data)
+         title=_describe(named), notes=notes, data=data)
     return 0
 
 
-def _describe(arch) -> str:
-    kv = f" ({arch.n_kv_heads} kv heads)" if arch.resolved_kv_heads != arch.n_heads else ""
-    return f"{arch.label}: {arch.n_layers} layers, {arch.n_heads} query heads{kv}, head_dim {arch.resolved_head_dim}"
+def _describe(named) -> str:
+    arch = named.config
+    kv = f" ({arch.n_kv_heads} kv heads)" if arch.n_kv_heads != arch.n_heads else ""
+    return f"{named.label}: {arch.n_layers} layers, {arch.n_heads} query heads{kv}, head_dim {arch.resolved_head_dim}"
 
 
 def register(subparsers) -> None:

@@ -11,22 +11,36 @@ import argparse
 import dataclasses
 import re
 
+from typing import NamedTuple
+
+from qkvlab.arch import MLPS, NORMS, POSITIONS, PRESETS, ModelConfig, is_positive_int, with_kv_heads
 from qkvlab.cli.table import emit, human_bytes, human_count, percent_change
-from qkvlab.cost import (ARCHS, STUDY_VARIANTS, ArchSpec, cache_bytes, cache_bytes_per_token, default_seq_len,
+from qkvlab.cost import (ARCHS, STUDY_VARIANTS, cache_bytes, cache_bytes_per_token, default_seq_len, describe,
                          dtype_bytes, get_arch, macs, param_counts, resolve_variant)
 from qkvlab.errors import QkvlabError, check
-from qkvlab.models.config import MLPS, NORMS, POSITIONS, PRESETS, preset
 from qkvlab.variants import VariantSpec, parse_variant
 
-# command-line flag (argparse dest) -> ArchSpec field
+# command-line flag (argparse dest) -> ModelConfig field; --kv-heads sets the variant's head sharing
 _SIZE_FLAGS = {
     "layers": "n_layers", "d_model": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "head_dim": "head_dim", "d_mlp": "d_mlp", "vocab": "vocab_size", "max_seq_len": "max_seq_len",
     "mlp": "mlp", "norm": "norm", "positions": "positions", "bias": "bias", "tie_embeddings": "tie_embeddings",
 }
 
+# An architecture given by hand: a GPT-2-style language model unless the flags say otherwise.
+_BY_HAND = {"vocab_size": 50304, "max_seq_len": 2048}
+_DEFAULT = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **_BY_HAND}
 
-_DEFAULT = {f.name: f.default for f in dataclasses.fields(ArchSpec)}
+
+class Arch(NamedTuple):
+    """The architecture the flags describe, and the name tables show ("" when given by hand)."""
+
+    config: ModelConfig
+    name: str
+
+    @property
+    def label(self) -> str:
+        return self.name or "custom"
 
 
 def add_arch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,30 +78,43 @@ def _in_flag_terms(err: QkvlabError) -> QkvlabError:
     return QkvlabError(text)
 
 
-def arch_from_args(args: argparse.Namespace) -> ArchSpec:
-    """The `ArchSpec` the flags describe (QkvlabError naming what is missing or wrong, by flag)."""
+def arch_from_args(args: argparse.Namespace) -> Arch:
+    """The architecture the flags describe (QkvlabError naming what is missing or wrong, by flag)."""
     try:
         return _arch_from_args(args)
     except QkvlabError as err:
         raise _in_flag_terms(err) from None
 
 
-def _arch_from_args(args: argparse.Namespace) -> ArchSpec:
+def _arch_from_args(args: argparse.Namespace) -> Arch:
     overrides = {field: getattr(args, dest) for dest, field in _SIZE_FLAGS.items() if getattr(args, dest) is not None}
+    kv_heads = overrides.pop("n_kv_heads", None)
+    check(kv_heads is None or is_positive_int(kv_heads), f"n_kv_heads must be a positive integer, got {kv_heads}")
     if args.preset is not None:
-        base = ArchSpec.from_model_config(preset(args.preset), name=args.preset)
+        name, base = args.preset, _preset(args.preset)
     elif args.arch is not None:
         base = get_arch(args.arch)
+        name = args.arch.strip().lower()
     else:
         missing = [flag for dest, flag in (("layers", "--layers"), ("d_model", "--d-model"), ("heads", "--heads"))
                    if getattr(args, dest) is None]
         check(not missing, f"describe the model with --preset NAME, --arch NAME, or by hand with --layers, "
                            f"--d-model and --heads (missing: {', '.join(missing)})")
-        return ArchSpec(**overrides)
-    if not overrides:
-        return base
-    changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
-    return base.replace(**changed, name=f"{base.name} (modified)") if changed else base
+        name, base = "", None
+    fields = {**(base.to_dict() if base else _BY_HAND), **overrides}
+    if kv_heads is not None:  # the model's own head sharing replaces the base's
+        fields["variant"] = parse_variant(fields.get("variant", "QKV")).projection_name
+    config = ModelConfig(**fields)
+    if kv_heads is not None:
+        config = config.replace(variant=with_kv_heads(config.variant, config.n_heads, kv_heads).name)
+    if base is not None and config != base:
+        name = f"{name} (modified)"
+    return Arch(config, name)
+
+
+def _preset(name: str) -> ModelConfig:
+    check(name in PRESETS, f"unknown preset {name!r}; accepted: {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 def parse_variant_list(values: list[str] | None) -> list[VariantSpec]:
@@ -104,18 +131,33 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def resolved_name(arch: ArchSpec, spec: VariantSpec) -> str:
+def resolved_name(arch: ModelConfig, spec: VariantSpec) -> str:
     """What a variant becomes on `arch` (QKV on a GQA-8 model is GQA-8), or "" when it is unchanged."""
     name = resolve_variant(arch, spec).name
     return "" if name == spec.name else name
 
 
+def check_positive(args: argparse.Namespace, *dests: str) -> None:
+    """One-line errors for numeric options that must be positive when given."""
+    for dest in dests:
+        value = getattr(args, dest)
+        check(value is None or value > 0, f"--{dest.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def length_note(arch: Arch, length: int, what: str, numbers: str, explicit_max: bool) -> list[str]:
+    """A note when `length` exceeds a named (or explicitly sized) model's max_seq_len."""
+    limit = arch.config.max_seq_len
+    if length <= limit or not (arch.name or explicit_max):
+        return []
+    return [f"Note: {what} {length:,} exceeds {arch.label}'s max_seq_len {limit:,}; the {numbers} are arithmetic only."]
+
+
 def run(args: argparse.Namespace) -> int:
-    arch = arch_from_args(args)
+    check_positive(args, "seq_len", "batch")
+    named = arch_from_args(args)
+    arch = named.config
     specs = parse_variant_list(args.variants)
     dtype_bytes(args.dtype)
-    check(args.seq_len is None or args.seq_len > 0, f"--seq-len must be a positive integer, got {args.seq_len}")
-    check(args.batch > 0, f"--batch must be a positive integer, got {args.batch}")
     seq_len = default_seq_len(arch) if args.seq_len is None else args.seq_len
     base = {"params": param_counts(arch, "QKV")["total"], "macs": macs(arch, "QKV", seq_len, args.batch)["total"],
             "cache": cache_bytes(arch, "QKV", seq_len, args.batch, args.dtype)}
@@ -147,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         for row in table:
             row.pop("as", None)
     baseline = resolve_variant(arch, "QKV").name
-    data = {"arch": dataclasses.asdict(arch), "seq_len": seq_len, "batch": args.batch, "dtype": args.dtype,
+    data = {"name": named.label, "arch": arch.to_dict(), "seq_len": seq_len, "batch": args.batch, "dtype": args.dtype,
             "baseline": baseline, "baseline_totals": base, "variants": records}
     notes = [
         f"Δ: relative to QKV{'' if baseline == 'QKV' else f' (on this model: {baseline})'}: "
@@ -156,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
         "attention scores and weighted sum over the full T x T matrix (no causal halving, as SDPA computes it). "
         "FLOPs = 2 x MACs.",
         f"KV cache: {seq_len} tokens x batch {args.batch} in {args.dtype}.",
-    ]
+    ] + length_note(named, seq_len, "--seq-len", "counts", args.max_seq_len is not None)
     emit(table, args.json, right=("params", "Δ params", "MACs", "Δ MACs", "KV cache", "Δ cache"),
-         title=arch.describe(), notes=notes, data=data)
+         title=describe(arch, named.label), notes=notes, data=data)
     return 0
 
 

@@ -10,11 +10,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cost_helpers import SMALL_ARCHS
-from qkvlab.cost import (ARCHS, STUDY_VARIANTS, ArchSpec, cache_bytes, cache_bytes_per_token, cache_ratio,
+from qkvlab.arch import ModelConfig
+from qkvlab.cost import (ARCHS, STUDY_VARIANTS, cache_bytes, cache_bytes_per_token, cache_ratio,
                          dtype_bytes, resolve_variant)
 from qkvlab.errors import QkvlabError
 from qkvlab.models import PRESETS, preset
 from qkvlab.nn.kv_cache import KVCache
+from qkvlab.variants import VariantSpec, format_variant
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64,
           "fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -24,7 +26,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_equals_kv_cache_nbytes(variant, dtype):
     arch = SMALL_ARCHS["llama-style"]
-    cfg = arch.to_model_config(variant)
+    cfg = arch.with_variant(variant)
     for batch, context in ((1, 1), (3, 17), (2, arch.max_seq_len)):
         cache = KVCache.for_model(cfg, batch, context, DTYPES[dtype])
         assert cache_bytes(arch, variant, context, batch, dtype) == cache.nbytes
@@ -37,13 +39,13 @@ def test_equals_kv_cache_nbytes(variant, dtype):
 def test_paper_presets_on_meta(name, variant):
     cfg = preset(name, variant=variant)
     cache = KVCache.for_model(cfg, 4, cfg.max_seq_len, torch.bfloat16, device="meta")
-    assert cache_bytes(ArchSpec.from_model_config(cfg), variant, cfg.max_seq_len, 4, "bf16") == cache.nbytes
+    assert cache_bytes(cfg, variant, cfg.max_seq_len, 4, "bf16") == cache.nbytes
 
 
 def test_llama_at_128k_on_meta():
     arch = ARCHS["llama-3.1-8b"]
     for variant in ("QKV", "Q-K=V", "MQA", "Q-MQA"):
-        cache = KVCache.for_model(arch.to_model_config(variant), 1, 131072, torch.bfloat16, device="meta")
+        cache = KVCache.for_model(arch.with_variant(variant), 1, 131072, torch.bfloat16, device="meta")
         assert cache_bytes(arch, variant, 131072, 1, "bf16") == cache.nbytes
     assert cache_bytes(arch, "QKV", 131072, 1, "bf16") == 16 * 2 ** 30  # 32 x 2 x 8 x 128 x 2 bytes per token
     assert cache_bytes(arch, "Q-K=V", 131072, 1, "bf16") == 8 * 2 ** 30
@@ -56,9 +58,10 @@ def test_llama_at_128k_on_meta():
        variant=st.sampled_from(STUDY_VARIANTS + ("GQA-2", "GQA-3", "Q-GQA-2", "Q=X/GQA-2", "Q=X-K=V/MQA")))
 def test_random_configs_on_meta(layers, n_heads, head_dim, kv, own_kv, batch, context, dtype, variant):
     assume(not own_kv or n_heads % kv == 0 and kv <= n_heads)
-    arch = ArchSpec(layers, n_heads * head_dim, n_heads, n_kv_heads=kv if own_kv else None, max_seq_len=64)
+    own = format_variant(VariantSpec(kv_heads=kv if own_kv else None))
+    arch = ModelConfig(n_layers=layers, d_model=n_heads * head_dim, n_heads=n_heads, variant=own, max_seq_len=64)
     try:
-        cfg = arch.to_model_config(variant)
+        cfg = arch.with_variant(variant)
     except QkvlabError:
         with pytest.raises(QkvlabError):
             cache_bytes(arch, variant, context, batch, dtype)
@@ -76,7 +79,7 @@ PAPER_RATIOS = {"GQA-4": Fraction(4, 16), "Q-K=V": Fraction(1, 2), "Q-GQA-4": Fr
 def test_paper_ratios_for_16_heads(variant):
     arch = PRESETS["paper-300m"]
     assert arch.n_heads == 16
-    arch = ArchSpec.from_model_config(arch)
+    arch = arch
     ratio = Fraction(cache_bytes(arch, variant, 2048), cache_bytes(arch, "QKV", 2048))
     assert ratio == PAPER_RATIOS[variant]
     assert Fraction(*cache_ratio(arch, variant)) == PAPER_RATIOS[variant]

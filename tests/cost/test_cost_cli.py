@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qkvlab.cost import ARCHS, STUDY_VARIANTS, ArchSpec, cache_bytes, macs, param_counts
+from qkvlab.arch import ModelConfig
+from qkvlab.cost import ARCHS, STUDY_VARIANTS, cache_bytes, macs, param_counts
 from qkvlab.models import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +63,7 @@ def test_variants_heads_that_do_not_fit_are_na(cli):
 def test_cost_preset_json_equals_the_library(cli):
     code, out, _ = cli("cost", "--preset", "paper-300m", "--seq-len", "2048", "--json")
     data = json.loads(out)
-    arch = ArchSpec.from_model_config(PRESETS["paper-300m"])
+    arch = PRESETS["paper-300m"]
     assert code == 0 and data["seq_len"] == 2048 and data["baseline"] == "QKV"
     assert [r["variant"] for r in data["variants"]] == list(STUDY_VARIANTS)
     for row in data["variants"]:
@@ -97,7 +98,7 @@ def test_cost_named_arch_with_grouped_heads(cli):
 def test_cost_arch_overridden_by_flags(cli):
     code, out, _ = cli("cost", "--arch", "llama-3-8b", "--kv-heads", "32", "--seq-len", "16", "--json")
     data = json.loads(out)
-    assert code == 0 and data["baseline"] == "QKV" and data["arch"]["name"] == "llama-3-8b (modified)"
+    assert code == 0 and data["baseline"] == "QKV" and data["name"] == "llama-3-8b (modified)"
     assert all(r["available"] for r in data["variants"])
 
 
@@ -105,8 +106,9 @@ def test_cost_by_hand(cli):
     code, out, _ = cli("cost", "--layers", "2", "--d-model", "64", "--heads", "4", "--vocab", "100", "--mlp", "swiglu",
                        "--no-bias", "--no-tie-embeddings", "--positions", "rotary", "--seq-len", "8", "--json")
     data = json.loads(out)
-    arch = ArchSpec(2, 64, 4, vocab_size=100, mlp="swiglu", bias=False, tie_embeddings=False, positions="rotary")
-    assert code == 0 and ArchSpec(**data["arch"]) == arch
+    arch = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=100, max_seq_len=2048, mlp="swiglu", bias=False,
+                       tie_embeddings=False, positions="rotary")
+    assert code == 0 and ModelConfig(**data["arch"]) == arch and data["name"] == "custom"
     assert data["variants"][0]["params"] == param_counts(arch)
 
 
@@ -136,6 +138,31 @@ def test_cache_table(cli):
     assert "Baseline: QKV as GQA-8" in out
 
 
+def test_cost_notes_a_seq_len_beyond_the_model(cli):
+    code, out, _ = cli("cost", "--arch", "llama-2-7b", "--seq-len", "8192", "--variants", "QKV")
+    notes = [line for line in out.splitlines() if line.startswith("Note:")]
+    assert code == 0 and notes == ["Note: --seq-len 8,192 exceeds llama-2-7b's max_seq_len 4,096; "
+                                   "the counts are arithmetic only."]
+    code, out, _ = cli("cost", "--arch", "llama-2-7b", "--seq-len", "4096", "--variants", "QKV")
+    assert code == 0 and "Note:" not in out
+
+
+def test_cost_and_cache_do_not_import_torch():
+    script = (
+        "import sys\n"
+        "from qkvlab.cost import ARCHS, cache_bytes, macs, param_counts\n"
+        "param_counts(ARCHS['paper-300m'], 'Q-K=V'); macs(ARCHS['gpt2'], 'Q-MQA', 128)\n"
+        "cache_bytes(ARCHS['llama-3-8b'], 'Q-K=V', 4096)\n"
+        "from qkvlab.cli.main import main\n"
+        "assert main(['cost', '--preset', 'paper-300m']) == 0\n"
+        "assert main(['cache', '--arch', 'llama-3-8b', '--json']) == 0\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "False\n"
+
+
 def test_cache_mha_baseline_and_note(cli):
     code, out, _ = cli("cache", "--arch", "llama-2-7b", "--context", "8192", "--variants", "QKV", "Q-K=V", "Q=K-V")
     assert code == 0 and "Baseline: QKV," in out and "n/a" not in out
@@ -157,6 +184,12 @@ BAD = [
     (["cost", "--preset", "paper-9b"], "unknown preset 'paper-9b'; accepted: paper-300m, paper-1.2b"),
     (["cost", "--preset", "tiny", "--variants", "QKX"], "unknown variant 'QKX'; accepted: QKV"),
     (["cost", "--preset", "tiny", "--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+    (["cost", "--preset", "tiny", "--batch", "-3"], "--batch must be a positive integer, got -3"),
+    (["cost", "--arch", "gpt2", "--kv-heads", "0"], "--kv-heads must be a positive integer, got 0"),
+    (["cost", "--arch", "gpt2", "--max-seq-len", "0"], "--max-seq-len must be a positive integer, got 0"),
+    (["cost", "--arch", "gpt2", "--head-dim", "-8"], "--head-dim must be a positive integer or null, got -8"),
+    (["cache", "--arch", "gpt2", "--vocab", "0"], "--vocab must be a positive integer, got 0"),
+    (["cache", "--arch", "gpt2", "--context", "0"], "--context must be a positive integer, got 0"),
     (["variants", "Q=Q"], "unknown variant 'Q=Q'"),
     (["variants", "--heads", "0"], "--heads must be a positive integer, got 0"),
     (["cache", "--heads", "four"], "argument --heads: invalid int value: 'four'"),

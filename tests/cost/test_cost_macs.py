@@ -16,7 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cost_helpers import SMALL_ARCHS, example_inputs
-from qkvlab.cost import STUDY_VARIANTS, ArchSpec, macs, measured_flops, resolve_variant
+from qkvlab.arch import ModelConfig
+from qkvlab.cost import STUDY_VARIANTS, macs, measured_flops, resolve_variant
 from qkvlab.errors import QkvlabError
 from qkvlab.models import build_model
 
@@ -30,9 +31,9 @@ def stock_flops(model, *inputs, **kwargs) -> int:
     return counter.get_total_flops()
 
 
-def _model(arch: ArchSpec, variant: str):
+def _model(arch: ModelConfig, variant: str):
     try:
-        cfg = arch.to_model_config(variant)
+        cfg = arch.with_variant(variant)
     except QkvlabError:
         return None
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def test_parts_add_up_and_scale():
 
 def test_projection_costs_follow_the_paper():
     """3, 2, 2, 1 d x d projections per token for QKV, Q=K-V, Q-K=V, Q=K=V (and Q=X: 2)."""
-    arch = ArchSpec(3, 64, 4)
+    arch = ModelConfig(n_layers=3, d_model=64, n_heads=4)
     per_token = {v: macs(arch, v, 5)["qkv"] // (3 * 5 * 64 * 64) for v in ("QKV", "Q=K-V", "Q-K=V", "Q=K=V", "Q=X")}
     assert per_token == {"QKV": 3, "Q=K-V": 2, "Q-K=V": 2, "Q=K=V": 1, "Q=X": 2}
 
@@ -112,8 +113,8 @@ def test_bad_sequence_arguments():
        mlp=st.sampled_from(["gelu", "swiglu"]), bias=st.booleans(), positions=st.sampled_from(["learned", "rotary"]),
        variant=st.sampled_from(STUDY_VARIANTS + ("GQA-2", "Q-GQA-2", "Q=X/MQA")))
 def test_random_configs_measure_2x_macs(n_heads, head_dim, layers, seq, batch, kind, mlp, bias, positions, variant):
-    arch = ArchSpec(layers, n_heads * head_dim, n_heads, vocab_size=17, max_seq_len=12, kind=kind, mlp=mlp,
-                    bias=bias, positions=positions, n_classes=3, pair_bias_dim=8)
+    arch = ModelConfig(n_layers=layers, d_model=n_heads * head_dim, n_heads=n_heads, vocab_size=17, max_seq_len=12,
+                       kind=kind, mlp=mlp, bias=bias, positions=positions, n_classes=3, pair_bias_dim=8)
     try:
         resolve_variant(arch, variant)
     except QkvlabError:

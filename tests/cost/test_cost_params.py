@@ -7,11 +7,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cost_helpers import SMALL_ARCHS, build, numel
-from qkvlab.cost import ARCHS, STUDY_VARIANTS, ArchSpec, pair_bias_widths, param_counts, resolve_variant
+from qkvlab.arch import ModelConfig
+from qkvlab.cost import ARCHS, STUDY_VARIANTS, pair_bias_widths, param_counts, resolve_variant
 from qkvlab.errors import QkvlabError
 from qkvlab.models import PRESETS, preset
 from qkvlab.nn.positions import PairBias
-from qkvlab.variants import PAPER_VARIANTS
+from qkvlab.variants import PAPER_VARIANTS, VariantSpec, format_variant
 
 MORE_VARIANTS = STUDY_VARIANTS + ("Q=X/MQA", "Q=X-K=V/GQA-2", "GQA-2+", "Q-MQA+", "Q=X+")
 
@@ -27,7 +28,7 @@ def test_presets_every_variant(name, variant):
     if PRESETS[name].n_heads % 8 and "8" in variant:
         pytest.skip(f"{variant} does not fit {name}'s {PRESETS[name].n_heads} heads")
     cfg = preset(name, variant=variant)
-    arch = ArchSpec.from_model_config(cfg)
+    arch = cfg
     counts = param_counts(arch, cfg.variant)
     assert counts["total"] == numel(build(cfg))
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
@@ -38,7 +39,7 @@ def test_presets_every_variant(name, variant):
 def test_every_kind_every_variant(arch_name, variant):
     arch = SMALL_ARCHS[arch_name]
     try:
-        cfg = arch.to_model_config(variant)
+        cfg = arch.with_variant(variant)
     except QkvlabError:  # Q=X on an arch whose heads do not span d_model: refused by both
         with pytest.raises(QkvlabError):
             resolve_variant(arch, variant)
@@ -51,9 +52,9 @@ def test_every_kind_every_variant(arch_name, variant):
 def test_named_archs(arch_name, variant):
     arch = ARCHS[arch_name]
     try:
-        cfg = arch.to_model_config(variant)
+        cfg = arch.with_variant(variant)
     except QkvlabError:  # Q=K=V+ on a GQA model
-        assert arch.n_kv_heads is not None and variant == "Q=K=V+"
+        assert arch.spec.kv_heads is not None and variant == "Q=K=V+"
         return
     assert param_counts(arch, variant)["total"] == numel(build(cfg))
 
@@ -70,16 +71,15 @@ def test_real_models_match_published_totals(arch_name):
 
 def test_paper_archs_are_the_presets():
     for name in ("paper-300m", "paper-1.2b"):
-        assert ARCHS[name] == ArchSpec.from_model_config(PRESETS[name])
-        assert ARCHS[name].to_model_config() == PRESETS[name].replace(dropout=0.0)
+        assert ARCHS[name] is PRESETS[name]  # one description of an architecture, not a copy
 
 
-def test_from_model_config_keeps_head_sharing():
-    cfg = preset("tiny", variant="Q-GQA-2")
-    arch = ArchSpec.from_model_config(cfg)
+def test_a_configs_head_sharing_is_the_archs():
+    arch = preset("tiny", variant="Q-GQA-2")
     assert arch.n_kv_heads == 2
     assert resolve_variant(arch, "QKV").name == "GQA-2"
-    assert param_counts(arch, cfg.variant) == param_counts(arch, "Q-K=V")
+    assert param_counts(arch) == param_counts(arch, "Q-K=V") == param_counts(arch, "Q-GQA-2")
+    assert param_counts(arch) != param_counts(arch, "QKV")
 
 
 @pytest.mark.parametrize("dim", [8, 16, 24, 32, 64])
@@ -87,6 +87,10 @@ def test_pair_bias_widths_match_the_module(dim):
     module = PairBias(4, dim)
     assert pair_bias_widths(dim) == (module.rel.shape[1], module.abs.shape[1])
     assert sum(p.numel() for p in module.parameters()) == dim + 1
+
+
+def _heads(kv_heads: int | None) -> str:
+    return format_variant(VariantSpec(kv_heads=kv_heads))
 
 
 @st.composite
@@ -102,7 +106,7 @@ def small_configs(draw):
     kv_choices = [None] + [g for g in range(1, n_heads + 1) if n_heads % g == 0]
     fields = dict(
         kind=kind, n_layers=draw(st.integers(1, 3)), d_model=d_model, n_heads=n_heads,
-        n_kv_heads=draw(st.sampled_from(kv_choices)), head_dim=head_dim if explicit_head_dim else None,
+        variant=_heads(draw(st.sampled_from(kv_choices))), head_dim=head_dim if explicit_head_dim else None,
         d_mlp=draw(st.one_of(st.none(), st.integers(1, 64))), vocab_size=draw(st.integers(1, 100)),
         mlp=draw(st.sampled_from(["gelu", "swiglu"])), norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
         bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()), positions=positions,
@@ -116,7 +120,7 @@ def small_configs(draw):
         fields.update(patch_size=patch, image_size=patch * draw(st.integers(1, 3)), in_channels=draw(st.integers(1, 3)),
                       dense_head=draw(st.booleans()))
         fields["max_seq_len"] = (fields["image_size"] // patch) ** 2 + 1 + draw(st.integers(0, 3))
-    return ArchSpec(**fields), draw(st.sampled_from(MORE_VARIANTS))
+    return ModelConfig(**fields), draw(st.sampled_from(MORE_VARIANTS))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -127,6 +131,6 @@ def test_random_small_configs(case):
         spec = resolve_variant(arch, variant)
     except QkvlabError:
         assume(False)
-    cfg = arch.to_model_config(variant)
+    cfg = arch.with_variant(variant)
     assert cfg.spec == spec
     assert param_counts(arch, variant)["total"] == numel(build(cfg))
