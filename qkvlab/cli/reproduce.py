@@ -26,18 +26,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkvlab.cli.sweep import parse_list, parse_seeds
+    from qkvlab.cli.sweep import check_out_dir, parse_list, parse_seeds, positive_option
     from qkvlab.errors import QkvlabError
-    from qkvlab.train.reproduce import reproduce
+    from qkvlab.train.lock import DirLock
+    from qkvlab.train.reproduce import get_preset, reproduce
 
     stray = [item for item in args.overrides if "=" not in item]
     if stray:
         raise QkvlabError(f"{stray[0]!r} is not a KEY=VALUE override")
-    if args.jobs is not None and args.jobs < 1:
-        raise QkvlabError(f"--jobs must be at least 1, got {args.jobs}")
+    positive_option("--jobs", args.jobs)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    out = args.out if args.out is not None else str(get_preset(args.preset).default_out())
+    check_out_dir(out)
+    if args.tasks is not None and not parse_list(args.tasks):
+        raise QkvlabError(f"--tasks {' '.join(args.tasks)!r} names no task")
     started = time.perf_counter()
-    result = reproduce(args.preset, out=args.out, seeds=parse_seeds(args.seeds) if args.seeds else None,
-                       jobs=args.jobs, tasks=parse_list(args.tasks) or None, overrides=args.overrides)
+    with DirLock(out, "reproduce directory"):
+        result = reproduce(args.preset, out=out, seeds=seeds, jobs=args.jobs, tasks=parse_list(args.tasks) or None,
+                           overrides=args.overrides)
     print()
     print(result.table)
     print(f"\nreport: {result.report}  ({time.perf_counter() - started:.0f}s)")

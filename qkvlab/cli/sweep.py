@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from qkvlab.errors import QkvlabError
 
@@ -18,18 +19,41 @@ def parse_list(values: list[str] | None) -> list[str]:
     return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
 
 
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(values: list[str] | None) -> list[int]:
-    """Seeds from "0,1,2", "0-4" or "0 3" (ranges inclusive)."""
+    """Seeds from "0,1,2", "0-4" or "0 3" (ranges inclusive, non-negative, at least one)."""
     seeds: list[int] = []
+    shown = " ".join(values or [])
     for item in parse_list(values):
         lo, sep, hi = item.partition("-")
-        try:
-            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(item)]
-        except ValueError:
-            raise QkvlabError(f"--seeds {item!r} is not a seed (0), a list (0,1,2) or a range (0-4)") from None
-    if any(s < 0 for s in seeds):
-        raise QkvlabError(f"--seeds must be non-negative, got {seeds}")
+        bounds = (lo, hi) if sep else (item,)
+        if not all(b.strip().isdigit() for b in bounds):
+            raise QkvlabError(f"--seeds {item!r} is not a non-negative seed (0), a list (0,1,2) or a range (0-4)")
+        first, last = int(bounds[0]), int(bounds[-1])
+        if last < first:
+            raise QkvlabError(f"--seeds range {item!r} is empty (write the smaller seed first)")
+        if last - first + 1 + len(seeds) > MAX_SEEDS:
+            raise QkvlabError(f"--seeds {item!r} asks for more than {MAX_SEEDS} seeds")
+        seeds += range(first, last + 1)
+    if not seeds:
+        raise QkvlabError(f"--seeds {shown!r} gives no seed; e.g. --seeds 0-2")
     return list(dict.fromkeys(seeds))
+
+
+def positive_option(name: str, value: int | None) -> None:
+    """Refuse a count option (--jobs, --threads) below 1."""
+    if value is not None and value < 1:
+        raise QkvlabError(f"{name} must be at least 1, got {value}")
+
+
+def check_out_dir(out: str) -> None:
+    """Refuse an --out that is empty or names an existing file."""
+    if not out.strip():
+        raise QkvlabError("--out '' is empty; give a directory")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise QkvlabError(f"--out {out!r} is an existing file, not a directory")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,11 +74,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qkvlab.train.lock import DirLock
     from qkvlab.train.sweep import check_data, plan, run_sweep
 
     stray = [item for item in args.overrides if "=" not in item]
     if stray:
         raise QkvlabError(f"{stray[0]!r} is not a KEY=VALUE override")
+    positive_option("--jobs", args.jobs)
+    positive_option("--threads", args.threads)
+    check_out_dir(args.out)
+    seeds = parse_seeds(args.seeds)
     tasks = parse_list(args.tasks)
     if not tasks:
         if not args.suite:
@@ -65,9 +94,12 @@ def run(args: argparse.Namespace) -> int:
             raise QkvlabError(f"unknown suite {args.suite!r}; accepted: {', '.join(SUITES)}")
         tasks = list(SUITES[args.suite])
     check_data(tasks, args.overrides)
-    runs = plan(args.out, tasks, parse_seeds(args.seeds), variants=parse_list(args.variants) or None,
+    runs = plan(args.out, tasks, seeds, variants=parse_list(args.variants) or None,
                 preset=args.preset, config=args.config, overrides=args.overrides)
-    results = run_sweep(runs, jobs=args.jobs, threads=args.threads)
+    for run in runs:  # every run's config is valid before the directory is touched
+        run.requested_config()
+    with DirLock(args.out, "sweep directory"):
+        results = run_sweep(runs, jobs=args.jobs, threads=args.threads)
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "diverged", "failed")}
     print(f"sweep {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     return 1 if counts["failed"] else 0

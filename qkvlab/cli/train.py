@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """\
-CONFIG is a YAML file or a packaged config (lm-300m, lm-1.2b, example-*). Any key can be
-overridden with a dotted name: optim.lr=3e-4 train.steps=100 model.n_layers=4 variant=Q-K=V.
-A run directory that holds checkpoints is resumed; a finished one is left alone.
+CONFIG is a YAML file, a packaged config (lm-300m, lm-1.2b, example-*) or a run directory (its
+stored config; `qkvlab train RUN_DIR train.steps=N` extends a finished run). Any key can be
+overridden once with a dotted name: optim.lr=3e-4 train.steps=100 model.n_layers=4 variant=Q-K=V.
+A run directory that holds checkpoints is resumed; a finished one is left alone. One process
+at a time trains in a run directory.
 Under `torchrun --nproc_per_node N` the same command trains data-parallel (DDP, or FSDP with
 distributed.strategy=fsdp). See docs/training.md."""
 
@@ -33,7 +35,10 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 def run(args: argparse.Namespace) -> int:
     from qkvlab.errors import QkvlabError
     from qkvlab.train.config import find_config, load_config
+    from qkvlab.train.lock import watch_parent
     from qkvlab.train.trainer import train
+
+    watch_parent()  # a run started by a sweep ends with the sweep
 
     config, overrides = split_items(args.items)
     stray = [item for item in overrides if "=" not in item]

@@ -38,6 +38,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
+ALL = "all"  # train.eval_batches: evaluate on the whole held-out split
 
 
 def _positive(name: str, value: int | float | None, allow_none: bool = True, allow_zero: bool = False) -> None:
@@ -94,7 +95,7 @@ class TrainConfig:
     batch_size: int | None = None  # rows per optimizer step, summed over processes and micro-steps
     grad_accum: int = 1  # micro-steps per optimizer step (per process)
     eval_every: int | None = None  # 0: evaluate only at the end
-    eval_batches: int | None = None
+    eval_batches: int | str | None = None  # "all": the whole held-out split; null: the budget's
     eval_batch_size: int | None = None  # null: batch_size
     checkpoint_every: int | None = None  # null: eval_every; 0: only at the end
     keep_checkpoints: int = 2
@@ -107,8 +108,13 @@ class TrainConfig:
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_batches", "eval_batch_size", "threads"):
+        for name in ("steps", "batch_size", "eval_batch_size", "threads"):
             _positive(f"train.{name}", getattr(self, name))
+        if isinstance(self.eval_batches, str):
+            check(self.eval_batches == ALL, f"train.eval_batches must be a positive integer, {ALL!r} or null, "
+                  f"got {self.eval_batches!r}")
+        else:
+            _positive("train.eval_batches", self.eval_batches)
         for name in ("grad_accum", "keep_checkpoints", "log_every"):
             _positive(f"train.{name}", getattr(self, name), allow_none=False)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
@@ -152,6 +158,10 @@ class RunConfig:
         object.__setattr__(self, "variant", parse_variant(self.variant).name)
         check(self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}")
         _check_model_keys(self.model)
+        if "variant" in self.model:
+            check(parse_variant(self.model["variant"]).name == self.variant,
+                  f"model.variant {self.model['variant']!r} disagrees with variant {self.variant!r}; set only variant")
+            object.__setattr__(self, "model", {k: v for k, v in self.model.items() if k != "variant"})
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -290,18 +300,42 @@ def _model_overrides(data: Any) -> dict:
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    """A validated `RunConfig` from a plain mapping (as YAML loads it)."""
+    """A validated `RunConfig` from a plain mapping (as YAML loads it).
+
+    `model.variant` is another name for `variant`: given alone it sets the variant; given with a
+    different `variant` it is an error.
+    """
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and "variant" in model:
+        data = {**data, "model": {k: v for k, v in model.items() if k != "variant"}}
+        if "variant" in data and data["variant"] is not None:
+            check(_variant_name(model["variant"], "model.variant") == _variant_name(data["variant"], "variant"),
+                  f"model.variant {model['variant']!r} disagrees with variant {data['variant']!r}; set only variant")
+        data["variant"] = model["variant"]
     return _build(RunConfig, data, "")
 
 
+def _variant_name(value: Any, key: str) -> str:
+    check(isinstance(value, str), f"config key {key!r} must be a variant name, got {value!r}")
+    return parse_variant(value).name
+
+
+# Keys that name the same field: an override of one conflicts with an override of the other.
+_ALIASES = {"model.variant": "variant"}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split "optim.lr=3e-4" into (["optim", "lr"], value), the value parsed as YAML."""
+    """Split "optim.lr=3e-4" into (["optim", "lr"], value), the value parsed as YAML.
+
+    An empty value is an error (write `KEY=null` for the default).
+    """
     key, sep, raw = text.partition("=")
     key = key.strip()
     check(sep == "=" and key != "" and all(key.split(".")),
           f"override {text!r} is not KEY=VALUE with a dotted key (e.g. optim.lr=3e-4)")
+    check(raw.strip() != "", f"override {text!r} has no value for {key!r}; write {key}=null for the default")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
     if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
@@ -312,8 +346,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """A copy of the config mapping `data` with dotted KEY=VALUE overrides applied."""
     data = _deep_copy(data)
+    seen: dict[str, str] = {}
     for text in overrides:
         path, value = parse_override(text)
+        _check_not_set_twice(".".join(path), text, seen)
         node = data
         for part in path[:-1]:
             child = node.get(part)
@@ -326,6 +362,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _check_not_set_twice(key: str, text: str, seen: dict[str, str]) -> None:
+    """Refuse a second override of one field (directly, through an alias or through its section)."""
+    key = _ALIASES.get(key, key)
+    for other, earlier in seen.items():
+        if key == other or key.startswith(other + ".") or other.startswith(key + "."):
+            raise QkvlabError(f"override {text!r} sets {key!r} again (already set by {earlier!r}); give it once")
+    seen[key] = text
+
+
 def _deep_copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _deep_copy(v) for k, v in value.items()}
@@ -333,10 +378,17 @@ def _deep_copy(value: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file (or in a run directory's config.yaml)."""
     path = Path(path)
+    if path.is_dir():
+        check((path / "config.yaml").is_file(),
+              f"{str(path)!r} is a directory but not a run directory (it has no config.yaml)")
+        path = path / "config.yaml"
     check(path.is_file(), f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise QkvlabError(f"config file {str(path)!r} cannot be read: {getattr(err, 'strerror', None) or err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -347,8 +399,15 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a run config from YAML (or start empty) and apply dotted overrides."""
+    """Read a run config from YAML (or start empty) and apply dotted overrides.
+
+    `path` may be a run directory: its stored config, writing to that directory (continue or
+    extend the run) unless an override sets another `train.out_dir`.
+    """
     data = read_yaml(path) if path is not None else {}
+    if path is not None and Path(path).is_dir():
+        train = data.get("train")
+        data["train"] = {**(train if isinstance(train, dict) else {}), "out_dir": str(path)}
     return config_from_dict(apply_overrides(data, list(overrides)))
 
 
@@ -377,8 +436,12 @@ def differences(a: RunConfig, b: RunConfig, ignore: frozenset[str] = RUNTIME_KEY
 
 # --- resolution against a task -------------------------------------------------------
 
-def resolve(cfg: RunConfig, task) -> RunConfig:
-    """Fill every `null` budget field from `task.budget(cfg.preset)` and the default output dir."""
+def resolve(cfg: RunConfig, task, note=None) -> RunConfig:
+    """Fill every `null` budget field from `task.budget(cfg.preset)` and the default output dir.
+
+    A warmup longer than the run is clamped to the run's steps, told through `note(message)`.
+    `train.eval_batches` may stay null (or "all"): the whole held-out split.
+    """
     from qkvlab.train.runs import run_dir_for
 
     needed = (cfg.train.steps, cfg.train.batch_size, cfg.optim.lr, cfg.schedule.warmup_steps,
@@ -398,8 +461,11 @@ def resolve(cfg: RunConfig, task) -> RunConfig:
         out_dir=train.out_dir or str(run_dir_for("runs", task.name or cfg.task, cfg.variant, cfg.seed)))
     optim = dataclasses.replace(cfg.optim, lr=pick(cfg.optim.lr, "lr"))
     schedule = dataclasses.replace(cfg.schedule, warmup_steps=pick(cfg.schedule.warmup_steps, "warmup_steps"))
-    check(schedule.warmup_steps <= steps,
-          f"schedule.warmup_steps={schedule.warmup_steps} exceeds train.steps={steps}")
+    if schedule.warmup_steps > steps:
+        if note is not None:
+            note(f"note: schedule.warmup_steps={schedule.warmup_steps} exceeds train.steps={steps}; "
+                 f"warming up over all {steps} steps")
+        schedule = dataclasses.replace(schedule, warmup_steps=steps)
     return cfg.replace(train=train, optim=optim, schedule=schedule)
 
 
@@ -410,6 +476,9 @@ def model_config(cfg: RunConfig, task) -> ModelConfig:
         base = saved_model_config(cfg.init_from)
         check(base.variant == cfg.variant, f"init_from {cfg.init_from!r} holds a {base.variant} model but the run's "
               f"variant is {cfg.variant}; set variant={base.variant}")
+        wanted = task.model_config(cfg.variant, cfg.preset).kind if task is not None else base.kind
+        check(base.kind == wanted, f"init_from {cfg.init_from!r} holds a {base.kind} model but task "
+              f"{getattr(task, 'name', cfg.task)!r} trains {wanted} models")
     elif cfg.model_preset is not None:
         base = model_preset_config(cfg.model_preset, variant=cfg.variant)
     else:
@@ -447,9 +516,9 @@ def packaged_configs() -> dict[str, Path]:
 
 
 def find_config(name: str) -> Path:
-    """A config file path, or the name of a packaged config ("lm-300m")."""
+    """A config file path, a run directory, or the name of a packaged config ("lm-300m")."""
     path = Path(name)
-    if path.is_file():
+    if path.is_file() or path.is_dir():
         return path
     shipped = packaged_configs()
     if name in shipped:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 from qkvlab.atomic import atomic_write_text
+from qkvlab.train.runs import storing
+
+_KEPT = "the metrics file ends with its last complete record and the run resumes from its last checkpoint"
 
 
 def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
@@ -16,7 +21,7 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -36,7 +41,9 @@ class MetricsLogger:
     """Appends ``{"split", "step", "time", ...values}`` records to ``metrics.jsonl``.
 
     Only the main process writes (`enabled`). On resume, `truncate_after(step)` drops the records
-    of steps the checkpoint does not contain, so the file reads as one uninterrupted run.
+    of steps the checkpoint does not contain, so the file reads as one uninterrupted run. Each
+    record is one `write` of a whole line; a write that fails (a full disk) is cut back off the
+    file, so the file never ends in a torn line, and becomes a one-line `QkvlabError`.
     """
 
     def __init__(self, path: str | Path, enabled: bool = True, tensorboard: bool = True):
@@ -60,25 +67,36 @@ class MetricsLogger:
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        with storing(f"metrics {str(self.path)!r}", _KEPT):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, split: str, step: int, **values: float) -> None:
         if not self.enabled:
             return
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")
         record = {"split": split, "step": step, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._append((json.dumps(record) + "\n").encode("utf-8"))
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{split}/{key}", value, step)
 
+    def _append(self, line: bytes) -> None:
+        with storing(f"metrics {str(self.path)!r}", _KEPT):
+            if self._file is None:
+                self._file = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            end = os.lseek(self._file, 0, os.SEEK_END)
+            try:
+                written = os.write(self._file, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+            except OSError:
+                os.ftruncate(self._file, end)  # no torn line for the next record to glue onto
+                raise
+
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            os.close(self._file)
             self._file = None
         if self._tb is not None:
             self._tb.close()

@@ -80,3 +80,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
     """A LambdaLR stepping once per optimizer step; its state dict round-trips through checkpoints."""
     factor = WarmupCosine(total=total_steps, warmup=cfg.warmup_steps or 0, min_ratio=cfg.min_lr_ratio, kind=cfg.kind)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_scheduler_state(scheduler, state: dict) -> None:
+    """Restore the step count of a checkpointed scheduler, keeping this run's schedule.
+
+    LambdaLR's state also holds the schedule's own fields (its total steps); those are reset to
+    the current ones, so a run extended to more steps follows the schedule recomputed for the new
+    total from the resumed step on. On a plain resume the learning rates are unchanged, bit for bit.
+    """
+    current = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
+    scheduler.load_state_dict(state)
+    for fn, fields in zip(scheduler.lr_lambdas, current):
+        vars(fn).update(fields)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -6,9 +6,11 @@ Layout: ``ROOT/<task>/<variant-slug>/seed<k>/`` holding ``config.yaml`` (the res
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from qkvlab.errors import QkvlabError
@@ -32,15 +34,41 @@ def run_dir_for(root: str | Path, task: str, variant: str, seed: int) -> Path:
     return Path(root) / re.sub(r"[^A-Za-z0-9_.\-]", "_", task) / variant_slug(variant) / f"seed{seed}"
 
 
-def read_summary(run_dir: str | Path) -> dict | None:
-    """The run's summary, or None when it has none (never started, or interrupted)."""
+def _load_summary(run_dir: str | Path) -> tuple[dict | None, str | None]:
+    """(summary, None), (None, why it is unusable), or (None, None) when there is none."""
     path = Path(run_dir) / SUMMARY
     if not path.is_file():
-        return None
+        return None, None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, "is not valid JSON"
+    if not isinstance(data, dict):
+        return None, f"holds a {type(data).__name__}, not a mapping"
+    if not isinstance(data.get("status"), str):
+        return None, "has no status"
+    if not isinstance(data.get("final", {}), dict):
+        return None, "has a malformed 'final' entry"
+    return data, None
+
+
+def summary_problem(run_dir: str | Path) -> str | None:
+    """Why the run's summary.json is unusable ("is not valid JSON", ...), or None (valid or absent)."""
+    return _load_summary(run_dir)[1]
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    """The run's summary, or None when it has none (never started, interrupted) or it is unusable."""
+    return _load_summary(run_dir)[0]
+
+
+@contextlib.contextmanager
+def storing(what: str, kept: str) -> Iterator[None]:
+    """Turn an OSError (a full disk, ...) while writing `what` into a one-line error saying what is kept."""
+    try:
+        yield
+    except OSError as err:
+        raise QkvlabError(f"could not write {what}: {err.strerror or err}; nothing was lost: {kept}") from None
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:

@@ -1,8 +1,9 @@
 """Sweeps: every (task, variant, seed) as its own `qkvlab train` process, several at once.
 
-Finished runs (a summary with status done or diverged) are skipped unless their config no longer
-matches the request; interrupted runs resume from their last checkpoint, because `qkvlab train`
-always does. Each run writes its output to ``<run_dir>/train.log``.
+Finished runs (a summary with status done or diverged) are skipped when their stored, resolved
+config equals the request resolved the way `qkvlab train` resolves it; interrupted runs resume
+from their last checkpoint, because `qkvlab train` always does. Each run writes its output to
+``<run_dir>/train.log``; runs end when the sweep process dies (even by `kill -9`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from qkvlab.errors import QkvlabError, check
-from qkvlab.train.config import apply_overrides, config_from_dict, differences, load_config, read_yaml
-from qkvlab.train.runs import CONFIG, FINISHED, SUMMARY, read_summary, run_dir_for, run_status
+from qkvlab.train.config import RunConfig, differences, load_config, parse_override, resolve
+from qkvlab.train.lock import PARENT_ENV, child_preexec
+from qkvlab.train.runs import (CONFIG, FINISHED, SUMMARY, load_task, read_summary, run_dir_for, run_status,
+                               summary_problem)
 
 LOG = "train.log"
+# Keys a sweep sets for every run itself (and the option that sets them instead).
+SWEEP_KEYS = {"task": "--tasks", "variant": "--variants", "model.variant": "--variants", "seed": "--seeds",
+              "preset": "--preset", "train.out_dir": "--out", "train.threads": "--threads",
+              "train.progress": None}
 
 
 def available_cores() -> int:
@@ -49,30 +56,41 @@ class SweepRun:
         return base + [f"task={self.task}", f"variant={self.variant}", f"seed={self.seed}", f"preset={self.preset}",
                        f"train.out_dir={self.run_dir}", "train.progress=false", *self.overrides]
 
+    def requested_config(self) -> RunConfig:
+        """The resolved config `qkvlab train` builds from `train_args` (a `QkvlabError` when it is invalid)."""
+        cfg = load_config(self.config, self.train_args())
+        return resolve(cfg, _task(cfg.task, cfg.data_dir))
+
     def is_current(self) -> bool:
-        """Whether the finished run in `run_dir` was trained with what this sweep asks for."""
+        """Whether the run in `run_dir` was trained with exactly the config this sweep asks for
+        (its full resolved config, keys that do not change results aside)."""
         stored_path = self.run_dir / CONFIG
         if not stored_path.is_file():
             return False
         try:
-            stored = load_config(stored_path)
-            requested = _merge(stored.to_dict(), read_yaml(self.config) if self.config else {})
-            requested = apply_overrides(requested, [f"task={self.task}", f"variant={self.variant}",
-                                                    f"seed={self.seed}", f"preset={self.preset}", *self.overrides])
-            return not differences(stored, config_from_dict(requested))
+            return not differences(load_config(stored_path), self.requested_config())
         except QkvlabError:
             return False
 
 
-def _merge(base: dict, update: dict) -> dict:
-    """`base` with `update` merged in, section by section."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "model":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+_TASKS: dict[tuple[str, str | None], object] = {}
+
+
+def _task(name: str, data_dir: str | None):
+    """A task instance for resolving budgets (one per name and data directory)."""
+    if (name, data_dir) not in _TASKS:
+        _TASKS[name, data_dir] = load_task(name, data_dir)
+    return _TASKS[name, data_dir]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse overrides of the keys a sweep sets itself, naming the option to use instead."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key in SWEEP_KEYS:
+            option = SWEEP_KEYS[key]
+            instead = f"; use {option}" if option else ""
+            raise QkvlabError(f"override {text!r}: a sweep sets {key} for each run itself{instead}")
 
 
 @dataclass
@@ -89,6 +107,7 @@ def plan(root: str | Path, tasks: list[str], seeds: list[int], variants: list[st
     """The runs of tasks x variants x seeds (variants default to each task's `variants_for`)."""
     check(len(tasks) > 0, "a sweep needs at least one task")
     check(len(seeds) > 0, "a sweep needs at least one seed")
+    check_overrides(list(overrides))
     runs = []
     for task in tasks:
         names = variants if variants else _task_variants(task)
@@ -147,7 +166,8 @@ def _describe(result: SweepResult) -> str:
     head = f"{result.status:<8} {run.task} {run.variant} seed {run.seed}"
     if result.status in ("done", "skipped") and result.summary:
         metric = result.summary.get("metric", "")
-        value = result.summary.get("final", {}).get(metric)
+        final = result.summary.get("final")
+        value = final.get(metric) if isinstance(final, dict) else None
         shown = f"  {metric} {value:.4g}" if isinstance(value, (int, float)) else ""
         return f"{head}{shown}  ({result.seconds:.1f}s)" if result.status == "done" else f"{head}{shown}"
     return f"{head}: {result.message}"
@@ -208,13 +228,20 @@ def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, p
     """
     command = command or [sys.executable, "-m", "qkvlab", "train"]
     check(jobs >= 1, f"--jobs must be at least 1, got {jobs}")
+    check(threads is None or threads >= 1, f"--threads must be at least 1, got {threads}")
+    for run in runs:  # every run's config is valid before any starts
+        run.requested_config()
     threads = threads or max(1, available_cores() // jobs)
     base_env = dict(os.environ if env is None else env)
     base_env["OMP_NUM_THREADS"] = str(threads)
+    base_env[PARENT_ENV] = "1"  # runs end when this process dies
     gpus = visible_gpus() if jobs > 1 else []
     results: list[SweepResult] = []
     pending: list[SweepRun] = []
     for run in runs:
+        problem = summary_problem(run.run_dir)
+        if problem is not None:
+            print(f"note: {run.run_dir / SUMMARY} {problem}; treating the run as not finished", file=sys.stderr)
         if run_status(run.run_dir) in FINISHED and run.is_current():
             results.append(SweepResult(run, "skipped", summary=read_summary(run.run_dir) or {}))
         else:
@@ -222,6 +249,7 @@ def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, p
     bar = tqdm(total=len(runs), initial=len(results), unit="run", desc="sweep", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     running: list[_Launched] = []
+    preexec = child_preexec() if os.name == "posix" else None
 
     def launch(run: SweepRun, slot: int) -> _Launched:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +260,7 @@ def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, p
             child_env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, preexec_fn=preexec)
         return _Launched(run, proc, time.time(), log, slot)
 
     try:

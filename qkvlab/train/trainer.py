@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.train import checkpoint as ckpt
-from qkvlab.train.config import RunConfig, differences, load_config, model_config, resolve, save_config
+from qkvlab.train.config import ALL, RunConfig, differences, load_config, model_config, resolve, save_config
 from qkvlab.train.distributed import (DistEnv, all_reduce_mean, barrier, broadcast_object, full_state_dicts,
                                       gradient_sync, init_distributed, load_full_state_dicts, micro_batches,
                                       optimizer_format, shard_batch, shutdown, unwrap, wrap_model)
+from qkvlab.train.lock import DirLock
 from qkvlab.train.metrics import MetricsLogger
-from qkvlab.train.optim import build_optimizer, build_scheduler
-from qkvlab.train.runs import CONFIG, FINISHED, METRICS, SUMMARY, load_task, read_summary, write_summary
+from qkvlab.train.optim import build_optimizer, build_scheduler, load_scheduler_state
+from qkvlab.train.runs import CONFIG, FINISHED, METRICS, SUMMARY, load_task, read_summary, storing, write_summary
 
 try:
     VERSION = metadata.version("qkvlab")
@@ -94,7 +95,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.task = task if task is not None else load_task(cfg.task, cfg.data_dir)
-        self.cfg = resolve(cfg, self.task)
+        self.cfg = resolve(cfg, self.task, note=self._say)
         self.model_cfg = model_config(self.cfg, self.task)
         t = self.cfg.train
         world = self.env.world_size
@@ -106,6 +107,38 @@ class Trainer:
         self.amp_dtype = _autocast_dtype(t.dtype, self.env.device)
 
     # --- run directory -------------------------------------------------------------
+    def _lock(self) -> DirLock | None:
+        """Own the run directory (rank 0 locks; every rank raises the same error when it is taken)."""
+        lock, error = None, None
+        if self.env.is_main:
+            try:
+                lock = DirLock(self.run_dir).acquire()
+            except QkvlabError as err:
+                error = str(err)
+        error = broadcast_object(error, self.env)
+        if error is not None:
+            raise QkvlabError(error)
+        return lock
+
+    def _extension(self, stored: RunConfig, diffs: list[str]) -> bool:
+        """Whether the stored run may continue under this config: only `train.steps` differs, and not below
+        its newest checkpoint. Anything else is refused with a one-line error."""
+        if any(not d.startswith("train.steps:") for d in diffs):
+            more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+            raise QkvlabError(f"{str(self.run_dir)!r} holds a run with another config ({diffs[0]}{more}); "
+                              "resume it unchanged, set another train.out_dir, or restart it (--restart)")
+        latest = ckpt.list_checkpoints(self.run_dir)
+        reached = latest[-1][0] if latest else 0
+        summary = read_summary(self.run_dir) or {}
+        check(summary.get("status") != "diverged",
+              f"{str(self.run_dir)!r} holds a run that diverged; it cannot be extended (restart it with --restart)")
+        check(self.cfg.train.steps >= reached,
+              f"train.steps={self.cfg.train.steps} is below step {reached} that {str(self.run_dir)!r} has reached; "
+              "a run cannot be shortened (set another train.out_dir, or --restart)")
+        self._say(f"continuing {self.run_dir} from step {reached} with train.steps {stored.train.steps} -> "
+                  f"{self.cfg.train.steps} (the learning-rate schedule is recomputed for the new total)")
+        return True
+
     def _prepare_run_dir(self) -> dict | None:
         """Check the directory against the config; the finished run's summary if there is nothing to do."""
         config_path = self.run_dir / CONFIG
@@ -117,38 +150,45 @@ class Trainer:
                     (self.run_dir / name).unlink(missing_ok=True)
             barrier(self.env)
         elif config_path.is_file():
-            diffs = differences(load_config(config_path), self.cfg)
-            if diffs:
-                more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
-                raise QkvlabError(f"{str(self.run_dir)!r} holds a run with another config ({diffs[0]}{more}); "
-                                  "resume it unchanged, set another train.out_dir, or restart it (--restart)")
-            summary = read_summary(self.run_dir)
-            if summary is not None and summary.get("status") in FINISHED:
-                return summary
+            stored = load_config(config_path)
+            diffs = differences(stored, self.cfg)
+            if not (diffs and self._extension(stored, diffs)):
+                summary = read_summary(self.run_dir)
+                if summary is not None and summary.get("status") in FINISHED:
+                    return summary
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / SUMMARY).unlink(missing_ok=True)
-            save_config(self.cfg, config_path)
+            with storing(f"the run config {str(config_path)!r}", "the run directory is unchanged"):
+                (self.run_dir / SUMMARY).unlink(missing_ok=True)
+                save_config(self.cfg, config_path)
         barrier(self.env)
         return None
 
     # --- the run -------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train to `train.steps` (or return the summary of a run that already finished)."""
-        finished = self._prepare_run_dir()
-        if finished is not None:
-            return finished
-        self._session_start = time.perf_counter()
-        self._session_cpu = time.process_time()
-        self._build()
-        self.logger = MetricsLogger(self.run_dir / METRICS, enabled=self.env.is_main,
-                                    tensorboard=self.cfg.train.tensorboard)
+        """Train to `train.steps` (or return the summary of a run that already finished).
+
+        The run directory is locked for the whole call: a second process on it gets an error.
+        """
+        lock = self._lock()
         try:
-            self._resume()
-            self._loop()
-            return self._finish()
+            finished = self._prepare_run_dir()
+            if finished is not None:
+                return finished
+            self._session_start = time.perf_counter()
+            self._session_cpu = time.process_time()
+            self._build()
+            self.logger = MetricsLogger(self.run_dir / METRICS, enabled=self.env.is_main,
+                                        tensorboard=self.cfg.train.tensorboard)
+            try:
+                self._resume()
+                self._loop()
+                return self._finish()
+            finally:
+                self.logger.close()
         finally:
-            self.logger.close()
+            if lock is not None:
+                lock.release()
 
     def _build(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -182,7 +222,7 @@ class Trainer:
               f"resume with distributed.strategy={'fsdp' if saved == 'fsdp' else 'ddp'} "
               f"(or single-process for ddp checkpoints)")
         load_full_state_dicts(self.model, self.optimizer, weights, state["optimizer"], self.env)
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(self.scheduler, state["scheduler"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.prior_elapsed = float(state.get("elapsed_s", 0.0))
@@ -278,7 +318,8 @@ class Trainer:
             bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
             model.eval()
             with torch.no_grad(), self._autocast():
-                metrics = self.task.evaluate(model, bs, self.cfg.train.eval_batches)
+                batches = self.cfg.train.eval_batches
+                metrics = self.task.evaluate(model, bs, None if batches == ALL else batches)
             model.train()
             metrics = {k: float(v) for k, v in metrics.items()}
         metrics = broadcast_object(metrics, env)
@@ -304,7 +345,11 @@ class Trainer:
                      "optimizer_format": optimizer_format(self.env)}
             meta = {"qkvlab.model_config": json.dumps(self.model_cfg.to_dict()), "qkvlab.step": str(self.step),
                     "qkvlab.version": VERSION}
-            ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir, self.step), model_state, state, meta)
+            path, previous = ckpt.checkpoint_path(self.run_dir, self.step), ckpt.latest_checkpoint(self.run_dir)
+            kept = (f"the previous checkpoint {str(previous)!r} is intact; free some space and rerun to resume from it"
+                    if previous is not None else "no checkpoint was written yet; free some space and rerun")
+            with storing(f"checkpoint {str(path)!r}", kept):
+                ckpt.save_checkpoint(path, model_state, state, meta)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         barrier(self.env)
 
@@ -335,7 +380,8 @@ class Trainer:
                    "schedule.warmup_steps")
         self.logger.log("train", step, loss=loss, grad_norm=grad_norm, lr=lr)
         if self.env.is_main:
-            write_summary(self.run_dir, {**self._summary("diverged"), "error": message})
+            with storing(f"the summary of {str(self.run_dir)!r}", f"the run diverged ({message})"):
+                write_summary(self.run_dir, {**self._summary("diverged"), "error": message})
         raise TrainingDiverged(message)
 
     def _finish(self) -> dict:
@@ -345,7 +391,9 @@ class Trainer:
             self._checkpoint()
         summary = self._summary("done")
         if self.env.is_main:
-            write_summary(self.run_dir, summary)
+            with storing(f"the summary of {str(self.run_dir)!r}",
+                         "the final checkpoint is saved; free some space and rerun to write the summary"):
+                write_summary(self.run_dir, summary)
         barrier(self.env)
         return summary
 

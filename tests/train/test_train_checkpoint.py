@@ -74,7 +74,7 @@ def test_failed_write_leaves_nothing_and_prune_keeps_the_newest(tmp_path, monkey
         _save(ckpt.checkpoint_path(tmp_path, step), model, step)
     _save(ckpt.checkpoint_path(tmp_path, 3), model, 3)  # rewriting a step replaces it whole
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    with pytest.raises(QkvlabError, match="could not write .*step_4: disk full"):
         _save(ckpt.checkpoint_path(tmp_path, 4), model, 4)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2", "step_3"]
