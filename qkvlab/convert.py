@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.config import ModelConfig
@@ -20,6 +21,7 @@ from qkvlab.nn.attention import Attention
 from qkvlab.variants import parse_variant
 
 MERGES = ("mean", "k", "v")
+GPT2_SIZES = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
 
 
 def _regroup_heads(t: torch.Tensor | None, heads: int, target: int, head_dim: int) -> torch.Tensor | None:
@@ -81,10 +83,9 @@ def convert_variant(model: GPT, variant: str, merge: str = "mean") -> GPT:
     new = type(model)(config)
     target = new.state_dict()
     source = model.state_dict()
-    for name in target:
-        if ".attn.qkv." in name or ".attn.pair_bias." in name:
-            continue
-        target[name] = source[name]
+    for name in target:  # every tensor both variants have (the "+" pair bias too) is carried over
+        if ".attn.qkv." not in name and name in source and source[name].shape == target[name].shape:
+            target[name] = source[name]
     for block_new, block_old in zip(new.backbone.blocks, model.backbone.blocks):
         weight, bias = converted_projections(block_old.attn, config, merge)
         prefix = f"backbone.blocks.{block_new.attn.layer_idx}.attn.qkv."
@@ -106,13 +107,22 @@ def _gpt2_key(state: dict, name: str) -> torch.Tensor:
 def gpt2_from_state_dict(state: dict[str, torch.Tensor], hf_config: dict, variant: str = "QKV",
                          merge: str = "mean") -> GPT:
     """Our decoder from a Hugging Face GPT-2 state dict and its config.json (then converted to `variant`)."""
+    check(isinstance(hf_config, dict), f"a GPT-2 config.json must hold a JSON object, not {type(hf_config).__name__}")
     act = hf_config.get("activation_function", "gelu_new")
     check(act in ("gelu_new", "gelu_pytorch_tanh"), f"GPT-2 activation {act!r} is not supported; accepted: gelu_new")
-    n_inner = hf_config.get("n_inner") or 4 * hf_config["n_embd"]
-    config = ModelConfig(kind="decoder", variant="QKV", n_layers=hf_config["n_layer"], d_model=hf_config["n_embd"],
-                         n_heads=hf_config["n_head"], d_mlp=n_inner, max_seq_len=hf_config["n_positions"],
-                         vocab_size=hf_config["vocab_size"], positions="learned", norm="layernorm", mlp="gelu",
-                         bias=True, tie_embeddings=True, norm_eps=hf_config.get("layer_norm_epsilon", 1e-5))
+    sizes = {key: hf_config.get(key) for key in GPT2_SIZES}
+    for key, value in sizes.items():
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+              f"GPT-2 config field {key!r} must be a positive integer, got {value!r}")
+    n_inner = hf_config.get("n_inner") or 4 * sizes["n_embd"]
+    eps = hf_config.get("layer_norm_epsilon", 1e-5)
+    check(isinstance(n_inner, int) and n_inner >= 1, f"GPT-2 config field 'n_inner' must be a positive integer, "
+                                                      f"got {n_inner!r}")
+    check(isinstance(eps, (int, float)) and eps > 0, f"GPT-2 config field 'layer_norm_epsilon' must be > 0, got {eps!r}")
+    config = ModelConfig(kind="decoder", variant="QKV", n_layers=sizes["n_layer"], d_model=sizes["n_embd"],
+                         n_heads=sizes["n_head"], d_mlp=n_inner, max_seq_len=sizes["n_positions"],
+                         vocab_size=sizes["vocab_size"], positions="learned", norm="layernorm", mlp="gelu",
+                         bias=True, tie_embeddings=True, norm_eps=float(eps))
     model = GPT(config)
     ours = {"tok_emb.weight": _gpt2_key(state, "wte.weight"),
             "backbone.pos_emb.weight": _gpt2_key(state, "wpe.weight"),
@@ -127,6 +137,11 @@ def gpt2_from_state_dict(state: dict[str, torch.Tensor], hf_config: dict, varian
             ours[f"backbone.blocks.{i}.{mine}.weight"] = weight.t() if is_conv1d else weight  # Conv1D is (in, out)
             ours[f"backbone.blocks.{i}.{mine}.bias"] = _gpt2_key(state, f"h.{i}.{theirs}.bias")
     ours["lm_head.weight"] = ours["tok_emb.weight"]
+    expected = model.state_dict()
+    for name, tensor in ours.items():
+        if tensor.shape != expected[name].shape:
+            raise QkvlabError(f"GPT-2 tensor for {name!r} has shape {tuple(tensor.shape)}, but config.json implies "
+                              f"{tuple(expected[name].shape)}")
     model.load_state_dict({k: v.float() for k, v in ours.items()})
     return model if parse_variant(variant).name == "QKV" else convert_variant(model, variant, merge)
 
@@ -140,4 +155,15 @@ def load_gpt2(path: str | Path, variant: str = "QKV", merge: str = "mean") -> GP
     if not (weights.is_file() and config_file.is_file()):
         raise QkvlabError(f"{str(path)!r} is not a GPT-2 checkpoint directory: expected config.json and "
                           "model.safetensors (the Hugging Face layout)")
-    return gpt2_from_state_dict(load_file(str(weights)), json.loads(config_file.read_text()), variant, merge)
+    try:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise QkvlabError(f"{config_file} is not valid JSON: {err}") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise QkvlabError(f"cannot read {weights}: {err}") from None
+    try:
+        return gpt2_from_state_dict(state, hf_config, variant, merge)
+    except QkvlabError as err:
+        raise QkvlabError(f"{path}: {err}") from None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,15 +24,60 @@ class SamplingConfig:
     stop_tokens: tuple[int, ...] = ()
     prefill_chunk: int | None = None  # prompt tokens per forward pass; None = whole prompt at once
     seed: int | None = None
+    vocab_limit: int | None = None  # sample only ids below this (a tokenizer smaller than the padded vocabulary)
 
     def __post_init__(self) -> None:
-        check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        check(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or unset, got {self.top_k}")
-        check(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.prefill_chunk is None or self.prefill_chunk >= 1,
-              f"prefill_chunk must be >= 1 or unset, got {self.prefill_chunk}")
-        object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
+              f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf,
+              f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+              f"top_k must be an integer >= 1 or unset, got {self.top_k!r}")
+        check(self.top_p is None or (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1),
+              f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(self.prefill_chunk is None or (_is_int(self.prefill_chunk) and self.prefill_chunk >= 1),
+              f"prefill_chunk must be an integer >= 1 or unset, got {self.prefill_chunk!r}")
+        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2 ** 63),
+              f"seed must be an integer in [0, 2^63) or unset, got {self.seed!r}")
+        check(self.vocab_limit is None or (_is_int(self.vocab_limit) and self.vocab_limit >= 1),
+              f"vocab_limit must be an integer >= 1 or unset, got {self.vocab_limit!r}")
+        check(not isinstance(self.stop_tokens, (str, bytes)), f"stop_tokens must be token ids, got {self.stop_tokens!r}")
+        stops = tuple(self.stop_tokens) if isinstance(self.stop_tokens, Iterable) else (self.stop_tokens,)
+        for t in stops:
+            check(_is_int(t) and t >= 0, f"stop token {t!r} is not a token id (an integer >= 0)")
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stops))
+
+
+def _is_int(value) -> bool:
+    """An integer (Python, NumPy or 0-d integer tensor), not a bool or a float."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_token_ids(prompts, vocab: int) -> list[list[int]]:
+    """`prompts` as lists of ints in [0, vocab): a one-line error naming the first bad value otherwise."""
+    if isinstance(prompts, torch.Tensor):
+        check(prompts.dim() == 2, f"prompts as a tensor must be 2-D (batch, length), got shape {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    check(isinstance(prompts, (list, tuple)) and len(prompts) > 0,
+          f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}")
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            check(p.dim() == 1, f"prompt {i} must be 1-D, got shape {tuple(p.shape)}")
+            p = p.tolist()
+        check(isinstance(p, (list, tuple)), f"prompt {i} must be a list of token ids, got {p!r}"[:200])
+        check(len(p) > 0, f"prompt {i} is empty; generate needs at least one token per prompt")
+        for t in p:
+            check(_is_int(t), f"prompt {i} holds {t!r}, which is not an integer token id")
+            check(0 <= t < vocab, f"prompt {i} holds token id {int(t)}, outside the vocabulary 0..{vocab - 1}")
+        rows.append([int(t) for t in p])
+    return rows
 
 
 def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -58,16 +106,17 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.
     """
-    check(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "generate needs at least one non-empty prompt")
+    vocab = model.config.vocab_size
+    prompts = check_token_ids(prompts, vocab)
+    for t in config.stop_tokens:
+        check(t < vocab, f"stop token {t} is outside the vocabulary 0..{vocab - 1}")
+    allowed = min(config.vocab_limit or vocab, vocab)
     limit = model.config.max_seq_len
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
     if longest + config.max_new_tokens > limit:
         raise QkvlabError(f"prompt of {longest} tokens + {config.max_new_tokens} new tokens exceeds the "
                           f"model's max_seq_len {limit}")
-    vocab = model.config.vocab_size
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise QkvlabError(f"prompt token ids must be in 0..{vocab - 1}")
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
@@ -93,6 +142,8 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[torch.Tensor] = []
     for step in range(config.max_new_tokens):
+        if allowed < vocab:  # ids the tokenizer cannot decode (vocabulary padding) are never sampled
+            logits[:, allowed:] = float("-inf")
         token = sample_next(logits, config, generator)  # (B,)
         out.append(torch.where(done, -1, token))
         done |= torch.isin(token, stops)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from qkvlab.data.cache import cache_root
 
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--tokenizer", default="gpt2",
                    help="gpt2, stdlib-bpe, bytes, or a Hugging Face tokenizer.json (default gpt2)")
-    p.add_argument("--out", required=True, help="output token directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output token directory (written atomically; must be new or empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (never an input)")
     p.add_argument("--val", nargs="*", default=[], metavar="FILE", help="files for the val split")
     p.add_argument("--val-every", type=int, default=100,
                    help="without --val: every N-th document goes to val (default 100)")
@@ -48,14 +50,19 @@ def run_list(args: argparse.Namespace) -> int:
 
     print(f"cache: {cache_root(args.data_dir)}")
     print(f"{'name':<17}{'present':<9}{'size':>10}  source")
+    broken = []
     for name in SOURCES:
         row = status(name, args.data_dir)
         size = f"{row['bytes'] / 1e6:.1f} MB" if row["bytes"] else "-"
         if not row["present"] and row["bytes"]:
             size = f"~{size}"
-        print(f"{name:<17}{'yes' if row['present'] else 'no':<9}{size:>10}  {row['source']}")
+        present = "DAMAGED" if "problem" in row else "yes" if row["present"] else "no"
+        print(f"{name:<17}{present:<9}{size:>10}  {row['source']}")
+        broken += [row["problem"]] if "problem" in row else []
     print("groups: " + "; ".join(f"{g} = {' '.join(m)}" for g, m in GROUPS.items()))
-    return 0
+    for problem in broken:
+        print(problem)
+    return 1 if broken else 0
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -73,8 +80,10 @@ def run_tokenize(args: argparse.Namespace) -> int:
     from qkvlab.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer, args.data_dir)
+    tokenizer_path = Path(args.tokenizer).expanduser()
     meta = tokenize_files(args.files, tok, args.out, val_every=args.val_every, val_files=args.val,
-                          shard_tokens=args.shard_tokens)
+                          shard_tokens=args.shard_tokens, force=args.force,
+                          sources=[tokenizer_path] if tokenizer_path.exists() else [])
     counts = ", ".join(f"{s} {sum(x['tokens'] for x in shards):,}" for s, shards in meta["splits"].items())
     print(f"{args.out}: {counts} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
     return 0

@@ -32,19 +32,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
+def resolve_device(name: str) -> torch.device:
+    """`name` as a torch device this machine has; a one-line error otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise QkvlabError(f"--device {name!r} is not a device; accepted: cpu, cuda, cuda:N, mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise QkvlabError(f"--device {name!r} is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise QkvlabError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    tok = load_tokenizer(args.tokenizer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop_tokens=tuple(args.stop), prefill_chunk=args.prefill_chunk,
-                              seed=args.seed)
-    model = load_model(args.model, args.device)
+                              seed=args.seed, vocab_limit=tok.vocab_size)
+    model = load_model(args.model, device)
     if not isinstance(model, GPT):
         raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; generate needs a decoder")
-    tok = load_tokenizer(args.tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}")

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qkvlab.atomic import atomic_dir, atomic_write_json, sha256_file
-from qkvlab.data.cache import READY, cache_root, dataset_dir, dir_size, is_ready, read_ready
+from qkvlab.data.cache import (READY, cache_root, damaged, dataset_dir, dir_size, file_manifest, is_ready, problems,
+                               read_ready)
 from qkvlab.data.sources import Source, get_source, resolve
 from qkvlab.errors import QkvlabError
 
@@ -135,13 +136,18 @@ def verify(source: Source, raw: Path) -> list[str]:
     return problems
 
 
-def fetch_one(name: str, root: str | os.PathLike | None = None, force: bool = False) -> FetchResult:
-    """Fetch one dataset (its dependencies must be present); skip it if present and verified."""
+def fetch_one(name: str, root: str | os.PathLike | None = None, force: bool = False,
+              log: Callable[[str], None] = print) -> FetchResult:
+    """Fetch one dataset (its dependencies must be present); skip it if present and verified
+    (every file's size and sha256 as READY.json records them, and the raw files' checksums)."""
     source = get_source(name)
     final = dataset_dir(name, root)
     start = time.perf_counter()
-    if not force and is_ready(name, root) and not (source.checksums and verify(source, final / "raw")):
-        return FetchResult(name, "present", dir_size(final), time.perf_counter() - start)
+    if not force and is_ready(name, root):
+        broken = problems(final, hashes=True) + (verify(source, final / "raw") if source.checksums else [])
+        if not broken:
+            return FetchResult(name, "present", dir_size(final), time.perf_counter() - start)
+        log(f"{name}: damaged ({broken[0]}); fetching it again")
     cache_root(root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".work-{name}-", dir=cache_root(root)) as tmp:
         work = Path(tmp)
@@ -151,15 +157,15 @@ def fetch_one(name: str, root: str | os.PathLike | None = None, force: bool = Fa
                 download = work / "download"
                 download.mkdir()
                 _extract(source, _download(source, download), raw, work)
-                problems = verify(source, raw)
-                if problems:
+                mismatches = verify(source, raw)
+                if mismatches:
                     raise QkvlabError(f"{name}: the files from {source.where} do not match the recorded "
-                                      f"checksums ({'; '.join(problems[:3])})")
+                                      f"checksums ({'; '.join(mismatches[:3])})")
             else:
                 raw.mkdir()
             info = source.convert(raw, out, cache_root(root)) if source.convert else {}
             atomic_write_json(out / READY, {"name": name, "source": source.where, "fetched": time.time(),
-                                            "checksums": source.checksums, **info})
+                                            "checksums": source.checksums, **info, "files": file_manifest(out)})
     return FetchResult(name, "fetched", dir_size(final), time.perf_counter() - start)
 
 
@@ -169,7 +175,7 @@ def fetch(names: list[str], root: str | os.PathLike | None = None, force: bool =
     results = []
     for name in resolve(names):
         try:
-            result = fetch_one(name, root, force=force)
+            result = fetch_one(name, root, force=force, log=log)
         except QkvlabError as err:
             raise QkvlabError(f"fetching {name}: {err}") from None
         log(f"{name}: {result.status} ({result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s) "
@@ -186,8 +192,12 @@ def status(name: str, root: str | os.PathLike | None = None) -> dict:
     if source.fetchable:
         path = dataset_dir(name, root)
         if is_ready(name, root):
-            row.update(present=True, bytes=dir_size(path), path=str(path))
-            row["fetched"] = read_ready(path).get("fetched")
+            broken = problems(path)
+            row.update(present=not broken, bytes=dir_size(path), path=str(path))
+            if broken:
+                row["problem"] = damaged(name, root, broken)
+            else:
+                row["fetched"] = read_ready(path).get("fetched")
         else:
             row["bytes"] = int(source.download_mb * 1e6)
         return row

@@ -11,17 +11,20 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qkvlab.atomic import atomic_dir
+from qkvlab.atomic import atomic_dir, check_output
 from qkvlab.data.tokenizer import TextTokenizer
 from qkvlab.data.tokens import TokenWriter
-from qkvlab.errors import QkvlabError
+from qkvlab.errors import QkvlabError, check
 
 BLOCK_CHARS = 1 << 22  # long plain-text files are encoded in blocks of ~4 M characters, cut at newlines
 BATCH_DOCS = 256
 BATCH_CHARS = 1 << 24  # encode at most ~16 M characters at a time
+MIN_SHARD_TOKENS, MAX_SHARD_TOKENS = 1024, 1 << 40  # a shard of fewer tokens is a typo, not a choice
+MAX_VAL_EVERY = 1 << 40
 
 
 def _open(path: Path):
@@ -29,7 +32,17 @@ def _open(path: Path):
 
 
 def documents(path: Path) -> Iterator[list[str]]:
-    """Each document of `path` as a list of text blocks."""
+    """Each document of `path` as a list of text blocks; a one-line error naming `path` if unreadable."""
+    try:
+        yield from _documents(path)
+    except UnicodeDecodeError as err:
+        raise QkvlabError(f"{path} is not UTF-8 text (byte {err.start} of the decoded stream: "
+                          f"{err.object[err.start:err.start + 1]!r}); convert it to UTF-8 first") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise QkvlabError(f"{path} is not a readable gzip file: {err or 'truncated'}") from None
+
+
+def _documents(path: Path) -> Iterator[list[str]]:
     stem = path.name[:-3] if path.suffix == ".gz" else path.name
     with _open(path) as f:
         if stem.endswith(".jsonl"):
@@ -52,18 +65,34 @@ def documents(path: Path) -> Iterator[list[str]]:
         yield blocks
 
 
-def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: TextTokenizer, out: str | os.PathLike,
-                   val_every: int = 100, val_files: Sequence[str | os.PathLike] = (),
-                   shard_tokens: int = 1 << 27) -> dict:
-    """Tokenize `files` (+ `val_files`) into the token directory `out` (written atomically)."""
-    paths = [Path(f).expanduser() for f in files]
-    val_paths = [Path(f).expanduser() for f in val_files]
-    for p in [*paths, *val_paths]:
+def check_inputs(paths: Sequence[Path]) -> None:
+    """Every input must be a readable file (a directory is named as such)."""
+    for p in paths:
+        if p.is_dir():
+            raise QkvlabError(f"input {p} is a directory; pass the files inside it (e.g. {p}/*.txt)")
         if not p.is_file():
             raise QkvlabError(f"input file {p} does not exist")
-    if val_every < 1:
-        raise QkvlabError(f"--val-every must be a positive integer, got {val_every}")
-    out = Path(out).expanduser()
+        if not os.access(p, os.R_OK):
+            raise QkvlabError(f"input file {p} is not readable (permission denied)")
+
+
+def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: TextTokenizer, out: str | os.PathLike,
+                   val_every: int = 100, val_files: Sequence[str | os.PathLike] = (),
+                   shard_tokens: int = 1 << 27, force: bool = False, sources: Sequence[str | os.PathLike] = ()) -> dict:
+    """Tokenize `files` (+ `val_files`) into the token directory `out` (written atomically).
+
+    An existing non-empty `out` is replaced only with `force`; `out` may never be, contain or lie
+    inside an input (`files`, `val_files` or other `sources` such as the tokenizer's file).
+    """
+    paths = [Path(f).expanduser() for f in files]
+    val_paths = [Path(f).expanduser() for f in val_files]
+    check(len(paths) > 0, "no input files to tokenize")
+    check_inputs([*paths, *val_paths])
+    check(type(val_every) is int and 1 <= val_every <= MAX_VAL_EVERY,
+          f"--val-every must be an integer in [1, {MAX_VAL_EVERY}], got {val_every!r}")
+    check(type(shard_tokens) is int and MIN_SHARD_TOKENS <= shard_tokens <= MAX_SHARD_TOKENS,
+          f"--shard-tokens must be an integer in [{MIN_SHARD_TOKENS}, {MAX_SHARD_TOKENS}], got {shard_tokens!r}")
+    out = check_output(out, force, sources=[*paths, *val_paths, *sources])
     with atomic_dir(out) as tmp:
         writer = TokenWriter(tmp, tokenizer.vocab_size, tokenizer.name, eot=tokenizer.eot, shard_tokens=shard_tokens)
         buffer: list[tuple[str, str, bool]] = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qkvlab.data.cache import require
+from qkvlab.data.cache import read_json, require
 from qkvlab.errors import QkvlabError
 
 EOT = "<|endoftext|>"
@@ -93,14 +93,26 @@ class VocabTokenizer:
 
 def vocab_tokenizer(token_dir: str | os.PathLike) -> VocabTokenizer:
     """The tokenizer of a character- or word-level token directory (one with vocab.json)."""
-    import json
-
     path = Path(token_dir)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_json(path / "meta.json", dict, "a token directory's metadata")
     words = meta.get("tokenizer") != "char"
-    vocab = json.loads((path / "vocab.json").read_text())
-    return VocabTokenizer(meta.get("tokenizer", path.name), vocab, words, meta.get("eot"),
-                          "<unk>" if words else None)
+    vocab = read_json(path / "vocab.json", list, "a list of tokens")
+    if not vocab or not all(isinstance(t, str) for t in vocab) or len(set(vocab)) != len(vocab):
+        raise QkvlabError(f"{path / 'vocab.json'} must be a non-empty list of distinct strings")
+    eot = meta.get("eot")
+    if eot is not None and not (isinstance(eot, int) and 0 <= eot < len(vocab)):
+        raise QkvlabError(f"{path / 'meta.json'}: eot {eot!r} is not an id of its {len(vocab)}-token vocabulary")
+    return VocabTokenizer(str(meta.get("tokenizer", path.name)), vocab, words, eot, "<unk>" if words else None)
+
+
+def tokenizer_file(path: Path, name: str | None = None) -> TextTokenizer:
+    """A Hugging Face tokenizer.json; a one-line error naming the file if it is not one."""
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises a bare Exception for malformed files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise QkvlabError(f"{path} is not a Hugging Face tokenizer.json: {reason}") from None
+    return TextTokenizer(name or path.stem, tok)
 
 
 VOCAB_DATASETS = ("shakespeare", "ptb")
@@ -114,12 +126,14 @@ def load_tokenizer(name: str, root: str | os.PathLike | None = None) -> TextToke
     if name == "gpt2":
         return gpt2_tokenizer(root)
     if name == "stdlib-bpe":
-        return TextTokenizer(name, Tokenizer.from_file(str(require("python-stdlib", root) / "tokenizer.json")))
+        return tokenizer_file(require("python-stdlib", root) / "tokenizer.json", name)
     if name == "bytes":
         return TextTokenizer("bytes")
     path = Path(name).expanduser()
     if path.suffix == ".json" and path.is_file():
-        return TextTokenizer(path.stem, Tokenizer.from_file(str(path)))
+        return tokenizer_file(path)
+    if path.suffix == ".json" and not path.exists():
+        raise QkvlabError(f"tokenizer file {name} does not exist")
     if (path / "vocab.json").is_file() and (path / "meta.json").is_file():
         return vocab_tokenizer(path)
     raise QkvlabError(f"unknown tokenizer {name!r}; accepted: {', '.join(NAMES + VOCAB_DATASETS)}, "

@@ -13,7 +13,6 @@ so a directory of SlimPajama-sized shards streams from disk without loading it::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qkvlab.atomic import atomic_write_json
+from qkvlab.data.cache import read_json
 from qkvlab.errors import QkvlabError
 
 FORMAT = "qkvlab-tokens/1"
@@ -37,6 +37,8 @@ class TokenWriter:
 
     def __init__(self, out: Path, vocab_size: int, tokenizer: str, eot: int | None = None,
                  shard_tokens: int = 1 << 27, extra: dict | None = None) -> None:
+        if not (isinstance(shard_tokens, int) and shard_tokens >= 1):
+            raise QkvlabError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
@@ -136,18 +138,27 @@ def open_tokens(path: str | os.PathLike) -> TokenDir:
     if not (path / META).is_file():
         raise QkvlabError(f"{path} is not a token directory (no {META}); "
                           "make one with: qkvlab data tokenize --tokenizer gpt2 --out DIR FILES...")
-    meta = json.loads((path / META).read_text())
+    meta = read_json(path / META, dict, "a token directory's metadata")
     if meta.get("format") != FORMAT:
         raise QkvlabError(f"{path / META}: format {meta.get('format')!r} is not {FORMAT!r}")
-    dtype = np.dtype(meta["dtype"])
     splits = {}
-    for name, shards in meta["splits"].items():
+    for name, shards in shard_sizes(path, meta).items():
         maps = []
-        for shard in shards:
-            file = path / shard["file"]
-            if not file.is_file() or file.stat().st_size != shard["tokens"] * dtype.itemsize:
-                raise QkvlabError(f"{file} is missing or not {shard['tokens']} {dtype.name} tokens")
-            if shard["tokens"]:
-                maps.append(np.memmap(file, dtype=dtype, mode="r"))
+        for file, tokens, size in shards:
+            if not file.is_file() or file.stat().st_size != size:
+                found = f"has {file.stat().st_size} bytes" if file.is_file() else "is missing"
+                raise QkvlabError(f"{file} {found}; {META} records {tokens} {meta['dtype']} tokens ({size} bytes)")
+            if tokens:
+                maps.append(np.memmap(file, dtype=np.dtype(meta["dtype"]), mode="r"))
         splits[name] = TokenSplit(maps, int(meta.get("chars", {}).get(name, 0)))
     return TokenDir(path, meta, splits)
+
+
+def shard_sizes(path: Path, meta: dict) -> dict[str, list[tuple[Path, int, int]]]:
+    """(file, tokens, bytes) of each split's shards as `meta` (a token directory's meta.json) records them."""
+    try:
+        dtype = np.dtype(meta["dtype"])
+        return {name: [(path / s["file"], int(s["tokens"]), int(s["tokens"]) * dtype.itemsize) for s in shards]
+                for name, shards in meta["splits"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise QkvlabError(f"{path / META} is malformed ({type(err).__name__}: {err})") from None

@@ -57,7 +57,7 @@ def weights_file(path: str | Path) -> Path:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The model saved at `path`, in eval mode, on `device`."""
     file = weights_file(path)
-    if file.parent.joinpath("manifest.json").is_file():
+    if file.parent.joinpath("manifest.json").is_file() or file.parent.joinpath("state.pt").is_file():
         from qkvlab.train.checkpoint import verify_checkpoint
 
         verify_checkpoint(file.parent)
@@ -68,9 +68,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         raise QkvlabError(f"cannot read {str(file)!r}: {err}") from None
     if CONFIG_KEY not in meta:
         raise QkvlabError(f"{str(file)!r} has no qkvlab model config in its metadata (not saved by qkvlab?)")
-    config = ModelConfig(**json.loads(meta[CONFIG_KEY]))
-    model = build_model(config)
-    missing, unexpected = _load_into(model, str(file), strict=False)
+    try:
+        model = build_model(ModelConfig(**json.loads(meta[CONFIG_KEY])))
+        missing, unexpected = _load_into(model, str(file), strict=False)
+    except (ValueError, TypeError, RuntimeError, SafetensorError) as err:
+        raise QkvlabError(f"{str(file)!r} holds an unusable model: {err}") from None
     if missing or unexpected:
         raise QkvlabError(f"{str(file)!r} does not match its config: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")

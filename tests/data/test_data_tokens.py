@@ -52,7 +52,7 @@ def test_truncated_shard_is_an_error(tmp_path):
     writer.write("train", [1, 2, 3])
     writer.close()
     (tmp_path / "train-000000.bin").write_bytes(b"\x01\x00")
-    with pytest.raises(QkvlabError, match="not 3 uint16 tokens"):
+    with pytest.raises(QkvlabError, match="has 2 bytes; meta.json records 3 uint16 tokens"):
         open_tokens(tmp_path)
     with pytest.raises(QkvlabError, match="qkvlab data tokenize"):
         open_tokens(tmp_path / "nowhere")

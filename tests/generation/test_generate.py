@@ -77,7 +77,7 @@ def test_too_long_and_bad_tokens_are_refused():
     model = _model("QKV")
     with pytest.raises(QkvlabError, match="max_seq_len"):
         generate(model, [[1] * 40], SamplingConfig(max_new_tokens=20))
-    with pytest.raises(QkvlabError, match="token ids"):
+    with pytest.raises(QkvlabError, match=f"token id {VOCAB + 1}, outside the vocabulary"):
         generate(model, [[VOCAB + 1]], SamplingConfig(max_new_tokens=2))
     with pytest.raises(QkvlabError, match="top_p"):
         SamplingConfig(top_p=1.5)
