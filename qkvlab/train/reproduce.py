@@ -71,6 +71,10 @@ def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[
               jobs: int | None = None, tasks: list[str] | None = None, overrides: list[str] = (),
               progress: bool = True) -> Reproduction:
     """Run the preset's sweep into `out` and write its report."""
+    import shlex
+    import time
+
+    started = time.perf_counter()
     spec = get_preset(preset)
     root = Path(out) if out is not None else spec.default_out()
     names = suite_tasks(spec, tasks)
@@ -79,5 +83,8 @@ def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[
     jobs = jobs or spec.jobs or min(len(visible_gpus()) or available_cores(), len(runs))
     results = run_sweep(runs, jobs=jobs, progress=progress)
     check(collect(root), f"no run of the sweep in {str(root)!r} finished; see the train.log files there")
-    report = write_report(root)
+    command = ["qkvlab", "reproduce", "--preset", preset, "--out", str(root), "--seeds",
+               ",".join(map(str, seeds or spec.seeds)), "--jobs", str(jobs),
+               *(["--tasks", ",".join(tasks)] if tasks else []), *overrides]
+    report = write_report(root, preset=preset, wall_s=time.perf_counter() - started, command=shlex.join(command))
     return Reproduction(report=report, table=summary_table(aggregate(collect(root))), results=results)
