@@ -11,7 +11,7 @@ For every attention layer, on the model's own inputs:
   bias), after rotary and *before* any mask, per (example, head) over all T×T query-key pairs, then
   averaged. For a causal model this is the matrix the mask is applied to: it measures whether the
   score of i attending j equals that of j attending i, not what the masked softmax does. Tied
-  Q = K without a pair bias gives 0 exactly (rotary keeps it symmetric); the bound is √2.
+  Q = K without a pair bias gives 0 exactly (rotary keeps it symmetric); at most 2 (an antisymmetric S).
 
 Inputs: `task_eval_inputs` takes the first batch a task's own `evaluate` feeds the model (held-out
 data); random inputs are for tests and `qkvlab analyze --random-inputs` only.
@@ -122,7 +122,7 @@ def task_eval_inputs(task, model: nn.Module, batch_size: int) -> tuple[tuple, di
     raise ValueError(f"task {getattr(task, 'name', task)!r} evaluated without calling the model")
 
 
-def check_task_matches(task, cfg) -> None:
+def check_task_matches(task, cfg, model_name: str = "the model") -> None:
     """A task whose model differs from the checkpoint's `cfg` in kind, vocabulary, input or image size is an error."""
     from qkvlab.errors import QkvlabError, check
 
@@ -134,12 +134,12 @@ def check_task_matches(task, cfg) -> None:
         return
     keys = ["kind"] + {"vit": ["image_size", "in_channels", "patch_size"]}.get(cfg.kind, ["vocab_size", "input_dim"])
     diff = [f"{k} {getattr(expected, k)} vs {getattr(cfg, k)}" for k in keys if getattr(expected, k) != getattr(cfg, k)]
-    check(not diff, f"task {task.name!r} does not match the model ({', '.join(diff)}; task vs checkpoint)")
+    check(not diff, f"task {task.name!r} does not match {model_name} ({', '.join(diff)}; task vs checkpoint)")
 
 
-def held_out_inputs(model: nn.Module, task, batch_size: int) -> tuple[tuple, dict]:
+def held_out_inputs(model: nn.Module, task, batch_size: int, model_name: str = "the model") -> tuple[tuple, dict]:
     """A held-out batch of `task` as `model` (a qkvlab model with `.config`) is called with it."""
-    check_task_matches(task, model.config)
+    check_task_matches(task, model.config, model_name)
     if hasattr(task, "context"):  # language models read windows of the model's context
         task.context = model.config.max_seq_len
     return task_eval_inputs(task, model, batch_size)

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                   "or --random-inputs to analyse random inputs")
             data_dir = data_dir or run_cfg.get("data_dir")
         task = load_task(name, data_dir)
-        inputs, kwargs = held_out_inputs(model, task, args.batch)
+        inputs, kwargs = held_out_inputs(model, task, args.batch, f"model {args.model!r}")
         source = f"held-out batch of task {name!r}"
     rows = [{c: r[c] for c in COLUMNS} for r in projection_similarity(model, *inputs, **kwargs)]
     check(len(rows) > 0, f"{args.model!r} has no attention layers to analyse")

@@ -569,7 +569,8 @@ def plot_learning_curves(table: TaskTable, path: Path) -> Path:
         ax_metric.set(title=f"{table.name}: final {table.metric} (held out, ±std)", xlabel=table.metric)
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=7, ncol=2)
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return _savefig(fig, path)
 
@@ -587,9 +588,10 @@ def plot_analysis(table: TaskTable, analysis: Analysis, path: Path) -> Path:
             if not all(math.isnan(y) for y in ys):
                 ax.plot(range(n_layers), ys, marker="o", lw=1, label=variant)
         ax.set(title=label, xlabel="layer")
-        ax.set_ylim(-1.05 if key != "asym" else 0, 1.05 if key != "asym" else 1.45)
+        ax.set_ylim(-1.05 if key != "asym" else 0, 1.05 if key != "asym" else 2.05)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"{table.name}: per layer, held-out batch of {analysis.batch}", fontsize=9)
     fig.tight_layout()
     return _savefig(fig, path)
