@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qkvlab.errors import QkvlabError
 
+_WRAPPED_ERRNO = re.compile(r"\(os error (\d+)\)")
 _FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -38,6 +39,15 @@ def write_error(path: str | os.PathLike, err: OSError) -> QkvlabError:
         return QkvlabError(f"could not write {path}: {reason}; nothing was lost (previous files are intact)")
     where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
     return QkvlabError(f"could not write {path}: {reason}{where}; nothing was replaced")
+
+
+def as_os_error(err: BaseException) -> OSError | None:
+    """`err` if it is an OSError, or the OSError a library wrapped in its message
+    (safetensors: "... I/O error: File too large (os error 27)"); None otherwise."""
+    if isinstance(err, OSError):
+        return err
+    found = _WRAPPED_ERRNO.search(str(err))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -138,10 +148,12 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         fsync_dir(final.parent)
         if old is not None:
             _remove(old)
-    except OSError as err:
-        if err.filename and Path(os.path.abspath(final.parent)) not in Path(os.path.abspath(err.filename)).parents:
-            raise  # not a write of ours (e.g. reading an input): the caller reports it
-        raise write_error(final, err) from None
+    except Exception as err:
+        os_err = as_os_error(err)
+        if os_err is None or (os_err.filename and Path(os.path.abspath(final.parent))
+                              not in Path(os.path.abspath(os_err.filename)).parents):
+            raise  # not a failed write of ours (e.g. reading an input): the caller reports it
+        raise write_error(final, os_err) from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
