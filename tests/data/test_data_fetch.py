@@ -76,6 +76,23 @@ def test_fetch_is_verified_atomic_and_idempotent(toy, tmp_path):
     assert (root / "toy" / "raw" / "a.txt").read_bytes() == b"alpha\n"
 
 
+def test_a_damaged_converted_file_is_named_and_repaired_without_force(toy, tmp_path):
+    lines = []
+    fetch_mod.fetch(["toy"], log=lines.append)
+    root = tmp_path / "cache"
+    assert set(fetch_mod.read_ready(root / "toy")["files"]) == {"joined.txt", "raw/a.txt", "raw/b.txt"}
+    (root / "toy" / "joined.txt").write_bytes(b"alp")  # truncated after the fetch
+    with pytest.raises(QkvlabError, match=r"joined.txt has 3 bytes.*repair it with: qkvlab data fetch toy --force"):
+        require("toy")
+    assert not fetch_mod.status("toy")["present"]
+    (root / "toy" / "joined.txt").write_bytes(b"alpha\nbetX\n")  # same size, other content: found by sha256
+    assert require("toy") == root / "toy"
+    (repaired,) = fetch_mod.fetch(["toy"], log=lines.append)
+    assert repaired.status == "fetched" and toy == ["toy", "toy"]
+    assert any("damaged" in line and "joined.txt" in line for line in lines)
+    assert (root / "toy" / "joined.txt").read_bytes() == b"alpha\nbeta\n"
+
+
 def test_checksum_mismatch_leaves_nothing(toy, tmp_path, monkeypatch):
     monkeypatch.setitem(SOURCES["toy"].checksums, "a.txt", "0" * 64)
     with pytest.raises(QkvlabError, match="a.txt sha256 mismatch") as err:
