@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qkvlab.atomic import atomic_write_text
+from qkvlab.atomic import atomic_write_text, write_error
 from qkvlab.errors import QkvlabError, check
 from qkvlab.train.metrics import read_metrics
 from qkvlab.train.runs import CONFIG, FINISHED, METRICS, SUMMARY
@@ -179,6 +179,7 @@ class TaskTable:
     config: dict = field(default_factory=dict)  # flattened, without seed/variant/runtime keys
     differs: list[str] = field(default_factory=list)  # "key: main -> this" vs the task's main group
     eval_examples: int | None = None
+    eval_fraction: float | None = None  # of the held-out split, when the task evaluated on part of it
     hyper: dict = field(default_factory=dict)
 
     @property
@@ -241,14 +242,18 @@ def _table(runs: list[dict], flat: dict) -> TaskTable:
         row.run_dirs.append(Path(s["run_dir"]))
         final = s.get("final") or {}
         value = final.get(table.metric)
-        if isinstance(final.get("eval_examples"), int):
-            examples[final["eval_examples"]] += 1
+        n_eval = final.get("eval_examples")
+        if isinstance(n_eval, (int, float)) and math.isfinite(n_eval) and n_eval > 0:  # logged as a float metric
+            examples[int(round(n_eval))] += 1
         if s["status"] == "diverged" or not isinstance(value, (int, float)) or not math.isfinite(value):
             row.diverged += 1
         else:
             seed = int(s.get("seed", len(row.seeds)))
             row.seeds[seed] = float(value)
     table.eval_examples = examples.most_common(1)[0][0] if examples else None
+    fractions = [f["eval_fraction"] for f in (r.get("final") or {} for r in runs)
+                 if isinstance(f.get("eval_fraction"), (int, float))]
+    table.eval_fraction = min(fractions) if fractions else None
     base = table.rows.get(BASELINE)
     for row in table.rows.values():
         if base is not None and row.variant != BASELINE:
@@ -374,12 +379,15 @@ def _ci_cells(row: Row, has_baseline: bool) -> tuple[str, str]:
 def task_markdown(table: TaskTable) -> str:
     direction = "higher is better" if table.higher_is_better else "lower is better"
     seeds = sorted({r.n + r.diverged for r in table.rows.values()})
-    examples = f"{table.eval_examples:,} held-out examples" if table.eval_examples else "evaluation size not recorded"
+    examples = (f"evaluated on {table.eval_examples:,} held-out examples" if table.eval_examples
+                else "evaluation size not recorded")
+    if table.eval_fraction is not None and table.eval_fraction < 1:
+        examples += f" ({table.eval_fraction * 100:.1f} % of the split)"
     lines = [f"## {table.name}", ""]
     if table.differs:
         lines += [f"Not pooled with the main `{table.task}` runs: their configs differ in "
                   + "; ".join(f"`{d}`" for d in table.differs) + ".", ""]
-    lines += [f"{table.family or 'task'} · metric **{table.metric}** ({direction}) · evaluated on {examples} · "
+    lines += [f"{table.family or 'task'} · metric **{table.metric}** ({direction}) · {examples} · "
               f"seeds per variant: {', '.join(map(str, seeds))}", ""]
     h = table.hyper
     lines += ["| layers | d_model | heads | input | steps | batch | peak lr | warmup | params (QKV) |",
@@ -471,6 +479,8 @@ def _savefig(fig, path: Path) -> Path:
     try:
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
+    except OSError as err:  # a full disk: one line, the previous plot stays
+        raise write_error(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
         _pyplot().close(fig)

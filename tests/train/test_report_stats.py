@@ -165,3 +165,46 @@ def test_unreadable_runs_are_listed(tmp_path):
     assert any("not valid JSON" in s.reason for s in skipped) and any("JSON list" in s.reason for s in skipped)
     text = write_report(tmp_path, analyze=False).read_text()
     assert "## Skipped runs" in text and "Q-K=V" in text.split("## Skipped runs")[1]
+
+
+def test_a_full_disk_while_plotting_leaves_the_previous_report(tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from qkvlab.errors import QkvlabError
+
+    fake_run(tmp_path, "lm", "QKV", 0, 5.0)
+    write_report(tmp_path, analyze=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "plots").iterdir()}
+    report = (tmp_path / "report.md").read_bytes()
+
+    def full(self, fname, **kwargs):
+        open(fname, "wb").write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(QkvlabError, match="No space left"):
+        write_report(tmp_path, analyze=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "plots").iterdir()} == before  # no temp file, no half PNG
+    assert (tmp_path / "report.md").read_bytes() == report
+
+
+def test_tiny_end_to_end_report_with_analysis(tmp_path):
+    """Two real (very short) runs of a synthetic task, then the report with the analysis of the trained models."""
+    from qkvlab.cli.main import main
+
+    for variant in ("QKV", "Q=K-V"):
+        out = tmp_path / "reverse-16" / variant_slug(variant) / "seed0"
+        assert main(["train", "task=reverse-16", f"variant={variant}", "preset=tiny", "train.steps=2",
+                     "schedule.warmup_steps=1", "train.eval_every=0", "train.eval_batches=1", "train.threads=1",
+                     "train.progress=false", "train.tensorboard=false", f"train.out_dir={out}"]) == 0
+    text = write_report(tmp_path, analysis_batch=2).read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| Q") and line.count(" | ") == 8}  # the analysis table
+    assert set(rows) == {"QKV", "Q=K-V"}, text
+    assert float(rows["Q=K-V"][3]) == pytest.approx(1.0, abs=1e-3)  # cos(Q,K) with Q = K
+    assert float(rows["Q=K-V"][-1].rstrip(" |")) == pytest.approx(0.0, abs=1e-3)  # symmetric scores
+    assert float(rows["QKV"][-1].rstrip(" |")) > 0.01
+    assert (tmp_path / "plots" / "analysis_reverse-16.png").is_file()
+    assert "evaluated on 32 held-out examples (0.8 % of the split)" in text
