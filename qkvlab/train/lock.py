@@ -62,6 +62,8 @@ class DirLock:
     def acquire(self) -> "DirLock":
         if fcntl is None or self._fd is not None:
             return self
+        if self.directory.exists() and not self.directory.is_dir():
+            raise QkvlabError(f"{self.what} {str(self.directory)!r} is an existing file, not a directory")
         try:
             self._created = [p for p in [self.directory, *self.directory.parents] if not p.exists()]
             self.directory.mkdir(parents=True, exist_ok=True)
