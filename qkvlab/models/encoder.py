@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qkvlab.models.backbone import Backbone, init_weights
-from qkvlab.models.config import ModelConfig
+from qkvlab.arch import ModelConfig
+from qkvlab.models.backbone import Backbone
+from qkvlab.models.init import draw_seed, init_weights
 
 
 class Encoder(nn.Module):
     """Token ids (B, T) or vectors (B, T, input_dim) -> per-position logits (B, T, n_classes)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int | None = None):
         super().__init__()
+        seed = draw_seed() if seed is None else seed  # before any module draws from the global generator
         self.config = config
         if config.input_dim is None:
             self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
@@ -21,7 +23,7 @@ class Encoder(nn.Module):
             self.in_proj = nn.Linear(config.input_dim, config.d_model, bias=config.bias)
         self.backbone = Backbone(config)
         self.head = nn.Linear(config.d_model, config.n_classes, bias=config.bias)
-        init_weights(self, config)
+        init_weights(self, config, seed)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, return_attention: bool = False):
         h = self.tok_emb(x) if self.config.input_dim is None else self.in_proj(x)  # (B, T, C)

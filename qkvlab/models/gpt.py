@@ -5,19 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qkvlab.models.backbone import Backbone, init_weights
-from qkvlab.models.config import ModelConfig
+from qkvlab.arch import ModelConfig
+from qkvlab.models.backbone import Backbone
+from qkvlab.models.init import draw_seed, init_weights
 from qkvlab.nn.kv_cache import KVCache
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int | None = None):
         super().__init__()
+        seed = draw_seed() if seed is None else seed  # before any module draws from the global generator
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_weights(self, config)
+        init_weights(self, config, seed)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 

@@ -6,13 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkvlab.models.backbone import Backbone, init_weights
-from qkvlab.models.config import ModelConfig
+from qkvlab.arch import ModelConfig
+from qkvlab.models.backbone import Backbone
+from qkvlab.models.init import draw_seed, init_weights
 
 
 class ViT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int | None = None):
         super().__init__()
+        seed = draw_seed() if seed is None else seed  # before any module draws from the global generator
         self.config = config
         p = config.patch_size
         self.patch_emb = nn.Conv2d(config.in_channels, config.d_model, kernel_size=p, stride=p)
@@ -20,7 +22,7 @@ class ViT(nn.Module):
         self.backbone = Backbone(config)
         out = config.n_classes * p * p if config.dense_head else config.n_classes
         self.head = nn.Linear(config.d_model, out, bias=config.bias)
-        init_weights(self, config)
+        init_weights(self, config, seed)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         """images (B, C, H, W) -> logits (B, n_classes), or (B, n_classes, H, W) with a dense head."""

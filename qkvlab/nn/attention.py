@@ -1,26 +1,31 @@
-"""One attention module for every projection-sharing variant.
+"""One attention module for every projection-sharing variant, usable on its own or inside our models.
 
 It learns only the projections the variant needs, fused into one matmul:
 QKV [q | k | v], Q-K=V [q | kv], Q=K-V [qk | v], Q=K=V [qkv], Q=X [k | v] (the query is the
 input itself). Attention runs through `scaled_dot_product_attention` with grouped heads.
+
+    attn = Attention(d_model=64, n_heads=4, variant="Q-K=V", causal=True)
+    y = attn(x)                                  # x (B, T, 64) -> (B, T, 64)
+
+Positions are composed, not built in: a `Rotary` module passed in rotates queries and keys, a
+`PairBias` module passed in adds the "+" variants' (T, Tk) score bias. A model shares what every
+layer of one forward pass needs (positions, mask, KV cache) through an `AttentionContext`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from dataclasses import dataclass
-from functools import cached_property
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkvlab.arch import check_heads, with_kv_heads
+from qkvlab.errors import check
 from qkvlab.nn.kv_cache import KVCache
 from qkvlab.nn.positions import PairBias, Rotary, apply_rotary
-
-if TYPE_CHECKING:
-    from qkvlab.models.config import ModelConfig
+from qkvlab.variants import VariantSpec
 
 
 @dataclass
@@ -29,45 +34,63 @@ class AttentionContext:
 
     q_pos: torch.Tensor  # (B, T) absolute positions of the inputs
     k_len: int  # keys each query reads (T, or the cache length after writing)
-    causal: bool
     is_causal: bool  # SDPA's fast causal path applies (no cache offset, no extra mask)
     mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, True = attend
     cache: KVCache | None = None
-    rotary: Rotary | None = None
+    maps: list[dict[str, torch.Tensor]] | None = None  # when a list, each layer appends {"scores", "probs"}
+    _rotations: dict = field(default_factory=dict, repr=False)
 
-    @cached_property
+    @classmethod
+    def plain(cls, batch: int, length: int, device, causal: bool) -> AttentionContext:
+        """Positions 0..length-1 for every row, no cache, no mask."""
+        return cls(q_pos=torch.arange(length, device=device).expand(batch, length), k_len=length, is_causal=causal)
+
+    @property
     def k_pos(self) -> torch.Tensor:
         return torch.arange(self.k_len, device=self.q_pos.device)  # (Tk,)
 
-    @cached_property
-    def q_rotation(self) -> torch.Tensor:
-        """Rotations of the query positions, (B, 1, T, D/2): computed once, used by every layer."""
-        return self.rotary.tables(self.q_pos)
-
-    @cached_property
-    def k_rotation(self) -> torch.Tensor:
-        """Rotations of every key position, (Tk, D/2), for keys rotated when read (K = V)."""
-        return self.rotary.tables(self.k_pos)
+    def rotations(self, rotary: Rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotations of the query positions (B, 1, T, D/2) and of every key position (Tk, D/2),
+        computed once per forward pass and shared by the layers."""
+        key = (id(rotary), dtype)
+        if key not in self._rotations:
+            self._rotations[key] = (rotary.tables(self.q_pos, dtype), rotary.tables(self.k_pos, dtype))
+        return self._rotations[key]
 
 
 class Attention(nn.Module):
-    """Multi-head attention whose Q, K, V projections are tied as `config.spec` says."""
+    """Multi-head attention whose Q, K, V projections are tied as `variant` says.
 
-    def __init__(self, config: ModelConfig, layer_idx: int = 0):
+    `n_kv_heads` is the model's own key/value heads (GQA) when the variant names none; `head_dim`
+    defaults to d_model // n_heads. `causal` applies when no context gives a mask. `rotary` and
+    `pair_bias` are position modules (the "+" variants need a `PairBias`). `layer_idx` selects this
+    layer's slot in a shared `KVCache`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, variant: str | VariantSpec = "QKV", *,
+                 n_kv_heads: int | None = None, head_dim: int | None = None, bias: bool = True,
+                 causal: bool = False, dropout: float = 0.0, rotary: Rotary | None = None,
+                 pair_bias: PairBias | None = None, layer_idx: int = 0):
         super().__init__()
-        spec = config.spec
-        self.spec, self.layer_idx = spec, layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.resolved_head_dim
+        spec = with_kv_heads(variant, n_heads, n_kv_heads)
+        self.head_dim = check_heads(spec, d_model, n_heads, head_dim)
+        check(spec.pair_bias == (pair_bias is not None),
+              f"{spec.name} {'needs' if spec.pair_bias else 'takes no'} pair_bias module "
+              "(the '+' variants add a PairBias(max_len, dim) to the scores)")
+        check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
+        self.spec, self.layer_idx, self.causal = spec, layer_idx, causal
+        self.n_heads, self.n_kv_heads = n_heads, spec.n_kv_heads(n_heads)
         kv_width = self.n_kv_heads * self.head_dim
         self.widths = {
-            "q": self.n_heads * self.head_dim if spec.has_q_proj else 0,
+            "q": n_heads * self.head_dim if spec.has_q_proj else 0,
             "k": kv_width,
             "v": kv_width if spec.has_v_proj else 0,
         }
-        self.qkv = nn.Linear(config.d_model, sum(self.widths.values()), bias=config.bias)
-        self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
-        self.pair_bias = PairBias(config.max_seq_len, config.pair_bias_dim) if spec.pair_bias else None
-        self.attn_dropout = config.attn_dropout
+        self.qkv = nn.Linear(d_model, sum(self.widths.values()), bias=bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.rotary = rotary
+        self.pair_bias = pair_bias
+        self.attn_dropout = dropout
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = t.shape
@@ -86,37 +109,40 @@ class Attention(nn.Module):
         return q, k, (self._heads(v, self.n_kv_heads) if self.spec.has_v_proj else None)
 
     def projection_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight (out, in), bias) of each projection the layer learns, keyed "q", "k", "v"."""
+        """(weight (out, in), bias) of each projection the layer learns, keyed "q", "k", "v"
+        (views into the fused projection)."""
         widths = list(self.widths.values())
         weights = self.qkv.weight.split(widths, dim=0)
         biases = self.qkv.bias.split(widths, dim=0) if self.qkv.bias is not None else [None] * 3
         return {name: (w, b) for name, w, b, width in zip(self.widths, weights, biases, widths) if width}
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, need_weights: bool = False):
-        """x (B, T, C) -> (B, T, C); with `need_weights`, also {"scores", "probs"} (B, H, T, Tk)."""
+    def forward(self, x: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). Without `ctx`: positions 0..T-1, no cache, causal if `self.causal`."""
+        if ctx is None:
+            ctx = AttentionContext.plain(x.shape[0], x.shape[1], x.device, self.causal)
         q, k, v = self.project(x)
-        rotary = ctx.rotary
-        if rotary is not None:
-            q = apply_rotary(q, ctx.q_rotation)
+        rotations = None
+        if self.rotary is not None:
+            rotations = ctx.rotations(self.rotary, q.dtype)
+            q = apply_rotary(q, rotations[0])
             if v is not None:  # separate V: keys are stored rotated
-                k = apply_rotary(k, ctx.q_rotation)
+                k = apply_rotary(k, rotations[0])
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
             stored = [t.to(q.dtype) for t in ctx.cache.read(self.layer_idx, ctx.k_len)]  # (B, H_kv, Tk, D) each
             k, v = (stored[0], None) if v is None else stored
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
-            if rotary is not None:
+            if rotations is not None:
                 reuse = ctx.cache is not None and not torch.is_grad_enabled()
-                workspace = ctx.cache.rotation_workspace(ctx.k_len) if reuse else None
-                k = apply_rotary(k, ctx.k_rotation, out=workspace)  # (B, H_kv, Tk, D)
+                workspace = ctx.cache.rotation_workspace(ctx.k_len, rotations[1].dtype) if reuse else None
+                k = apply_rotary(k, rotations[1], out=workspace)  # (B, H_kv, Tk, D)
         bias = None
         if self.pair_bias is not None:
             q = q * self.pair_bias.score_scale()
             bias = self.pair_bias(ctx.q_pos, ctx.k_pos).to(q.dtype)  # (B, 1, T, Tk)
-        weights = None
-        if need_weights:
-            y, weights = self._explicit(q, k, v, bias, ctx)
+        if ctx.maps is not None:
+            y = self._explicit(q, k, v, bias, ctx)
         else:
             mask, is_causal = ctx.mask, ctx.is_causal
             if bias is not None:
@@ -129,11 +155,18 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (B, H, T, D)
         B, _, T, _ = y.shape
-        y = self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        return (y, weights) if need_weights else y
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
-    def _explicit(self, q, k, v, bias, ctx: AttentionContext):
-        """Attention keeping the score (before masking) and probability matrices, for analysis."""
+    def attention_maps(self, x: torch.Tensor, ctx: AttentionContext | None = None) -> dict[str, torch.Tensor]:
+        """{"scores" (before masking), "probs"}, each (B, H, T, Tk), of this layer on x (B, T, C)."""
+        if ctx is None:
+            ctx = AttentionContext.plain(x.shape[0], x.shape[1], x.device, self.causal)
+        ctx = dataclasses.replace(ctx, maps=[])
+        self(x, ctx)
+        return ctx.maps[0]
+
+    def _explicit(self, q, k, v, bias, ctx: AttentionContext) -> torch.Tensor:
+        """Attention keeping the score (before masking) and probability matrices in `ctx.maps`, for analysis."""
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, Tk, D)
         scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5  # (B, H, T, Tk)
@@ -144,7 +177,8 @@ class Attention(nn.Module):
             mask = causal_mask(scores.shape[-2], scores.shape[-1], q.device)
         logits = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
         probs = logits.softmax(dim=-1)
-        return probs @ v, {"scores": scores, "probs": probs}
+        ctx.maps.append({"scores": scores, "probs": probs})
+        return probs @ v  # (B, H, T, D)
 
 
 def causal_mask(t: int, tk: int, device) -> torch.Tensor:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkvlab.arch import ModelConfig
 from qkvlab.nn.attention import Attention, AttentionContext
-
-if TYPE_CHECKING:
-    from qkvlab.models.config import ModelConfig
+from qkvlab.nn.positions import PairBias, Rotary
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -41,16 +38,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    """Pre-norm attention and MLP; the attention gets the model's shared `rotary` and its own pair bias."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: Rotary | None = None):
         super().__init__()
         self.norm1, self.norm2 = make_norm(config), make_norm(config)
-        self.attn = Attention(config, layer_idx)
+        pair_bias = PairBias(config.max_seq_len, config.pair_bias_dim) if config.spec.pair_bias else None
+        self.attn = Attention(config.d_model, config.n_heads, config.spec, head_dim=config.head_dim,
+                              bias=config.bias, causal=config.causal, dropout=config.attn_dropout,
+                              rotary=rotary, pair_bias=pair_bias, layer_idx=layer_idx)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, need_weights: bool = False):
-        a = self.attn(self.norm1(x), ctx, need_weights)
-        a, weights = a if need_weights else (a, None)
-        x = x + self.dropout(a)
-        x = x + self.dropout(self.mlp(self.norm2(x)))  # (B, T, C)
-        return (x, weights) if need_weights else x
+    def forward(self, x: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), ctx))
+        return x + self.dropout(self.mlp(self.norm2(x)))  # (B, T, C)

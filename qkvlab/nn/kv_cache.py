@@ -74,15 +74,15 @@ class KVCache:
         """The stored streams of `layer` for positions 0..length-1: each (B, H_kv, length, D)."""
         return [buffer[layer, :, :, :length] for buffer in self.buffers]
 
-    def rotation_workspace(self, length: int) -> torch.Tensor:
-        """Scratch for one layer's rotated keys, (B, H_kv, length, D/2) complex64, reused by every layer.
+    def rotation_workspace(self, length: int, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
+        """Scratch for one layer's rotated keys, (B, H_kv, length, D/2) complex, reused by every layer.
 
         Only a K = V cache with rotary positions needs it (keys are rotated when read); it is
         working memory, not stored tokens, so it is counted in `workspace_nbytes`, not `nbytes`.
         """
-        if self._workspace is None:
+        if self._workspace is None or self._workspace.dtype != dtype:
             B, H, T, D = self.buffers[0].shape[1:]
-            self._workspace = torch.empty(B, H, T, D // 2, dtype=torch.complex64, device=self.buffers[0].device)
+            self._workspace = torch.empty(B, H, T, D // 2, dtype=dtype, device=self.buffers[0].device)
         return self._workspace[:, :, :length]
 
     @property

@@ -1,4 +1,8 @@
-"""Position encodings: sinusoidal tables, rotary embeddings, and the 2D pair bias of the "+" variants."""
+"""Position encodings as small modules: sinusoidal tables, rotary embeddings, the "+" variants' 2D pair bias.
+
+Learned and sinusoidal positions are added to the embeddings by the model; rotary rotates queries and
+keys inside attention; the pair bias adds one (T, Tk) term to the attention scores.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import math
 
 import torch
 from torch import nn
+
+from qkvlab.arch import pair_bias_widths
 
 
 def sinusoidal_table(n: int, dim: int, offset: int = 0, base: float = 10000.0) -> torch.Tensor:
@@ -16,41 +22,59 @@ def sinusoidal_table(n: int, dim: int, offset: int = 0, base: float = 10000.0) -
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # (n, dim)
 
 
+class SinusoidalPositions(nn.Module):
+    """Fixed sin/cos embeddings of absolute positions: positions (B, T) -> (B, T, dim)."""
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(max_len, dim), persistent=False)  # (n, dim)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.table[positions]
+
+
+def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype rotary arithmetic runs in: float64 for float64 models, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class Rotary(nn.Module):
     """Rotary position embedding: each pair (x[2i], x[2i+1]) of a head rotates as a complex number.
 
-    Angles are computed for the positions asked, in float32, so they stay exact however the
-    model's dtype is changed (there are no tables to be cast).
+    Angles are computed for the positions asked, in float32 (float64 for float64 models), so they
+    stay exact however the model's dtype is changed (there are no tables to be cast). Attention
+    calls it on queries and keys: `rotary(x, positions)`, or with precomputed `tables(...)`.
     """
 
     def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
         super().__init__()
         self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
 
-    def tables(self, positions: torch.Tensor) -> torch.Tensor:
-        """Unit complex rotations for `positions` (B, T) -> (B, 1, T, D/2), or (T,) -> (T, D/2)."""
-        dims = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Unit complex rotations for `positions` (B, T) -> (B, 1, T, D/2), or (T,) -> (T, D/2),
+        complex64 (complex128 when `dtype` is float64)."""
+        real = rotation_dtype(dtype)
+        dims = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=real)
         inv_freq = self.theta ** (-dims / self.head_dim)  # (D/2,)
-        angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, D/2)
+        angles = positions.to(real)[..., None] * inv_freq  # (..., T, D/2)
         cis = torch.polar(torch.ones_like(angles), angles)
         return cis[:, None] if positions.dim() == 2 else cis
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, D) rotated to `positions` (B, T) or (T,)."""
+        return apply_rotary(x, self.tables(positions, x.dtype))
 
 
 def apply_rotary(x: torch.Tensor, cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x (B, H, T, D) by `cis` (complex, broadcastable to (B, H, T, D/2)).
 
-    `out`, a complex64 (B, H, T, D/2) workspace, receives the product without allocating: with
-    K = V the whole cache is rotated at every decode step, and fresh buffers cost more than the
-    arithmetic.
+    `out`, a complex (B, H, T, D/2) workspace of `cis`'s dtype, receives the product without
+    allocating: with K = V the whole cache is rotated at every decode step, and fresh buffers cost
+    more than the arithmetic.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2) complex
+    pairs = torch.view_as_complex(x.to(rotation_dtype(x.dtype)).unflatten(-1, (-1, 2)))  # (B, H, T, D/2)
     rotated = pairs * cis if out is None else torch.mul(pairs, cis, out=out)
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (B, H, T, D)
-
-
-def pair_bias_widths(dim: int) -> tuple[int, int]:
-    """Feature widths (offset i - j, each of i and j) of a pair-bias table with m = dim (a multiple of 8)."""
-    return dim // 2, dim // 4
 
 
 class PairBias(nn.Module):

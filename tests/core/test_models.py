@@ -102,7 +102,12 @@ def test_dropout_is_inactive_in_eval(kind):
 def test_tied_embeddings_share_storage():
     model = build_model(small(tie_embeddings=True))
     assert model.lm_head.weight is model.tok_emb.weight
-    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    idx = torch.arange(4)[None]  # tokens 0..3; token 10 is not an input
+    with torch.no_grad():
+        before = model(idx)
+        model.tok_emb.weight[10] += torch.randn(model.config.d_model)  # only the head can see this row
+        moved = (model(idx) - before).abs()
+    assert moved[..., 10].min() > 1e-3 and moved[..., :10].max() == 0 and moved[..., 11:].max() == 0
     untied = build_model(small(tie_embeddings=False))
     assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
     config = small()
