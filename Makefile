@@ -1,16 +1,19 @@
 # Two commands set everything up on a fresh machine:
 #   make reproduce   # venv + install + data + `qkvlab reproduce` (quick preset)
 #   make test        # venv + install + test data + the test suite
+# PyTorch is pinned here (the version CI runs), not in the package, which accepts torch>=2.5,<3.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
 
-.PHONY: install reproduce test data-test clean
+.PHONY: install reproduce test test-fast data-test wheel-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet '$(TORCH)'
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -25,6 +28,21 @@ data-test: $(STAMP)
 
 test: data-test
 	$(BIN)/python -m pytest
+
+test-fast: data-test
+	$(BIN)/python -m pytest -m "not slow"
+
+# Build the wheel, install it with the pinned PyTorch into a fresh venv, run it outside the source tree.
+wheel-check: $(STAMP)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w "$$tmp/dist" . ; \
+	rm -rf build; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install --quiet '$(TORCH)'; \
+	"$$tmp/venv/bin/pip" install --quiet "$$tmp"/dist/qkvlab-*.whl; \
+	cd "$$tmp" && venv/bin/qkvlab variants > variants.txt && \
+	venv/bin/python -c "import qkvlab; assert '$$tmp' in qkvlab.__file__, qkvlab.__file__" && \
+	echo "wheel-check: $$(ls dist) installs and runs ($$(wc -l < variants.txt) lines from qkvlab variants)"
 
 clean:
 	rm -rf $(VENV)
