@@ -22,7 +22,7 @@ from qkvlab.data.images import ImageSet
 from qkvlab.errors import QkvlabError
 from qkvlab.models.config import ModelConfig
 from qkvlab.tasks.base import Batch, Budget, Task
-from qkvlab.tasks.common import EVAL_SEED, EpochSampler, device_of, eval_batches, evaluating, rng
+from qkvlab.tasks.common import EVAL_SEED, EpochSampler, FixedEvalSet, device_of, eval_batches, eval_counts, evaluating, rng
 from qkvlab.tasks.vision import channel_stats, to_tensor
 
 
@@ -54,16 +54,18 @@ class SetAnomalyTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=16, lr=2e-3, eval_every=20, eval_batches=2),
-        "quick": Budget(steps=400, batch_size=32, lr=1e-3, eval_every=100, warmup_steps=40, eval_batches=8),
-        "full": Budget(steps=10_000, batch_size=64, lr=5e-4, eval_every=1000, warmup_steps=500, eval_batches=40),
+        "quick": Budget(steps=400, batch_size=32, lr=1e-3, eval_every=100, warmup_steps=40),
+        "full": Budget(steps=10_000, batch_size=64, lr=5e-4, eval_every=1000, warmup_steps=500),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (4, 128, 8)}
+    eval_examples = 4000  # sets drawn once from the test split
 
     def __init__(self, name: str, loader: Callable[[], ImageSet], set_size: int = 10) -> None:
         if set_size < 3:
             raise QkvlabError(f"set_size must be at least 3, got {set_size}")
         self.name, self._loader, self.set_size = name, loader, set_size
         self._data: ImageSet | None = None
+        self.held_out = FixedEvalSet(self.eval_examples, lambda n, gen: self._batch("test", n, gen))
 
     @property
     def data(self) -> ImageSet:
@@ -90,13 +92,13 @@ class SetAnomalyTask(Task):
         normal = gen.integers(0, n_classes, size=n)  # (n,)
         odd_class = (normal + gen.integers(1, n_classes, size=n)) % n_classes  # (n,) always another class
         odd_pos = gen.integers(0, self.set_size, size=n)  # (n,)
-        index = np.empty((n, self.set_size), dtype=np.int64)
-        for i in range(n):
-            pool = by_class[normal[i]]
-            index[i] = pool[gen.integers(0, len(pool), size=self.set_size)]
-            odd_pool = by_class[odd_class[i]]
-            index[i, odd_pos[i]] = odd_pool[gen.integers(0, len(odd_pool))]
-        return index, odd_pos
+        order = np.concatenate(by_class)  # image indices grouped by class
+        counts = np.array([len(pool) for pool in by_class])  # (C,)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (C,)
+        classes = np.repeat(normal[:, None], self.set_size, axis=1)  # (n, set_size)
+        classes[np.arange(n), odd_pos] = odd_class
+        picks = (gen.random((n, self.set_size)) * counts[classes]).astype(np.int64)  # (n, set_size)
+        return order[starts[classes] + picks], odd_pos
 
     def _batch(self, split: str, n: int, gen: np.random.Generator) -> Batch:
         images = self.data.split(split)[0]
@@ -116,17 +118,16 @@ class SetAnomalyTask(Task):
 
     def evaluate(self, model: nn.Module, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
         device = device_of(model)
-        n_batches = -(-2000 // batch_size) if max_batches is None else max_batches
         loss_sum = correct = count = 0.0
         with evaluating(model):
-            for i in range(n_batches):
-                batch = self._batch("test", batch_size, rng(EVAL_SEED, i))
+            for batch in self.held_out.batches(batch_size, max_batches):
                 logits = model(batch["sets"].to(device))[..., 0]  # (B, N)
                 odd = batch["odd"].to(device)
                 loss_sum += F.cross_entropy(logits, odd, reduction="sum").item()
                 correct += (logits.argmax(-1) == odd).sum().item()
                 count += len(odd)
-        return {"accuracy": correct / count, "loss": loss_sum / count}
+        return {"accuracy": correct / count, "loss": loss_sum / count,
+                **eval_counts(int(count), self.eval_examples)}
 
 
 class OneClassTask(Task):
@@ -139,8 +140,8 @@ class OneClassTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=32, lr=2e-3, eval_every=20, eval_batches=4),
-        "quick": Budget(steps=150, batch_size=64, lr=2e-3, eval_every=50, warmup_steps=15, eval_batches=8),
-        "full": Budget(steps=5_000, batch_size=128, lr=5e-4, eval_every=500, warmup_steps=250, eval_batches=80),
+        "quick": Budget(steps=150, batch_size=64, lr=2e-3, eval_every=50, warmup_steps=15),
+        "full": Budget(steps=5_000, batch_size=128, lr=5e-4, eval_every=500, warmup_steps=250),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (4, 128, 8)}
     patch_size = 7
@@ -222,4 +223,4 @@ class OneClassTask(Task):
                 labels.append(data.test_labels[idx] != self.normal_class)
         scores_np, anomalous = np.concatenate(scores), np.concatenate(labels)
         normal_loss = float(scores_np[~anomalous].mean()) if (~anomalous).any() else float("nan")
-        return {"auroc": auroc(scores_np, anomalous), "loss": normal_loss}
+        return {"auroc": auroc(scores_np, anomalous), "loss": normal_loss, **eval_counts(len(scores_np), n)}

@@ -27,7 +27,7 @@ class Budget:
     lr: float
     eval_every: int
     warmup_steps: int = 0
-    eval_batches: int = 8
+    eval_batches: int | None = None  # None: the whole held-out split (or the task's fixed evaluation set)
 
 
 class Task(ABC):

@@ -62,3 +62,26 @@ def eval_batches(n: int, batch_size: int, max_batches: int | None) -> Iterator[n
             return
         yield np.arange(start, min(start + batch_size, n))
         count += 1
+
+
+class FixedEvalSet:
+    """The held-out set of a generated task: `size` examples drawn once from `EVAL_SEED`.
+
+    Every run, variant and seed evaluates on the same examples, whatever its batch size.
+    `build(n, gen)` returns a batch (a dict of tensors with `n` rows).
+    """
+
+    def __init__(self, size: int, build) -> None:
+        self.size, self._build = size, build
+        self._batch: dict[str, torch.Tensor] | None = None
+
+    def batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        if self._batch is None:
+            self._batch = self._build(self.size, rng(EVAL_SEED))
+        for idx in eval_batches(self.size, batch_size, max_batches):
+            yield {key: value[idx[0]: idx[-1] + 1] for key, value in self._batch.items()}
+
+
+def eval_counts(count: int, total: int) -> dict[str, float]:
+    """How much of the held-out set an evaluation used (the report prints it)."""
+    return {"eval_examples": count, "eval_fraction": count / total if total else 0.0}

@@ -25,7 +25,7 @@ from qkvlab.data.tokens import TokenDir, open_tokens
 from qkvlab.errors import QkvlabError
 from qkvlab.models.config import ModelConfig
 from qkvlab.tasks.base import Batch, Budget, Task
-from qkvlab.tasks.common import device_of, evaluating, rng
+from qkvlab.tasks.common import device_of, eval_counts, evaluating, rng
 
 
 def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
@@ -42,8 +42,8 @@ class LanguageModelTask(Task):
     causal = True
     budgets = {
         "tiny": Budget(steps=30, batch_size=16, lr=3e-3, eval_every=30, eval_batches=2),
-        "quick": Budget(steps=400, batch_size=32, lr=3e-3, eval_every=100, warmup_steps=40, eval_batches=8),
-        "full": Budget(steps=20_000, batch_size=64, lr=6e-4, eval_every=1000, warmup_steps=1000, eval_batches=64),
+        "quick": Budget(steps=400, batch_size=32, lr=3e-3, eval_every=100, warmup_steps=40),
+        "full": Budget(steps=20_000, batch_size=64, lr=6e-4, eval_every=1000, warmup_steps=1000),
     }
     # layers, d_model, heads, context; 8 and 16 heads so GQA-4 and MQA divide them
     sizes = {"tiny": (1, 32, 8, 32), "quick": (2, 64, 8, 64), "full": (8, 512, 16, 512)}
@@ -101,7 +101,9 @@ class LanguageModelTask(Task):
         if not count:
             raise QkvlabError(f"the {self.val_split} split of {self.tokens.path} is shorter than one window")
         loss = loss_sum / count
-        metrics = {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}
+        windows_total = sum(len(shard) // (self.context + 1) for shard in split.shards)
+        metrics = {"perplexity": math.exp(min(loss, 50.0)), "loss": loss, "eval_tokens": int(count),
+                   **eval_counts(int(count) // self.context, windows_total)}
         if split.chars:  # characters per token over the whole split, applied to the windows read
             per_char = loss * split.n_tokens / split.chars
             metrics["bits_per_char"] = per_char / math.log(2)

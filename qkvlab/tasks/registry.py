@@ -86,7 +86,8 @@ _SUFFIX = re.compile(r"^(?P<kind>[a-z]+)-(?P<length>\d+)$")
 
 SUITES: dict[str, list[str]] = {
     "tiny": ["reverse-16", "shakespeare-char"],
-    "quick": ["sort-32", "mnist", "set-anomaly", "segmentation-42", "shakespeare-char"],
+    # longest runs first, so two processes finish together
+    "quick": ["shakespeare-char", "segmentation-42", "mnist", "set-anomaly", "sort-32"],
     "full": [*SYNTHETIC, *(f"{k}-256" for k in SYNTHETIC if k != "recall"),
              "mnist", "fashion-mnist", "set-anomaly", "set-anomaly-fashion", "oneclass-mnist", "oneclass-fashion",
              "segmentation", "shakespeare-char", "ptb-word", "stdlib-bpe", "shakespeare-gpt2"],
@@ -112,11 +113,12 @@ def get_task(name: str, data_dir: str | None = None) -> Task:
                       f"(synthetic tasks take a length suffix, e.g. reverse-128)")
 
 
-def variants_for(task: Task) -> list[str]:
+def variants_for(task: Task, plus: bool = True) -> list[str]:
     """The variants the study runs on `task`: the five projection forms, the "+" forms where
-    attention is not causal, and head sharing (GQA-4, MQA, Q-GQA-4, Q-MQA) for language models."""
+    attention is not causal (unless `plus` is false), and head sharing (GQA-4, MQA, Q-GQA-4,
+    Q-MQA) for language models."""
     variants = list(BASE_VARIANTS)
-    if not task.causal:
+    if plus and not task.causal:
         variants += PLUS_VARIANTS
     if task.family == "lm":
         variants += HEAD_SHARING_VARIANTS

@@ -19,7 +19,7 @@ from qkvlab.data.images import ImageSet
 from qkvlab.errors import QkvlabError
 from qkvlab.models.config import ModelConfig
 from qkvlab.tasks.base import Batch, Budget, Task
-from qkvlab.tasks.common import EVAL_SEED, device_of, evaluating, rng
+from qkvlab.tasks.common import FixedEvalSet, device_of, eval_counts, evaluating, rng
 
 BACKGROUND = 10
 N_CLASSES = 11
@@ -37,10 +37,10 @@ def composite(digits: np.ndarray, classes: np.ndarray, canvas: int, gen: np.rand
         raise QkvlabError(f"canvas {canvas} is smaller than a {h}x{w} digit")
     offsets = gen.integers(0, canvas - max(h, w) + 1, size=(B, D, 2))  # (B, D, 2)
     layers = np.zeros((B, D, canvas, canvas), dtype=np.uint8)
-    for b in range(B):
-        for d in range(D):
-            r, c = offsets[b, d]
-            layers[b, d, r:r + h, c:c + w] = digits[b, d]
+    rows = offsets[..., 0, None] + np.arange(h)  # (B, D, h)
+    cols = offsets[..., 1, None] + np.arange(w)  # (B, D, w)
+    b_idx, d_idx = np.arange(B)[:, None, None, None], np.arange(D)[None, :, None, None]
+    layers[b_idx, d_idx, rows[..., :, None], cols[..., None, :]] = digits  # each digit at its offset
     image = layers.max(axis=1)  # (B, S, S)
     top = layers.argmax(axis=1)  # (B, S, S) which digit is brightest (the first on ties)
     labels = np.take_along_axis(classes[:, :, None, None], top[:, None], axis=1)[:, 0]  # (B, S, S)
@@ -66,11 +66,12 @@ class SegmentationTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=16, lr=2e-3, eval_every=20, eval_batches=2),
-        "quick": Budget(steps=600, batch_size=32, lr=3e-3, eval_every=150, warmup_steps=30, eval_batches=4),
-        "full": Budget(steps=20_000, batch_size=64, lr=5e-4, eval_every=1000, warmup_steps=1000, eval_batches=32),
+        "quick": Budget(steps=600, batch_size=32, lr=3e-3, eval_every=150, warmup_steps=30),
+        "full": Budget(steps=20_000, batch_size=64, lr=5e-4, eval_every=1000, warmup_steps=1000),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (6, 256, 8)}
-    mean, std = 0.1307, 0.3081  # MNIST pixel statistics on the 0-1 scale
+    mean, std = 0.1307, 0.3081
+    eval_examples = 1000  # canvases composed once from test digits  # MNIST pixel statistics on the 0-1 scale
 
     def __init__(self, name: str, loader: Callable[[], ImageSet], canvas: int = 56, n_digits: int = 3,
                  patch_size: int = 7) -> None:
@@ -79,6 +80,7 @@ class SegmentationTask(Task):
         self.name, self._loader = name, loader
         self.canvas, self.n_digits, self.patch_size = canvas, n_digits, patch_size
         self._data: ImageSet | None = None
+        self.held_out = FixedEvalSet(self.eval_examples, lambda n, gen: self._batch("test", n, gen))
 
     @property
     def data(self) -> ImageSet:
@@ -111,18 +113,18 @@ class SegmentationTask(Task):
 
     def evaluate(self, model: nn.Module, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
         device = device_of(model)
-        n_batches = -(-1000 // batch_size) if max_batches is None else max_batches
         confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
         loss_sum = pixels = 0.0
+        count = 0
         with evaluating(model):
-            for i in range(n_batches):
-                batch = self._batch("test", batch_size, rng(EVAL_SEED, i))
+            for batch in self.held_out.batches(batch_size, max_batches):
                 y = batch["labels"].to(device)  # (B, S, S)
                 logits = model(batch["images"].to(device))  # (B, 11, S, S)
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                 pixels += y.numel()
+                count += len(y)
                 pred = logits.argmax(1)  # (B, S, S)
                 confusion += np.bincount((y * N_CLASSES + pred).flatten().cpu().numpy(),
                                          minlength=N_CLASSES ** 2).reshape(N_CLASSES, N_CLASSES)
         return {"miou": mean_iou(confusion), "pixel_accuracy": float(np.trace(confusion) / confusion.sum()),
-                "loss": loss_sum / pixels}
+                "loss": loss_sum / pixels, **eval_counts(count, self.eval_examples)}

@@ -22,7 +22,7 @@ from torch import nn
 from qkvlab.data.images import ImageSet
 from qkvlab.models.config import ModelConfig
 from qkvlab.tasks.base import Batch, Budget, Task
-from qkvlab.tasks.common import EpochSampler, device_of, eval_batches, evaluating, rng
+from qkvlab.tasks.common import EpochSampler, device_of, eval_batches, eval_counts, evaluating, rng
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class ClassificationTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=32, lr=2e-3, eval_every=20, eval_batches=2),
-        "quick": Budget(steps=400, batch_size=64, lr=2e-3, eval_every=100, warmup_steps=40, eval_batches=8),
-        "full": Budget(steps=20_000, batch_size=128, lr=5e-4, eval_every=1000, warmup_steps=1000, eval_batches=80),
+        "quick": Budget(steps=400, batch_size=64, lr=2e-3, eval_every=100, warmup_steps=40),
+        "full": Budget(steps=20_000, batch_size=128, lr=5e-4, eval_every=1000, warmup_steps=1000),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (6, 256, 8)}  # layers, d_model, heads
 
@@ -127,4 +127,5 @@ class ClassificationTask(Task):
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(-1) == y).sum().item()
                 count += len(y)
-        return {"accuracy": correct / count, "loss": loss_sum / count}
+        return {"accuracy": correct / count, "loss": loss_sum / count,
+                **eval_counts(int(count), len(data.test_images))}

@@ -1,7 +1,8 @@
 """`qkvlab reproduce`: the study end to end, a sweep of every variant over a suite, then the report.
 
-Presets: "quick" (one seed of each suite task at the tasks' quick budgets, sized for two CPU
-cores and about fifteen minutes) and "full" (three seeds, the tasks' full models and budgets, for
+Presets: "quick" (one seed of each suite task at the tasks' quick budgets, the five projection
+forms everywhere and head sharing on language modelling, sized for two CPU cores and fifteen
+minutes) and "full" (three seeds, the tasks' full models and budgets, for
 a machine with GPUs: one run per GPU at a time). A rerun skips finished runs and resumes
 interrupted ones.
 """
@@ -25,13 +26,14 @@ class ReproducePreset:
     task_preset: str
     seeds: tuple[int, ...]
     jobs: int | None  # None: one process per CUDA device, else per CPU core
+    plus: bool = True  # also the "+" (pair-bias) variants where the task is not causal
 
     def default_out(self) -> Path:
         return Path("runs") / f"reproduce-{self.name}"
 
 
 PRESETS: dict[str, ReproducePreset] = {
-    "quick": ReproducePreset("quick", suite="quick", task_preset="quick", seeds=(0,), jobs=None),
+    "quick": ReproducePreset("quick", suite="quick", task_preset="quick", seeds=(0,), jobs=None, plus=False),
     "full": ReproducePreset("full", suite="full", task_preset="full", seeds=(0, 1, 2), jobs=None),
     "tiny": ReproducePreset("tiny", suite="tiny", task_preset="tiny", seeds=(0,), jobs=None),
 }
@@ -54,6 +56,14 @@ def suite_tasks(preset: ReproducePreset, tasks: list[str] | None = None) -> list
         if ":" not in task:
             get_task(task)  # unknown names raise, listing the accepted ones
     return list(tasks)
+
+
+def preset_variants(preset: ReproducePreset, task: str) -> list[str]:
+    """The variants the preset trains on `task` (the study's list, without "+" where the preset drops it)."""
+    from qkvlab.tasks.registry import variants_for
+    from qkvlab.train.runs import load_task
+
+    return variants_for(load_task(task), plus=preset.plus)
 
 
 @dataclass
@@ -79,7 +89,9 @@ def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[
     root = Path(out) if out is not None else spec.default_out()
     names = suite_tasks(spec, tasks)
     check_data(names, list(overrides))
-    runs = plan(root, names, list(seeds or spec.seeds), preset=spec.task_preset, overrides=list(overrides))
+    runs = [run for task in names
+            for run in plan(root, [task], list(seeds or spec.seeds), variants=preset_variants(spec, task),
+                            preset=spec.task_preset, overrides=list(overrides))]
     jobs = jobs or spec.jobs or min(len(visible_gpus()) or available_cores(), len(runs))
     results = run_sweep(runs, jobs=jobs, progress=progress)
     check(collect(root), f"no run of the sweep in {str(root)!r} finished; see the train.log files there")
