@@ -495,7 +495,7 @@ def plot_quality_vs_cache(tables: list[TaskTable], path: Path) -> Path:
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
     for ax, table in zip(axes.flat, tables):
-        placed: dict[tuple[float, float], int] = defaultdict(int)  # labels of coinciding points stack up
+        placed: dict[tuple[float, str], int] = defaultdict(int)  # points already drawn at each reduction
         for row in table.ordered():
             if row.variant == BASELINE:
                 ax.plot(0.0, 0.0, "ks", ms=5)
@@ -504,13 +504,14 @@ def plot_quality_vs_cache(tables: list[TaskTable], path: Path) -> Path:
             rel, red = table.relative(row.variant), _reduction(row)
             if math.isnan(rel) or math.isnan(red):
                 continue
-            x, y = red * 100, rel * 100
+            y = rel * 100
+            x = red * 100 + 1.5 * sum(1 for k in placed if k[0] == round(red * 100, 1))  # dodge equal reductions
             ci = row.change.ci95 if row.change is not None else None
             yerr = [[y - ci[0]], [ci[1] - y]] if ci else None
-            ax.errorbar(x, y, yerr=yerr, fmt="o" if ci else "o", mfc=None if ci else "none", capsize=3)
-            key = (round(x, 1), round(y, 2))
+            ax.errorbar(x, y, yerr=yerr, fmt="o", mfc=None if ci else "none", capsize=3)
+            key = (round(red * 100, 1), row.variant)
             label = row.variant + ("" if ci else " (1 seed)")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 + 9 * placed[key]), fontsize=8)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             placed[key] += 1
         ax.axhline(0.0, color="grey", lw=0.8)
         better = "higher" if table.higher_is_better else "lower"
@@ -590,14 +591,19 @@ def plot_analysis(table: TaskTable, analysis: Analysis, path: Path) -> Path:
     plt = _pyplot()
     keys = (("cos_kv", "cos(K,V)"), ("cos_qk", "cos(Q,K)"), ("cos_qv", "cos(Q,V)"), ("asym", "score asymmetry"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
+    variants = sorted(analysis.layers, key=_variant_order)
+    width = 0.8 / len(variants)  # variants side by side within a layer, so equal values stay visible
+    depth = max(min(len(r) for r in analysis.layers[v]) for v in variants)
     for ax, (key, label) in zip(axes, keys):
-        for variant in sorted(analysis.layers, key=_variant_order):
+        for j, variant in enumerate(variants):
             runs = analysis.layers[variant]
             n_layers = min(len(r) for r in runs)
             ys = [statistics.fmean([r[i][key] for r in runs]) for i in range(n_layers)]
+            xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(n_layers)]
             if not all(math.isnan(y) for y in ys):
-                ax.plot(range(n_layers), ys, marker="o", lw=1, label=variant)
-        ax.set(title=label, xlabel="layer")
+                ax.plot(xs, ys, marker="o", lw=1, label=variant, color=f"C{j % 10}")
+        ax.set(title=label, xlabel="layer", xlim=(-0.5, depth - 0.5))
+        ax.set_xticks(range(depth))
         ax.set_ylim(-1.05 if key != "asym" else 0, 1.05 if key != "asym" else 2.05)
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
