@@ -2,7 +2,9 @@
 
 `ModelConfig` is what the models are built from, what the cost calculator counts and what the CLI
 describes: a GPT-style decoder, a bidirectional encoder or a ViT, with a projection-sharing variant.
-`PRESETS` are the paper's models and two small ones.
+`PRESETS` are the paper's models and two small ones. Activations: `paper-300m` and `paper-1.2b` use
+the exact (erf) GELU of the study's code; `tiny` the tanh GELU (the default, GPT-2's); `modern-tiny`
+SwiGLU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ KINDS = ("decoder", "encoder", "vit")
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+# The GELU MLP's activation: "gelu" the exact (erf) form, torch.nn.GELU(), as the study's released
+# code uses; "gelu_tanh" the tanh approximation GPT-2 uses. SwiGLU MLPs use SiLU and ignore it.
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 def is_positive_int(value) -> bool:
@@ -91,6 +96,9 @@ class ModelConfig:
     positions: str = "learned"
     norm: str = "layernorm"
     mlp: str = "gelu"
+    # "gelu_tanh" by default: models saved before this field existed (their config has no
+    # "activation") were trained with the tanh form and must load with it.
+    activation: str = "gelu_tanh"
     bias: bool = True
     dropout: float = 0.0  # residual and embedding dropout, GPT-2 placement
     attn_dropout: float = 0.0
@@ -121,6 +129,8 @@ class ModelConfig:
         check(self.positions in POSITIONS, f"positions {self.positions!r} is not one of {', '.join(POSITIONS)}")
         check(self.norm in NORMS, f"norm {self.norm!r} is not one of {', '.join(NORMS)}")
         check(self.mlp in MLPS, f"mlp {self.mlp!r} is not one of {', '.join(MLPS)}")
+        check(self.activation in ACTIVATIONS,
+              f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check(0.0 <= self.attn_dropout < 1.0, f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
         check(self.pair_bias_dim % 8 == 0, f"pair_bias_dim must be a multiple of 8, got {self.pair_bias_dim}")
@@ -180,8 +190,9 @@ class ModelConfig:
 
 
 def _gpt2_style(**kw) -> ModelConfig:
-    """The paper's language models: learned positions, pre-LayerNorm, GELU MLP, tied embeddings, biases."""
-    base = dict(kind="decoder", positions="learned", norm="layernorm", mlp="gelu", bias=True,
+    """The paper's language models: learned positions, pre-LayerNorm, exact (erf) GELU MLP as the
+    study's released code (`torch.nn.GELU()`), tied embeddings, biases."""
+    base = dict(kind="decoder", positions="learned", norm="layernorm", mlp="gelu", activation="gelu", bias=True,
                 tie_embeddings=True, dropout=0.1, max_seq_len=2048, vocab_size=50304)
     base.update(kw)
     return ModelConfig(**base)

@@ -122,7 +122,7 @@ def gpt2_from_state_dict(state: dict[str, torch.Tensor], hf_config: dict, varian
     config = ModelConfig(kind="decoder", variant="QKV", n_layers=sizes["n_layer"], d_model=sizes["n_embd"],
                          n_heads=sizes["n_head"], d_mlp=n_inner, max_seq_len=sizes["n_positions"],
                          vocab_size=sizes["vocab_size"], positions="learned", norm="layernorm", mlp="gelu",
-                         bias=True, tie_embeddings=True, norm_eps=float(eps))
+                         activation="gelu_tanh", bias=True, tie_embeddings=True, norm_eps=float(eps))
     model = GPT(config)
     ours = {"tok_emb.weight": _gpt2_key(state, "wte.weight"),
             "backbone.pos_emb.weight": _gpt2_key(state, "wpe.weight"),

@@ -18,11 +18,12 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """GELU (GPT-2) or SwiGLU (Llama) feed-forward."""
+    """GELU (exact or GPT-2's tanh form, `config.activation`) or SwiGLU (Llama) feed-forward."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         hidden = config.resolved_d_mlp
         self.fc = nn.Linear(config.d_model, (2 if self.swiglu else 1) * hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
@@ -33,7 +34,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.approximate)
         return self.proj(h)  # (B, T, C)
 
 
