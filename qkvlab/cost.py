@@ -55,6 +55,12 @@ _DTYPE_ALIASES: dict[str, str] = {
 }
 
 
+# Quantised cache dtypes: symmetric, one bfloat16 scale per (layer, stream, token, key/value head),
+# as `qkvlab.nn.kv_cache.KVCache` stores them.
+QUANTIZED_DTYPES = ("int8", "fp8")
+SCALE_BYTES = 2
+
+
 def dtype_bytes(dtype) -> int:
     """Bytes per element of `dtype`: a name ("bf16", "float32", ...) or a `torch.dtype`."""
     if not isinstance(dtype, str):
@@ -235,11 +241,21 @@ def macs(arch: ModelConfig, variant: str | VariantSpec | None = None, seq_len: i
     return counts
 
 
+def is_quantized(dtype) -> bool:
+    """Whether a cache of `dtype` is quantised (int8, fp8): it then stores a scale per token and head."""
+    name = dtype if isinstance(dtype, str) else str(dtype)
+    key = name.strip().lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(key, key) in QUANTIZED_DTYPES
+
+
 def cache_bytes_per_token(arch: ModelConfig, variant: str | VariantSpec | None = None, dtype="bf16") -> int:
-    """KV-cache bytes one token of one sequence occupies, over all layers."""
+    """KV-cache bytes one token of one sequence occupies, over all layers.
+
+    A quantised dtype (int8, fp8) adds one SCALE_BYTES scale per layer, stream and key/value head.
+    """
     spec = resolve_variant(arch, variant)
-    return arch.n_layers * spec.cache_streams * spec.n_kv_heads(arch.n_heads) * arch.resolved_head_dim \
-        * dtype_bytes(dtype)
+    vectors = arch.n_layers * spec.cache_streams * spec.n_kv_heads(arch.n_heads)
+    return vectors * (arch.resolved_head_dim * dtype_bytes(dtype) + (SCALE_BYTES if is_quantized(dtype) else 0))
 
 
 def cache_bytes(arch: ModelConfig, variant: str | VariantSpec | None = None, context: int = 2048, batch: int = 1,

@@ -100,8 +100,10 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = SamplingConfig(),
-             cache_dtype: torch.dtype | None = None) -> list[list[int]]:
+             cache_dtype: str | torch.dtype | None = None) -> list[list[int]]:
     """Continue each prompt (lists of token ids, any lengths); returns only the new tokens per prompt.
+
+    `cache_dtype` (default: the model's) may be "int8" or "fp8" for a quantised cache.
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.

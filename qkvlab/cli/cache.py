@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from qkvlab.cli.cost import (add_arch_arguments, add_variant_arguments, arch_from_args, check_positive, length_note,
-                             parse_variant_list, resolved_name)
+                             parse_variant_list, quant_note, resolved_name)
 from qkvlab.cli.table import emit, fraction, human_bytes
 from qkvlab.cost import cache_bytes, cache_bytes_per_token, dtype_bytes, resolve_variant
 from qkvlab.errors import QkvlabError, check
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             row.pop("as", None)
     baseline_text = "QKV" if baseline.name == "QKV" else f"QKV as {baseline.name} (the model's own head sharing)"
     notes = [f"Baseline: {baseline_text}, {human_bytes(base_bytes)} ({base_bytes:,} bytes). "
-             f"Cache: {context:,} tokens x batch {args.batch} in {args.dtype}, "
+             f"Cache: {context:,} tokens x batch {args.batch} in {args.dtype}{quant_note(args.dtype)}, "
              f"{arch.n_layers} layers x head_dim {arch.resolved_head_dim}."]
     notes += length_note(named, context, "context", "bytes", args.max_seq_len is not None)
     data = {"name": named.label, "arch": arch.to_dict(), "context": context, "batch": args.batch, "dtype": args.dtype,

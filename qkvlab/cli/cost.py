@@ -16,7 +16,8 @@ from typing import NamedTuple
 from qkvlab.arch import MLPS, NORMS, POSITIONS, PRESETS, ModelConfig, is_positive_int, with_kv_heads
 from qkvlab.cli.table import emit, human_bytes, human_count, percent_change
 from qkvlab.cost import (ARCHS, STUDY_VARIANTS, cache_bytes, cache_bytes_per_token, default_seq_len, describe,
-                         dtype_bytes, get_arch, macs, param_counts, resolve_variant)
+                         SCALE_BYTES, dtype_bytes, get_arch, is_quantized, macs, param_counts,
+                         resolve_variant)
 from qkvlab.errors import QkvlabError, check
 from qkvlab.variants import VariantSpec, parse_variant
 
@@ -127,7 +128,9 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help="variants to show (default: all of the study); spaces or commas between names")
     parser.add_argument("--batch", type=int, default=1, help="sequences in the batch (default 1)")
-    parser.add_argument("--dtype", default="bf16", help="KV-cache dtype: fp32, bf16, fp16, fp8, int8 (default bf16)")
+    parser.add_argument("--dtype", "--cache-dtype", dest="dtype", default="bf16",
+                        help="KV-cache dtype: fp32, bf16, fp16, or quantised int8 / fp8 (1 byte per value plus a "
+                             "2-byte bfloat16 scale per token, head and stream) (default bf16)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -142,6 +145,12 @@ def check_positive(args: argparse.Namespace, *dests: str) -> None:
     for dest in dests:
         value = getattr(args, dest)
         check(value is None or value > 0, f"--{dest.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def quant_note(dtype: str) -> str:
+    """" (values + scales)" text for a quantised cache dtype, "" otherwise."""
+    return f" (1-byte values + a {SCALE_BYTES}-byte bfloat16 scale per token, head and stream)" \
+        if is_quantized(dtype) else ""
 
 
 def length_note(arch: Arch, length: int, what: str, numbers: str, explicit_max: bool) -> list[str]:
@@ -197,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         f"MACs: matrix products of one forward over {seq_len} tokens x batch {args.batch}, including the LM head; "
         "attention scores and weighted sum over the full T x T matrix (no causal halving, as SDPA computes it). "
         "FLOPs = 2 x MACs.",
-        f"KV cache: {seq_len} tokens x batch {args.batch} in {args.dtype}.",
+        f"KV cache: {seq_len} tokens x batch {args.batch} in {args.dtype}{quant_note(args.dtype)}.",
     ] + length_note(named, seq_len, "--seq-len", "counts", args.max_seq_len is not None)
     emit(table, args.json, right=("params", "Δ params", "MACs", "Δ MACs", "KV cache", "Δ cache"),
          title=describe(arch, named.label), notes=notes, data=data)

@@ -8,7 +8,7 @@ from torch import nn
 from qkvlab.arch import ModelConfig
 from qkvlab.models.backbone import Backbone
 from qkvlab.models.init import draw_seed, init_weights
-from qkvlab.nn.kv_cache import KVCache
+from qkvlab.nn.kv_cache import KVCache, resolve_cache_dtype
 
 
 class GPT(nn.Module):
@@ -34,7 +34,13 @@ class GPT(nn.Module):
         """Final hidden states (B, T, C), for callers that need logits at a few positions only."""
         return self.backbone(self.tok_emb(idx), cache=cache)
 
-    def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A preallocated cache on the model's device, in its dtype unless given."""
+    def make_cache(self, batch_size: int, max_len: int | None = None,
+                   dtype: str | torch.dtype | None = None) -> KVCache:
+        """A preallocated cache on the model's device, in its dtype unless given.
+
+        `dtype="int8"` (or "fp8") quantises the cache: 1 byte per value plus a bfloat16 scale per
+        token and head; reads dequantise to the model's dtype.
+        """
         param = self.tok_emb.weight
-        return KVCache.for_model(self.config, batch_size, max_len, dtype or param.dtype, param.device)
+        return KVCache.for_model(self.config, batch_size, max_len, resolve_cache_dtype(dtype) or param.dtype,
+                                 param.device)

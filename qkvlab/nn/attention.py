@@ -129,7 +129,8 @@ class Attention(nn.Module):
                 k = apply_rotary(k, rotations[0])
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
-            stored = [t.to(q.dtype) for t in ctx.cache.read(self.layer_idx, ctx.k_len)]  # (B, H_kv, Tk, D) each
+            stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
+            stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k

@@ -3,6 +3,11 @@
 One stream (the shared K = V tensor) or two (K and V), of *grouped* key/value heads only:
 heads shared by several queries are stored once and expanded at read time. Per-sequence
 lengths let a batch of prompts of different lengths generate together.
+
+A quantised cache (dtype int8, or float8 where torch has it) stores each head's vector of each
+token as 1-byte values and one bfloat16 scale (symmetric: scale = max |x| / 127 for int8, / the
+largest finite float8 value for float8), so with K = V the shared tensor is quantised once.
+Reads dequantise to the compute dtype.
 """
 
 from __future__ import annotations
@@ -12,22 +17,83 @@ import torch
 from qkvlab.errors import QkvlabError
 
 
+SCALE_DTYPE = torch.bfloat16  # one scale per (layer, stream, row, head, token): 2 bytes
+
+# Storage dtypes of a quantised cache and the largest magnitude each represents.
+QUANT_MAX: dict[torch.dtype, float] = {torch.int8: 127.0}
+for _name, _max in (("float8_e4m3fn", 448.0), ("float8_e5m2", 57344.0)):
+    if hasattr(torch, _name):
+        QUANT_MAX[getattr(torch, _name)] = _max
+
+_NAMES: dict[str, str] = {
+    "fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "bf16": "bfloat16",
+    "fp16": "float16", "half": "float16", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2",
+}
+CACHE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")  # what the CLI offers
+
+
+def resolve_cache_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A cache dtype given by name ("int8", "fp8", "bf16", "float32", ...) or as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    key = _NAMES.get(key, key)
+    resolved = getattr(torch, key, None)
+    if not isinstance(resolved, torch.dtype) or not (resolved.is_floating_point or resolved in QUANT_MAX):
+        if key.startswith("float8"):
+            raise QkvlabError(f"cache dtype {dtype!r}: this PyTorch ({torch.__version__}) has no {key}")
+        raise QkvlabError(f"unknown cache dtype {dtype!r}; accepted: {', '.join(CACHE_DTYPES)} "
+                          "(or float32, bfloat16, float16, float8_e4m3fn, float8_e5m2)")
+    return resolved
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) -> values (..., D) in `dtype` (int8 or float8) and scales (...) in SCALE_DTYPE.
+
+    Symmetric, one scale per vector: the scale is rounded to SCALE_DTYPE *before* dividing, so
+    the only error is the rounding of x / scale (at most scale / 2 per element for int8).
+    """
+    qmax = QUANT_MAX[dtype]
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()  # (..., 1)
+    scale = (amax / qmax).clamp_min(1e-30).to(SCALE_DTYPE)  # (..., 1)
+    y = (x.float() / scale.float()).clamp(-qmax, qmax)  # (..., D)
+    values = y.round().to(dtype) if dtype == torch.int8 else y.to(dtype)
+    return values, scale.squeeze(-1)
+
+
+def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """values (..., D) and scales (...) -> (..., D) in `dtype`."""
+    return values.to(dtype) * scales.to(dtype)[..., None]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """float8 tensors as uint8 (CPU scatter has no float8 kernel); others unchanged."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+
+
 class KVCache:
-    """Cache for `n_layers` layers: `streams` tensors of shape (n_layers, B, H_kv, max_len, D)."""
+    """Cache for `n_layers` layers: `streams` tensors of shape (n_layers, B, H_kv, max_len, D).
+
+    A quantised dtype (int8, float8) adds one `scales` tensor (n_layers, B, H_kv, max_len) per stream.
+    """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 streams: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 streams: int, dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if streams not in (1, 2):
             raise QkvlabError(f"a KV cache stores 1 or 2 streams, got {streams}")
+        dtype = resolve_cache_dtype(dtype)
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(streams)]
+        self.scales = ([torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=device) for _ in range(streams)]
+                       if dtype in QUANT_MAX else [])
         self.max_len = max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host-side tokens stored per row
         self._workspace: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int | None = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+                  dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
         """A cache sized for a `ModelConfig`'s attention (up to its max_seq_len by default)."""
         max_len = config.max_seq_len if max_len is None else max_len
         if not 0 < max_len <= config.max_seq_len:
@@ -44,9 +110,17 @@ class KVCache:
         return self.buffers[0].shape[1]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.buffers[0].dtype
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.scales)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors."""
-        return sum(b.numel() * b.element_size() for b in self.buffers)
+        """Bytes held by the cache's tensors (values and, when quantised, scales)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers + self.scales)
 
     @property
     def bytes_per_token(self) -> int:
@@ -67,12 +141,25 @@ class KVCache:
     def write(self, layer: int, positions: torch.Tensor, *tensors: torch.Tensor) -> None:
         """Store new (B, H_kv, T, D) tensors of `layer` at per-row `positions` (B, T)."""
         index = positions[:, None, :, None].expand_as(tensors[0])  # (B, H_kv, T, D)
-        for buffer, new in zip(self.buffers, tensors):
-            buffer[layer].scatter_(2, index, new.to(buffer.dtype))
+        if not self.quantized:
+            for buffer, new in zip(self.buffers, tensors):
+                buffer[layer].scatter_(2, index, new.to(buffer.dtype))
+            return
+        for buffer, scales, new in zip(self.buffers, self.scales, tensors):
+            values, scale = quantize(new, buffer.dtype)  # (B, H_kv, T, D), (B, H_kv, T)
+            _bits(buffer[layer]).scatter_(2, index, _bits(values))
+            scales[layer].scatter_(2, index[..., 0], scale)
 
-    def read(self, layer: int, length: int) -> list[torch.Tensor]:
-        """The stored streams of `layer` for positions 0..length-1: each (B, H_kv, length, D)."""
-        return [buffer[layer, :, :, :length] for buffer in self.buffers]
+    def read(self, layer: int, length: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """The stored streams of `layer` for positions 0..length-1: each (B, H_kv, length, D).
+
+        A quantised cache returns them dequantised to `dtype` (float32 by default); a float cache
+        returns views in its own dtype.
+        """
+        if not self.quantized:
+            return [buffer[layer, :, :, :length] for buffer in self.buffers]
+        return [dequantize(buffer[layer, :, :, :length], scales[layer, :, :, :length], dtype or torch.float32)
+                for buffer, scales in zip(self.buffers, self.scales)]
 
     def rotation_workspace(self, length: int, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
         """Scratch for one layer's rotated keys, (B, H_kv, length, D/2) complex, reused by every layer.
