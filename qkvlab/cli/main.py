@@ -18,7 +18,8 @@ from importlib import metadata
 from qkvlab.atomic import write_error
 from qkvlab.errors import QkvlabError
 
-COMMANDS = ("variants", "cost", "cache", "generate", "convert", "analyze", "data", "train", "sweep", "report", "reproduce")
+COMMANDS = ("variants", "cost", "cache", "generate", "convert", "export", "eval", "analyze", "data", "train", "sweep", "report",
+            "reproduce")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,45 @@
+"""`qkvlab export MODEL --format hf|gpt2|llama --out DIR`: a saved decoder in Hugging Face formats."""
+
+from __future__ import annotations
+
+import argparse
+
+from qkvlab.atomic import check_output
+from qkvlab.errors import QkvlabError
+
+FORMATS = ("hf", "gpt2", "llama")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a saved decoder to Hugging Face (qkvlab model type, stock GPT-2 or Llama)",
+        description="Write a saved decoder (export, checkpoint or run directory) as a Hugging Face model "
+                    "directory. --format hf (every variant, with the compact K=V cache; load with "
+                    "`import qkvlab.hf` or trust_remote_code=True), gpt2 (GPT2LMHeadModel: QKV, learned "
+                    "positions, LayerNorm, GELU) or llama (LlamaForCausalLM: QKV/GQA, rotary, RMSNorm, SwiGLU).")
+    p.add_argument("model", help="export, checkpoint or run directory, or a .safetensors file")
+    p.add_argument("--format", choices=FORMATS, default="hf", help="hf (default), gpt2 or llama")
+    p.add_argument("--out", required=True, help="output directory (written atomically; must be new or empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (never the source)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer written beside the weights: gpt2, stdlib-bpe, shakespeare, ptb, bytes, "
+                        "a tokenizer.json or a token directory with vocab.json (default: none)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output(args.out, args.force, sources=[args.model])
+    from qkvlab.data.tokenizer import load_tokenizer
+    from qkvlab.models.io import load_model
+
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    model = load_model(args.model)
+    if model.config.kind != "decoder":
+        raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; only decoders export to Hugging Face")
+    from qkvlab.hf.export import export
+
+    out = export(model, args.out, args.format, tokenizer)
+    kind = {"hf": "QkvlabForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[args.format]
+    note = f", tokenizer {tokenizer.name}" if tokenizer is not None else ", no tokenizer (pass --tokenizer)"
+    print(f"wrote {model.config.variant} model as {kind}{note} to {out}")
+    return 0
