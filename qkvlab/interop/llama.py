@@ -45,8 +45,10 @@ def rope_theta(cfg: dict) -> float:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     check(isinstance(params, dict) and isinstance(scaling, dict), "Llama rope_parameters/rope_scaling must be objects")
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    check(kind == "default", f"Llama rope type {kind!r} is not supported; accepted: default (plain rotary)")
+    kinds = [k for k in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type"))
+             if k not in (None, "default")]
+    check(not kinds, f"Llama rope type {kinds[0]!r} is not supported; accepted: default (plain rotary)"
+          if kinds else "")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     check(isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0,
           f"Llama rope_theta must be a positive number, got {theta!r}")
