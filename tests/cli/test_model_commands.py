@@ -69,7 +69,7 @@ def test_convert_bad_variant_exits_2_and_writes_nothing(saved, tmp_path, capsys)
 
 def test_analyze_reports_every_layer(saved, capsys):
     _, path = saved
-    assert main(["analyze", str(path), "--batch", "2", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    assert main(["analyze", str(path), "--random-inputs", "--batch", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
     assert [r["layer"] for r in rows] == [0, 1, "mean"]
     assert all(-1 <= r["cos_kv"] <= 1 for r in rows)
