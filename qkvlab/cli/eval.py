@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="run, checkpoint or export directory, or a Hugging Face export directory")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--include-path", default=None, help="directory of task YAML files")
+    p.add_argument("--builtin-tasks", action="store_true",
+                   help="also index lm-eval's own tasks when --include-path is given (slow; their data must "
+                        "already be in the local Hugging Face datasets cache)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
@@ -88,13 +91,12 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise QkvlabError(f"qkvlab eval needs lm-evaluation-harness: pip install 'qkvlab[eval]' ({err})") from None
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
-    manager = TaskManager(include_path=args.include_path)
+    builtin = args.include_path is None or args.builtin_tasks  # indexing lm-eval's own tasks takes a while
+    manager = TaskManager(include_path=args.include_path, include_defaults=builtin)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        local = sorted(set(manager.all_tasks) - set(TaskManager(include_path=None).all_tasks)) \
-            if args.include_path else []
-        hint = f"; tasks under --include-path: {', '.join(local[:20]) or 'none'}" if args.include_path else \
-            " (pass --include-path DIR for your own task YAML files)"
+        hint = " (pass --include-path DIR for your own task YAML files)" if args.include_path is None else \
+            f"; tasks found: {', '.join(sorted(manager.all_tasks)[:20]) or 'none'}"
         raise QkvlabError(f"unknown task(s) {', '.join(unknown)}{hint}")
     prefix = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
                    if t is not None), 0)  # what an empty context is conditioned on
