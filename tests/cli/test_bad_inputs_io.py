@@ -82,6 +82,7 @@ def ws(tmp_path_factory) -> Path:
     save_model(model, d / "run" / "checkpoints" / "step_1")
     save_model(_tiny(kind="encoder"), d / "enc")
     save_model(model, d / "ckpt_nomanifest")
+    (d / "ckpt_nomanifest" / "manifest.json").unlink()
     (d / "ckpt_nomanifest" / "state.pt").write_bytes(b"state")
     save_model(model, d / "ckpt_bad")
     (d / "ckpt_bad" / "state.pt").write_bytes(b"state")
@@ -417,7 +418,7 @@ def test_enospc_during_convert_keeps_the_previous_output(tmp_path, monkeypatch, 
     save_model(_tiny(), src)
     save_model(_tiny("MQA"), out)
     before = tree_digest(tmp_path)
-    monkeypatch.setattr("qkvlab.models.io._save_from", _no_space)
+    monkeypatch.setattr("qkvlab.weights.save_file", _no_space)
     code, _, err = run_cli(["convert", str(src), "--variant", "Q-K=V", "--out", str(out), "--force"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"could not write {out}: No space left on device; nothing was lost" in err

@@ -91,3 +91,30 @@ def test_run_checkpoints_load_as_models(tmp_path):
     loaded = load_model(tmp_path)  # a run directory: its newest checkpoint
     x = torch.randint(0, 256, (2, 9))
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_exports_are_verified_like_checkpoints(tmp_path):
+    from qkvlab.models.io import save_model
+    from qkvlab.weights import MANIFEST, verify_weights
+
+    model = build_model(preset("tiny", variant="Q-K=V"))
+    out = save_model(model, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", MANIFEST, "model.safetensors"]
+    assert set(verify_weights(out)["files"]) == {"model.safetensors"}
+    (out / "config.json").write_text("{}")  # the readable copy is not what loads
+    x = torch.randint(0, 256, (2, 9))
+    assert torch.equal(load_model(out)(x), model.eval()(x))
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in a tensor: safetensors would read it without complaint
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(QkvlabError, match=r"model '.*export' is corrupt: model.safetensors does not match its sha256"):
+        load_model(out)
+    (out / MANIFEST).unlink()  # an export from before manifests: read as it is
+    load_model(out)
+
+
+def test_a_checkpoint_is_refused_without_its_manifest_even_when_the_weights_are_whole(tmp_path):
+    path = _save(tmp_path / "checkpoints" / "step_3", _model())
+    (path / "manifest.json").unlink()
+    with pytest.raises(QkvlabError, match="checkpoint .* is incomplete: manifest.json is missing; delete it"):
+        load_model(tmp_path)
