@@ -47,8 +47,8 @@ def rope_theta(cfg: dict) -> float:
     check(isinstance(params, dict) and isinstance(scaling, dict), "Llama rope_parameters/rope_scaling must be objects")
     kinds = [k for k in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type"))
              if k not in (None, "default")]
-    check(not kinds, f"Llama rope type {kinds[0]!r} is not supported; accepted: default (plain rotary)"
-          if kinds else "")
+    if kinds:
+        raise QkvlabError(f"Llama rope type {kinds[0]!r} is not supported; accepted: default (plain rotary)")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     check(isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0,
           f"Llama rope_theta must be a positive number, got {theta!r}")

@@ -128,3 +128,11 @@ def test_not_a_llama_directory(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(QkvlabError, match="not valid JSON"):
         load_llama(tmp_path)
+
+
+def test_sharded_safetensors(tmp_path):
+    hf = _hf_llama(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(load_llama(tmp_path / "sharded")(IDX), hf(IDX).logits, **TOL)
