@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     runs = plan(args.out, tasks, seeds, variants=parse_list(args.variants) or None,
                 preset=args.preset, config=args.config, overrides=args.overrides)
     for run in runs:  # every run's config is valid before the directory is touched
-        run.requested_config()
+        run.requested_run()
     with DirLock(args.out, "sweep directory"):
         results = run_sweep(runs, jobs=args.jobs, threads=args.threads)
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "diverged", "failed")}

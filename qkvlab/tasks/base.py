@@ -3,6 +3,12 @@
 Batches are a pure function of (seed, step): resuming and distributed training need no
 sampler state. The trainer asks for the *global* batch of a step and each rank takes its
 rows, so N processes see exactly the batch one process would.
+
+A task's life: `model_config(variant, preset)` describes the model it would train (a pure
+function), run resolution (`qkvlab.train.config.resolve_run`) settles the model actually trained
+(the task's, a preset, saved weights, with overrides) and calls `setup(model, preset)` once;
+then `train_batch`, `loss` and `evaluate`. A task that was never set up behaves as for the
+"quick" preset and its own model.
 """
 
 from __future__ import annotations
@@ -42,7 +48,16 @@ class Task(ABC):
 
     @abstractmethod
     def model_config(self, variant: str, preset: str = "quick") -> ModelConfig:
-        """The model this task trains for `variant` at a reproduce preset ("quick", "full", "tiny")."""
+        """The model this task trains for `variant` at a reproduce preset ("quick", "full", "tiny").
+
+        Pure: it changes nothing in the task (`setup` does)."""
+
+    def setup(self, model: ModelConfig, preset: str) -> None:
+        """Prepare the data for training `model` at `preset`, before the first batch.
+
+        Called once, by run resolution. The default does nothing; a task whose data depends on the
+        model or the preset sets that here (a language model reads windows of the model's
+        `max_seq_len`; image augmentation is for long schedules only)."""
 
     @abstractmethod
     def train_batch(self, step: int, batch_size: int, seed: int) -> Batch:

@@ -1,11 +1,10 @@
 """Language modelling on a token directory: GPT-2 style decoder, validation perplexity.
 
-The context is the constructor's `context`, else that of the preset `model_config` was last
-called with (quick's until then); set `task.context` to match another model's max_seq_len.
-Training windows of `context + 1` tokens start at uniform random positions of the train split
-(seeded by (seed, step)); evaluation reads consecutive non-overlapping windows of the val split.
-When the directory records how many characters a split encodes, bits per character and
-per-character perplexity are reported too.
+The context is the model's `max_seq_len` once `setup` has run (until then the constructor's
+`context`, else the quick preset's). Training windows of `context + 1` tokens start at uniform
+random positions of the train split (seeded by (seed, step)); evaluation reads consecutive
+non-overlapping windows of the val split. When the directory records how many characters a
+split encodes, bits per character and per-character perplexity are reported too.
 """
 
 from __future__ import annotations
@@ -70,10 +69,13 @@ class LanguageModelTask(Task):
 
     def model_config(self, variant: str, preset: str = "quick") -> ModelConfig:
         layers, d_model, heads, context = self.sizes.get(preset, self.sizes["quick"])
-        self.context = self._explicit_context or context  # the windows train_batch and evaluate read
+        context = self._explicit_context or context
         return ModelConfig(kind="decoder", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
-                           max_seq_len=self.context, vocab_size=padded_vocab(self.vocab_size),
+                           max_seq_len=context, vocab_size=padded_vocab(self.vocab_size),
                            positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
+
+    def setup(self, model: ModelConfig, preset: str) -> None:
+        self.context = model.max_seq_len  # the windows train_batch and evaluate read
 
     def model_inputs(self, batch: Batch) -> torch.Tensor:
         return batch["tokens"][:, :-1]  # (B, T)

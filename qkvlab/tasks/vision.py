@@ -4,9 +4,9 @@ Training batches: a per-epoch permutation from (seed, epoch) that the step index
 random crops of the zero-padded image and (not for digits) horizontal flips seeded by (seed,
 step), then per-channel normalisation with the training set's mean and std.
 
-Augmentation belongs to long schedules: `model_config(variant, preset)` turns it off for the
-"tiny" and "quick" presets (a few hundred steps, where shifted digits only slow learning: a
-quick MNIST run reaches ~80 % without crops and ~40 % with them) and on for "full".
+Augmentation belongs to long schedules: `setup(model, preset)` turns it off for the "tiny" and
+"quick" presets (a few hundred steps, where shifted digits only slow learning: a quick MNIST
+run reaches ~80 % without crops and ~40 % with them) and on for "full".
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class ClassificationTask(Task):
         self._data: ImageSet | None = None
         self.image_size, self.channels, self.patch_size, self.n_classes = image_size, channels, patch_size, n_classes
         self.aug = aug
-        self.augmenting = True  # set by model_config for the preset
+        self.augmenting = False  # set by setup for the preset
 
     @property
     def data(self) -> ImageSet:
@@ -96,11 +96,13 @@ class ClassificationTask(Task):
 
     def model_config(self, variant: str, preset: str = "quick") -> ModelConfig:
         layers, d_model, heads = self.sizes.get(preset, self.sizes["quick"])
-        self.augmenting = preset not in ("tiny", "quick")
         n_patches = (self.image_size // self.patch_size) ** 2
         return ModelConfig(kind="vit", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
                            image_size=self.image_size, patch_size=self.patch_size, in_channels=self.channels,
                            n_classes=self.n_classes, max_seq_len=n_patches + 1, positions="learned")
+
+    def setup(self, model: ModelConfig, preset: str) -> None:
+        self.augmenting = preset not in ("tiny", "quick")
 
     def train_batch(self, step: int, batch_size: int, seed: int) -> Batch:
         data = self.data

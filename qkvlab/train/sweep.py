@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from qkvlab.errors import QkvlabError, check
-from qkvlab.train.config import RunConfig, differences, load_config, parse_override, resolve
+from qkvlab.train.config import ResolvedRun, differences, load_config, parse_override, resolve_run
 from qkvlab.train.lock import PARENT_ENV, child_preexec
 from qkvlab.train.runs import (CONFIG, FINISHED, SUMMARY, load_task, read_summary, run_dir_for, run_status,
                                summary_problem)
@@ -56,10 +56,9 @@ class SweepRun:
         return base + [f"task={self.task}", f"variant={self.variant}", f"seed={self.seed}", f"preset={self.preset}",
                        f"train.out_dir={self.run_dir}", "train.progress=false", *self.overrides]
 
-    def requested_config(self) -> RunConfig:
-        """The resolved config `qkvlab train` builds from `train_args` (a `QkvlabError` when it is invalid)."""
-        cfg = load_config(self.config, self.train_args())
-        return resolve(cfg, _task(cfg.task, cfg.data_dir))
+    def requested_run(self) -> ResolvedRun:
+        """The run `qkvlab train` resolves from `train_args` (a `QkvlabError` when it is invalid)."""
+        return resolve_run(load_config(self.config, self.train_args()))
 
     def is_current(self) -> bool:
         """Whether the run in `run_dir` was trained with exactly the config this sweep asks for
@@ -68,19 +67,9 @@ class SweepRun:
         if not stored_path.is_file():
             return False
         try:
-            return not differences(load_config(stored_path), self.requested_config())
+            return not differences(load_config(stored_path), self.requested_run().config)
         except QkvlabError:
             return False
-
-
-_TASKS: dict[tuple[str, str | None], object] = {}
-
-
-def _task(name: str, data_dir: str | None):
-    """A task instance for resolving budgets (one per name and data directory)."""
-    if (name, data_dir) not in _TASKS:
-        _TASKS[name, data_dir] = load_task(name, data_dir)
-    return _TASKS[name, data_dir]
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -131,7 +120,6 @@ def check_data(tasks: list[str], overrides: list[str] = ()) -> None:
 
 def _task_variants(task: str) -> list[str]:
     from qkvlab.tasks.registry import variants_for
-    from qkvlab.train.runs import load_task
 
     return list(variants_for(load_task(task)))
 
@@ -139,8 +127,6 @@ def _task_variants(task: str) -> list[str]:
 def _task_dir_name(task: str) -> str:
     """The task's directory: its registered name, or the class's `name` for "module:Class" tasks."""
     if ":" in task:
-        from qkvlab.train.runs import load_task
-
         return load_task(task).name or task
     return task
 
@@ -230,7 +216,7 @@ def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, p
     check(jobs >= 1, f"--jobs must be at least 1, got {jobs}")
     check(threads is None or threads >= 1, f"--threads must be at least 1, got {threads}")
     for run in runs:  # every run's config is valid before any starts
-        run.requested_config()
+        run.requested_run()
     threads = threads or max(1, available_cores() // jobs)
     base_env = dict(os.environ if env is None else env)
     base_env["OMP_NUM_THREADS"] = str(threads)

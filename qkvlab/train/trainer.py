@@ -17,7 +17,6 @@ import shutil
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,14 +24,14 @@ from tqdm import tqdm
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.train import checkpoint as ckpt
-from qkvlab.train.config import ALL, RunConfig, differences, load_config, model_config, resolve, save_config
+from qkvlab.train.config import ALL, ResolvedRun, RunConfig, differences, load_config, resolve_run, save_config
 from qkvlab.train.distributed import (DistEnv, all_reduce_mean, barrier, broadcast_object, full_state_dicts,
                                       gradient_sync, init_distributed, load_full_state_dicts, micro_batches,
                                       optimizer_format, shard_batch, shutdown, unwrap, wrap_model)
 from qkvlab.train.lock import DirLock
 from qkvlab.train.metrics import MetricsLogger
 from qkvlab.train.optim import build_optimizer, build_scheduler, load_scheduler_state
-from qkvlab.train.runs import CONFIG, FINISHED, METRICS, SUMMARY, load_task, read_summary, storing, write_summary
+from qkvlab.train.runs import CONFIG, FINISHED, METRICS, SUMMARY, read_summary, storing, write_summary
 
 try:
     VERSION = metadata.version("qkvlab")
@@ -88,21 +87,21 @@ def _autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
-    """Trains one run (`fit`), resuming from its latest checkpoint when one exists."""
+    """Trains one resolved run (`fit`), resuming from its latest checkpoint when one exists."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv | None = None, task=None, restart: bool = False):
+    def __init__(self, run: ResolvedRun, env: DistEnv | None = None, restart: bool = False):
         self.env = env or DistEnv()
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.task = task if task is not None else load_task(cfg.task, cfg.data_dir)
-        self.cfg = resolve(cfg, self.task, note=self._say)
-        self.model_cfg = model_config(self.cfg, self.task)
+        self.cfg, self.model_cfg, self.task = run.config, run.model, run.task
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        for note in run.notes:
+            self._say(note)
         t = self.cfg.train
         world = self.env.world_size
         check(t.batch_size % (world * t.grad_accum) == 0,
               f"train.batch_size={t.batch_size} must be divisible by processes x train.grad_accum "
               f"= {world} x {t.grad_accum}")
-        self.run_dir = Path(t.out_dir)
+        self.run_dir = run.run_dir
         self.restart = restart
         self.amp_dtype = _autocast_dtype(t.dtype, self.env.device)
 
@@ -398,14 +397,17 @@ class Trainer:
         return summary
 
 
-def train(cfg: RunConfig, task=None, restart: bool = False) -> dict:
-    """Train (or resume, or skip when finished) the run `cfg` describes; returns its summary.
+def train(run: RunConfig | ResolvedRun, task=None, restart: bool = False) -> dict:
+    """Train (or resume, or skip when finished) a run; returns its summary.
 
-    Under `torchrun` this joins the process group, trains data-parallel and leaves it again.
+    A `RunConfig` is resolved first, against `task` (default: the task it names). Under
+    `torchrun` this joins the process group, trains data-parallel and leaves it again.
     """
-    env = init_distributed(cfg.distributed, cfg.train.device)
+    if not isinstance(run, ResolvedRun):
+        run = resolve_run(run, task)
+    env = init_distributed(run.config.distributed, run.config.train.device)
     try:
-        trainer = Trainer(cfg, env, task=task, restart=restart)
+        trainer = Trainer(run, env, restart=restart)
         return {**trainer.fit(), "run_dir": str(trainer.run_dir)}
     finally:
         shutdown(env)

@@ -129,9 +129,9 @@ def test_augmentation_follows_the_preset():
 
     data = _digits()
     task = ClassificationTask("toy", lambda: data, 28, 1, 7, 10, Augment(pad=2, flip=True))
-    task.model_config("QKV", "quick")
+    task.setup(task.model_config("QKV", "quick"), "quick")
     plain = task.train_batch(0, 16, seed=0)
-    task.model_config("QKV", "full")
+    task.setup(task.model_config("QKV", "full"), "full")
     augmented = task.train_batch(0, 16, seed=0)
     assert torch.equal(plain["labels"], augmented["labels"])
     assert not torch.equal(plain["images"], augmented["images"])

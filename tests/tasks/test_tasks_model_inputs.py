@@ -12,7 +12,9 @@ def test_model_inputs_feed_the_tasks_model(name, fetched):
     for dataset in data_for([name]):
         fetched(dataset)
     task = get_task(name)
-    model = build_model(task.model_config("Q-K=V", "tiny")).eval()
+    config = task.model_config("Q-K=V", "tiny")
+    task.setup(config, "tiny")
+    model = build_model(config).eval()
     inputs = task.model_inputs(task.train_batch(0, 2, seed=0))
     with torch.no_grad():
         out = model(inputs)

@@ -29,7 +29,9 @@ CASES = [
 
 def _train(task, variant: str, batch_size: int = 8, steps: int = 12) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = build_model(task.model_config(variant, "tiny"))
+    config = task.model_config(variant, "tiny")
+    task.setup(config, "tiny")
+    model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = task.train_batch(0, batch_size, seed=0)
     with torch.no_grad():

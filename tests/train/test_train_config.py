@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from toy_task import ToyTask
 
 from qkvlab.cli.main import main
 from qkvlab.errors import QkvlabError
 from qkvlab.models.config import PRESETS
-from qkvlab.train.config import (RUNTIME_KEYS, differences, find_config, known_keys, load_config, model_config,
-                                 packaged_configs, resolve)
+from qkvlab.train.config import (RUNTIME_KEYS, ResolvedRun, differences, find_config, known_keys, load_config,
+                                 packaged_configs, resolve_run)
 
 
 def test_yaml_and_overrides_map_onto_typed_fields(tmp_path):
@@ -72,15 +74,51 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, capsys):
 
 def test_resolve_fills_the_budget_and_keeps_explicit_values():
     task = ToyTask()
-    cfg = resolve(load_config(None, ["task=toy", "preset=tiny", "train.steps=12"]), task)
-    budget = task.budget("tiny")
+    run = resolve_run(load_config(None, ["task=toy", "preset=tiny", "train.steps=12"]), task)
+    cfg, budget = run.config, task.budget("tiny")
+    assert run.task is task and run.model == task.model_config("QKV", "tiny") and run.notes == ()
     assert cfg.train.steps == 12 and cfg.train.batch_size == budget.batch_size
     assert cfg.optim.lr == budget.lr and cfg.schedule.warmup_steps == budget.warmup_steps
     assert cfg.train.checkpoint_every == budget.eval_every
     assert cfg.train.out_dir == "runs/toy/QKV/seed0"
     with pytest.raises(QkvlabError, match="no budget for preset 'huge'"):
-        resolve(load_config(None, ["task=toy", "preset=huge"]), task)
-    assert model_config(load_config(None, ["task=toy", "variant=MQA", "model.n_layers=3"]), task).n_layers == 3
+        resolve_run(load_config(None, ["task=toy", "preset=huge"]), task)
+    run = resolve_run(load_config(None, ["task=toy", "variant=MQA", "model.n_layers=3"]), task)
+    assert run.model.n_layers == 3 and run.model.variant == "MQA"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.model = None
+
+
+class _SetUpToy(ToyTask):
+    """Records how it was set up."""
+
+    calls: list
+
+    def setup(self, model, preset):
+        self.calls = [*getattr(self, "calls", []), (model, preset)]
+
+
+def test_resolution_sets_the_task_up_once_for_the_model_it_chose(tmp_path):
+    task = _SetUpToy()
+    run = resolve_run(load_config(None, ["task=toy", "preset=tiny", "model.d_model=8"]), task)
+    assert isinstance(run, ResolvedRun) and task.calls == [(run.model, "tiny")] and run.model.d_model == 8
+    task.model_config("QKV", "quick")  # describing a model sets nothing up
+    assert len(task.calls) == 1
+
+
+def test_language_and_vision_tasks_follow_their_setup_not_model_config():
+    from qkvlab.tasks.registry import get_task
+
+    lm = get_task("shakespeare-char")
+    lm.model_config("QKV", "full")
+    assert lm.context == 64  # quick's until set up
+    run = resolve_run(load_config(None, ["task=shakespeare-char", "preset=full", "model.max_seq_len=96"]))
+    assert run.model.max_seq_len == 96 and run.task.context == 96
+    vision = get_task("mnist")
+    vision.model_config("QKV", "full")
+    assert vision.augmenting is False
+    assert resolve_run(load_config(None, ["task=mnist", "preset=full"])).task.augmenting is True
+    assert resolve_run(load_config(None, ["task=mnist", "preset=quick"])).task.augmenting is False
 
 
 def test_runtime_keys_do_not_count_as_differences():
@@ -102,7 +140,8 @@ def test_packaged_configs_load_and_the_paper_recipes_match_the_paper():
         assert cfg.optim.lr == lr and cfg.schedule.warmup_steps == warmup and cfg.schedule.kind == "cosine"
         assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.1 and cfg.optim.grad_clip == 1.0
         assert cfg.train.dtype == "bfloat16" and cfg.distributed.strategy == strategy
-        model = model_config(cfg, task=None)
-        assert model == PRESETS[preset].replace(dropout=0.1)
+        run = resolve_run(cfg)
+        model = run.model
+        assert model == PRESETS[preset].replace(dropout=0.1) and run.task.context == model.max_seq_len
         tokens = cfg.train.steps * cfg.train.batch_size * model.max_seq_len
         assert 9.99e9 < tokens < 1.01e10  # the paper's 10B tokens

@@ -24,7 +24,7 @@ from qkvlab.models.config import preset
 from qkvlab.models.io import save_model
 from qkvlab.train import checkpoint as ckpt
 from qkvlab.train import metrics as metrics_module
-from qkvlab.train.config import load_config, resolve
+from qkvlab.train.config import load_config, resolve_run
 from qkvlab.train.lock import LOCK, DirLock
 from qkvlab.train.metrics import MetricsLogger, read_metrics
 from qkvlab.train.runs import read_summary, run_status, summary_problem
@@ -232,10 +232,9 @@ def test_model_variant_is_the_variant(tmp_path):
 
 
 def test_a_warmup_longer_than_the_run_is_clamped_with_a_note():
-    notes = []
-    cfg = resolve(load_config(None, ["task=toy", "preset=tiny", "train.steps=1"]), ToyTask(), note=notes.append)
-    assert cfg.schedule.warmup_steps == 1
-    assert notes == ["note: schedule.warmup_steps=2 exceeds train.steps=1; warming up over all 1 steps"]
+    run = resolve_run(load_config(None, ["task=toy", "preset=tiny", "train.steps=1"]), ToyTask())
+    assert run.config.schedule.warmup_steps == 1
+    assert run.notes == ("note: schedule.warmup_steps=2 exceeds train.steps=1; warming up over all 1 steps",)
 
 
 class _CountingToy(ToyTask):
