@@ -14,13 +14,15 @@ from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models.gpt import GPT
 from qkvlab.models.io import load_model
+from qkvlab.nn.kv_cache import resolve_cache_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a saved decoder with the KV cache",
-                       description="Generate from a saved decoder (export, checkpoint or run directory). "
-                                   "Several --prompt options generate as one batch.")
-    p.add_argument("model", help="export, checkpoint or run directory, or a .safetensors file")
+                       description="Generate from a saved decoder (export, checkpoint or run directory), or "
+                                   "from a model.pt2 written by `qkvlab export --format pt2` (batch 1 per "
+                                   "prompt). Several --prompt options generate as one batch.")
+    p.add_argument("model", help="export, checkpoint or run directory, a .safetensors file, or a .pt2 export")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--tokenizer", default="bytes",
                    help="gpt2, stdlib-bpe, shakespeare (characters), ptb (words), bytes (default), "
@@ -32,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--cache-dtype", default=None,
+                   help="KV-cache dtype: the model's (default), fp32, bf16, fp16, or int8 / fp8 (quantised: 1 byte "
+                        "per value and a bfloat16 scale per token and head); a .pt2 keeps its export's")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -57,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop_tokens=tuple(args.stop), prefill_chunk=args.prefill_chunk,
                               seed=args.seed, vocab_limit=tok.vocab_size)
+    if str(args.model).endswith(".pt2"):
+        return _run_pt2(args, tok, sampling)
+    cache_dtype = resolve_cache_dtype(args.cache_dtype)
     model = load_model(args.model, device)
     if not isinstance(model, GPT):
         raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; generate needs a decoder")
@@ -65,8 +73,32 @@ def run(args: argparse.Namespace) -> int:
                           f"{model.config.vocab_size}")
     prompts = [tok.encode(p) for p in args.prompt]
     start = time.perf_counter()
-    outputs = generate(model, prompts, sampling)
+    outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype)
     seconds = time.perf_counter() - start
+    dtype = str(cache_dtype or model.tok_emb.weight.dtype).removeprefix("torch.")
+    _print(args, tok, outputs, seconds, f"{model.config.variant}, KV cache {dtype}, {torch.get_num_threads()} threads")
+    return 0
+
+
+def _run_pt2(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
+    """Generate from an AOTInductor export, one prompt at a time (its programs are batch 1)."""
+    from qkvlab.deploy.pt2 import Pt2Runner, generate_with
+
+    if args.cache_dtype is not None:
+        raise QkvlabError("--cache-dtype does not apply to a .pt2 export (its cache dtype is fixed at export)")
+    runner = Pt2Runner(args.model)
+    if tok.vocab_size > runner.vocab_size:
+        raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
+                          f"{runner.vocab_size}")
+    start = time.perf_counter()
+    outputs = [generate_with(runner.prefill, runner.decode, runner.empty_cache(), tok.encode(p), sampling,
+                             runner.max_context, runner.vocab_size) for p in args.prompt]
+    seconds = time.perf_counter() - start
+    _print(args, tok, outputs, seconds, f"{runner.config['variant']}, pt2, cache {runner.metadata['cache_dtype']}")
+    return 0
+
+
+def _print(args, tok, outputs, seconds: float, what: str) -> None:
     n_new = sum(len(o) for o in outputs)
     if args.json:
         rows = [{"prompt": p, "completion": tok.decode(o), "tokens": o} for p, o in zip(args.prompt, outputs)]
@@ -75,6 +107,4 @@ def run(args: argparse.Namespace) -> int:
         for p, o in zip(args.prompt, outputs):
             print(p + tok.decode(o))
             print("-" * 40)
-        print(f"{n_new} tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s, "
-              f"{model.config.variant}, KV cache {torch.get_num_threads()} threads)", file=sys.stderr)
-    return 0
+        print(f"{n_new} tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s, {what})", file=sys.stderr)

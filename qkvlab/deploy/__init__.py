@@ -1,0 +1,1 @@
+"""Deployment: export a decoder with its compact KV cache (AOTInductor .pt2)."""
