@@ -20,12 +20,16 @@ data); random inputs are for tests and `qkvlab analyze --random-inputs` only.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qkvlab.nn.attention import Attention
+
+if TYPE_CHECKING:
+    from qkvlab.models import Model
 
 STATS = ("cos_qk", "cos_qv", "cos_kv", "rank_q", "rank_k", "rank_v", "asym")
 
@@ -137,7 +141,7 @@ def check_task_matches(task, cfg, model_name: str = "the model") -> None:
     check(not diff, f"task {task.name!r} does not match {model_name} ({', '.join(diff)}; task vs checkpoint)")
 
 
-def held_out_inputs(model: nn.Module, task, batch_size: int, model_name: str = "the model") -> tuple[tuple, dict]:
+def held_out_inputs(model: Model, task, batch_size: int, model_name: str = "the model") -> tuple[tuple, dict]:
     """A held-out batch of `task` as `model` (a qkvlab model with `.config`) is called with it."""
     check_task_matches(task, model.config, model_name)
     if hasattr(task, "context"):  # language models read windows of the model's context

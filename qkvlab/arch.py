@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.variants import VariantSpec, parse_variant
@@ -137,7 +138,8 @@ class ModelConfig:
         if self.positions == "sinusoidal":
             check(self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.positions == "rotary":
-            check(self.resolved_head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
+            check(self.resolved_head_dim % 2 == 0,
+                  f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
         if self.kind == "vit":
             check(self.image_size % self.patch_size == 0,
                   f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
@@ -192,8 +194,8 @@ class ModelConfig:
 def _gpt2_style(**kw) -> ModelConfig:
     """The paper's language models: learned positions, pre-LayerNorm, exact (erf) GELU MLP as the
     study's released code (`torch.nn.GELU()`), tied embeddings, biases."""
-    base = dict(kind="decoder", positions="learned", norm="layernorm", mlp="gelu", activation="gelu", bias=True,
-                tie_embeddings=True, dropout=0.1, max_seq_len=2048, vocab_size=50304)
+    base: dict[str, Any] = dict(kind="decoder", positions="learned", norm="layernorm", mlp="gelu", activation="gelu",
+                                bias=True, tie_embeddings=True, dropout=0.1, max_seq_len=2048, vocab_size=50304)
     base.update(kw)
     return ModelConfig(**base)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from qkvlab.errors import QkvlabError, check
 
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(path)
     cfg = model.config
     check_batch(cfg, args.batch)
+    kwargs: dict[str, Any]
     if args.random_inputs:
         source = "RANDOM INPUTS (not task data; --random-inputs)"
         inputs, kwargs = (random_inputs(cfg, args.batch, args.seed),), {}
@@ -100,19 +102,20 @@ def run(args: argparse.Namespace) -> int:
             check(isinstance(name, str) and name != "",
                   f"{args.model!r} records no task (no run config.yaml); pass --task NAME, "
                   "or --random-inputs to analyse random inputs")
-            data_dir = data_dir or run_cfg.get("data_dir")
+            data_dir = data_dir or (run_cfg or {}).get("data_dir")
         task = load_task(name, data_dir)
         inputs, kwargs = held_out_inputs(model, task, args.batch, f"model {args.model!r}")
         source = f"held-out batch of task {name!r}"
-    rows = [{c: r[c] for c in COLUMNS} for r in projection_similarity(model, *inputs, **kwargs)]
-    check(len(rows) > 0, f"{args.model!r} has no attention layers to analyse")
-    mean = summarize_layers(rows)
-    rows = rows + [{"layer": "mean", **{c: mean[c] for c in COLUMNS[1:]}}]
+    layers = [{c: r[c] for c in COLUMNS} for r in projection_similarity(model, *inputs, **kwargs)]
+    check(len(layers) > 0, f"{args.model!r} has no attention layers to analyse")
+    mean = summarize_layers(layers)
+    rows: list[dict[str, Any]] = [*layers, {"layer": "mean", **{c: mean[c] for c in COLUMNS[1:]}}]
     if args.json:
         import json
         import math
 
-        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                 for r in rows]
         print(json.dumps({"inputs": source, "random_inputs": bool(args.random_inputs), "batch": args.batch,
                           "layers": clean}, indent=1, allow_nan=False))
     else:

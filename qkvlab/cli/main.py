@@ -14,16 +14,17 @@ import importlib
 import signal
 import sys
 from importlib import metadata
+from typing import NoReturn
 
 from qkvlab.atomic import write_error
 from qkvlab.errors import QkvlabError
 
-COMMANDS = ("variants", "cost", "cache", "generate", "convert", "export", "eval", "analyze", "data", "train", "sweep", "report",
-            "reproduce")
+COMMANDS = ("variants", "cost", "cache", "generate", "convert", "export", "eval", "analyze", "data", "train", "sweep",
+            "report", "reproduce", "experiment")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse already exits 2; keep it to one line
+    def error(self, message: str) -> NoReturn:  # argparse already exits 2; keep it to one line
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

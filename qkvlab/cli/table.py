@@ -80,7 +80,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None,
     align = [c in right or _numeric(row.get(c) for row in rows) for c in columns]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, align)]
+        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, align, strict=True)]
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

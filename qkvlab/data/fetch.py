@@ -21,8 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qkvlab.atomic import atomic_dir, atomic_write_json, sha256_file
-from qkvlab.data.cache import (READY, cache_root, damaged, dataset_dir, dir_size, file_manifest, is_ready, problems,
-                               read_ready)
+from qkvlab.data.cache import (
+    READY,
+    cache_root,
+    damaged,
+    dataset_dir,
+    dir_size,
+    file_manifest,
+    is_ready,
+    problems,
+    read_ready,
+)
 from qkvlab.data.sources import Source, get_source, resolve
 from qkvlab.errors import QkvlabError
 
@@ -115,7 +124,9 @@ def _extract(source: Source, archive: Path, raw: Path, work: Path) -> None:
             for member in tf:
                 target = _targets(source, member.name) if member.isfile() else None
                 if target:
-                    (raw / target).write_bytes(tf.extractfile(member).read())
+                    data = tf.extractfile(member)
+                    assert data is not None  # a regular file (member.isfile()) always has contents
+                    (raw / target).write_bytes(data.read())
                     taken += 1
     else:
         raise QkvlabError(f"cannot unpack {archive.name}: not a .deb, wheel or tarball")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from qkvlab.data.cache import require
-from qkvlab.data.tokenizer import gpt2_tokenizer, train_bpe, TextTokenizer
+from qkvlab.data.tokenizer import TextTokenizer, gpt2_tokenizer, train_bpe
 from qkvlab.data.tokens import TokenWriter
 from qkvlab.errors import QkvlabError
 
@@ -66,12 +66,12 @@ def convert_shakespeare_gpt2(raw: Path, out: Path, root: Path) -> dict:
 def ptb_splits(path: Path) -> dict[str, str]:
     """The `penn` dict of the `treebank` package (read as data, never imported)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    splits = {}
+    splits: dict[str, str] = {}
     for node in tree.body:
         if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
                 and isinstance(node.targets[0], ast.Subscript)):
             key = node.targets[0].slice
-            if isinstance(key, ast.Constant):
+            if isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(node.value.value, str):
                 splits[key.value] = node.value.value
     if set(splits) != {"train", "valid", "test"}:
         raise QkvlabError(f"{path}: expected penn['train'/'valid'/'test'], found {sorted(splits)}")
@@ -124,10 +124,12 @@ def build_stdlib(files: list[Path], out: Path, vocab_size: int = STDLIB_VOCAB) -
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     wrapped = TextTokenizer("stdlib-bpe", tok)
-    writer = TokenWriter(out, wrapped.vocab_size, "stdlib-bpe", eot=wrapped.eot)
-    for i, (text, ids) in enumerate(zip(texts, wrapped.encode_batch(texts))):
+    eot = wrapped.eot
+    assert eot is not None  # train_bpe declares EOT as a special token
+    writer = TokenWriter(out, wrapped.vocab_size, "stdlib-bpe", eot=eot)
+    for i, (text, ids) in enumerate(zip(texts, wrapped.encode_batch(texts), strict=True)):
         split = "val" if i % STDLIB_VAL_EVERY == STDLIB_VAL_EVERY - 1 else "train"
-        writer.write(split, [*ids, wrapped.eot], chars=len(text))
+        writer.write(split, [*ids, eot], chars=len(text))
     writer.close()
     digest = hashlib.sha256(tok.to_str().encode()).hexdigest()
     return {"files": len(texts), "vocab_size": wrapped.vocab_size, "tokenizer_sha256": digest,

@@ -34,10 +34,10 @@ def find_tinyimagenet(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    with Image.open(path) as file:
+        img = file.convert("RGB")
         if img.size != (SIZE, SIZE):
-            img = img.resize((SIZE, SIZE), Image.BILINEAR)
+            img = img.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype=np.uint8)  # (64, 64, 3)
 
 

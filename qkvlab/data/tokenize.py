@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qkvlab.atomic import atomic_dir, check_output
-from qkvlab.data.tokenizer import TextTokenizer
+from qkvlab.data.tokenizer import TextTokenizer, VocabTokenizer
 from qkvlab.data.tokens import TokenWriter
 from qkvlab.errors import QkvlabError, check
 
@@ -76,8 +76,8 @@ def check_inputs(paths: Sequence[Path]) -> None:
             raise QkvlabError(f"input file {p} is not readable (permission denied)")
 
 
-def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: TextTokenizer, out: str | os.PathLike,
-                   val_every: int = 100, val_files: Sequence[str | os.PathLike] = (),
+def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: TextTokenizer | VocabTokenizer,
+                   out: str | os.PathLike, val_every: int = 100, val_files: Sequence[str | os.PathLike] = (),
                    shard_tokens: int = 1 << 27, force: bool = False, sources: Sequence[str | os.PathLike] = ()) -> dict:
     """Tokenize `files` (+ `val_files`) into the token directory `out` (written atomically).
 
@@ -119,8 +119,12 @@ def _blocks(paths: list[Path], val_paths: list[Path], val_every: int) -> Iterato
                 yield split, block, i == len(blocks) - 1
 
 
-def _flush(buffer: list[tuple[str, str, bool]], tokenizer: TextTokenizer, writer: TokenWriter) -> None:
+def _flush(buffer: list[tuple[str, str, bool]], tokenizer: TextTokenizer | VocabTokenizer, writer: TokenWriter) -> None:
     end = [tokenizer.eot] if tokenizer.eot is not None else []
-    for (split, block, last), ids in zip(buffer, tokenizer.encode_batch([b for _, b, _ in buffer])):
+    blocks = [b for _, b, _ in buffer]
+    # a character/word vocabulary (shakespeare, ptb, a token directory) encodes one text at a time
+    encoded = (tokenizer.encode_batch(blocks) if isinstance(tokenizer, TextTokenizer)
+               else [tokenizer.encode(b) for b in blocks])
+    for (split, block, last), ids in zip(buffer, encoded, strict=True):
         writer.write(split, ids + end if last else ids, chars=len(block))
     buffer.clear()

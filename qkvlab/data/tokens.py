@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class TokenWriter:
         self.shard_tokens = shard_tokens
         self.meta = {"format": FORMAT, "dtype": self.dtype.name, "vocab_size": vocab_size,
                      "tokenizer": tokenizer, "eot": eot, "splits": {}, "chars": {}, **(extra or {})}
-        self._files: dict[str, object] = {}
+        self._files: dict[str, BinaryIO] = {}
 
     def write(self, split: str, ids: Iterable[int] | np.ndarray, chars: int = 0) -> None:
         """Append `ids` to `split` (and count `chars` characters of source text)."""
@@ -100,7 +101,7 @@ class TokenSplit:
         which = np.searchsorted(cum, starts, side="right")  # (n,)
         offsets = starts - (cum - valid)[which]
         return np.stack([np.asarray(self.shards[w][o:o + length], dtype=np.int64)
-                         for w, o in zip(which, offsets)])
+                         for w, o in zip(which, offsets, strict=True)])
 
     def sequential_windows(self, length: int, limit: int | None = None) -> Iterable[np.ndarray]:
         """Non-overlapping windows of `length` tokens from the start of each shard, in order."""
@@ -143,7 +144,7 @@ def open_tokens(path: str | os.PathLike) -> TokenDir:
         raise QkvlabError(f"{path / META}: format {meta.get('format')!r} is not {FORMAT!r}")
     splits = {}
     for name, shards in shard_sizes(path, meta).items():
-        maps = []
+        maps: list[np.ndarray] = []
         for file, tokens, size in shards:
             if not file.is_file() or file.stat().st_size != size:
                 found = f"has {file.stat().st_size} bytes" if file.is_file() else "is missing"

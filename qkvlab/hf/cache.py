@@ -48,7 +48,7 @@ class QkvlabCache(Cache):
             new = KVCache(c.n_layers, batch, c.n_kv_heads, c.resolved_head_dim, min(size, limit),
                           c.spec.cache_streams, dtype, device)
             if self.kv is not None:
-                for old, buf in zip(self.kv.buffers, new.buffers):
+                for old, buf in zip(self.kv.buffers, new.buffers, strict=True):
                     buf[:, :, :, : old.shape[3]] = old
                 new.set_lengths(self.kv.lengths)
             self.kv = new

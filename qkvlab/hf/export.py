@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from torch import nn
 from qkvlab.arch import ModelConfig
 from qkvlab.atomic import atomic_dir
 from qkvlab.errors import QkvlabError
+
+if TYPE_CHECKING:
+    from qkvlab.models.gpt import GPT
 
 FORMATS = ("hf", "gpt2", "llama")
 REMOTE_FILES = {
@@ -42,7 +46,7 @@ def activation(config: ModelConfig) -> str:
 
 # --- the qkvlab format -------------------------------------------------------------------
 
-def to_hf(model: nn.Module):
+def to_hf(model: GPT):
     """An in-memory `QkvlabForCausalLM` holding `model`'s weights (a copy)."""
     from qkvlab.hf.configuration import QkvlabConfig
     from qkvlab.hf.modeling import QkvlabForCausalLM
@@ -52,7 +56,8 @@ def to_hf(model: nn.Module):
         raise QkvlabError(f"only decoders export to Hugging Face, got a {config.kind} model")
     hf = QkvlabForCausalLM(QkvlabConfig.from_qkvlab(config))
     hf.model.load_state_dict(model.state_dict())
-    return hf.to(next(model.parameters()).dtype).eval()
+    # transformers types `to` as a wrapped unbound method; the call is the ordinary Module.to(dtype)
+    return hf.to(next(model.parameters()).dtype).eval()  # type: ignore[arg-type]
 
 
 # --- stock formats ---------------------------------------------------------------------------
@@ -63,7 +68,7 @@ def _refuse(fmt: str, config: ModelConfig, needs: dict[str, object]) -> None:
         raise QkvlabError(f"--format {fmt} cannot hold this model: {'; '.join(wrong)}; use --format hf")
 
 
-def to_gpt2(model: nn.Module):
+def to_gpt2(model: GPT):
     """A stock `GPT2LMHeadModel` with `model`'s weights (QKV, learned positions, LayerNorm, GELU)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -90,7 +95,8 @@ def to_gpt2(model: nn.Module):
     for i in range(c.n_layers):
         for theirs, mine in renames.items():
             weight = src[f"backbone.blocks.{i}.{mine}.weight"]
-            state[f"transformer.h.{i}.{theirs}.weight"] = weight if theirs.startswith("ln") else weight.t()  # Conv1D: (in, out)
+            # GPT-2's Conv1D stores (in, out)
+            state[f"transformer.h.{i}.{theirs}.weight"] = weight if theirs.startswith("ln") else weight.t()
             state[f"transformer.h.{i}.{theirs}.bias"] = src[f"backbone.blocks.{i}.{mine}.bias"]
     return _loaded(GPT2LMHeadModel(hf_config), state, model)
 
@@ -101,7 +107,7 @@ def rotary_rows(n_heads: int, head_dim: int) -> torch.Tensor:
     return (torch.arange(n_heads)[:, None] * head_dim + per_head).reshape(-1)  # (H * D,)
 
 
-def to_llama(model: nn.Module):
+def to_llama(model: GPT):
     """A stock `LlamaForCausalLM` with `model`'s weights (QKV or GQA, rotary, RMSNorm, SwiGLU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -140,7 +146,7 @@ def to_llama(model: nn.Module):
     return _loaded(LlamaForCausalLM(hf_config), state, model)
 
 
-def _loaded(hf_model: nn.Module, state: dict, model: nn.Module):
+def _loaded(hf_model: nn.Module, state: dict, model: GPT):
     """`hf_model` with `state` loaded; every parameter must be covered (buffers are the model's own)."""
     hf_model = hf_model.to(next(model.parameters()).dtype)
     missing, unexpected = hf_model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
@@ -204,7 +210,7 @@ def hf_tokenizer(tok):
 
 # --- writing --------------------------------------------------------------------------------
 
-def export(model: nn.Module, out: str | Path, fmt: str = "hf", tokenizer=None) -> Path:
+def export(model: GPT, out: str | Path, fmt: str = "hf", tokenizer=None) -> Path:
     """Write `model` (a qkvlab decoder) to `out` in `fmt`, with `tokenizer` (a qkvlab tokenizer) if given."""
     if fmt not in FORMATS:
         raise QkvlabError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
@@ -249,8 +255,9 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def load_hf(path: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer or None) of a Hugging Face directory written by `export` (or any causal LM), offline."""
-    import qkvlab.hf  # noqa: F401  (registers the qkvlab model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qkvlab.hf  # noqa: F401  (registers the qkvlab model type)
 
     path = Path(path)
     try:

@@ -12,6 +12,8 @@ outputs are put back in the caller's layout.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
@@ -119,7 +121,8 @@ class QkvlabForCausalLM(QkvlabPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
             cache = self.make_cache()
-        B, T = input_ids.shape
+        ids: torch.Tensor = input_ids  # reordered below when rows are left-padded
+        B, T = ids.shape
         gpt = self.model
         order = n_real = None
         if attention_mask is not None:
@@ -128,14 +131,14 @@ class QkvlabForCausalLM(QkvlabPreTrainedModel, GenerationMixin):
                 # real tokens first in each row (stable), so each row starts where its cache ends
                 order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # (B, T)
                 n_real = real.sum(dim=1).cpu()
-                input_ids = input_ids.gather(1, order)
+                ids = ids.gather(1, order)
         kv = None
         if cache is not None:
             param = gpt.tok_emb.weight
             kv = cache.reserve(B, T, param.dtype, param.device)
             before = kv.lengths.clone()
-        h = gpt.hidden(input_ids, kv)  # (B, T, C)
-        if kv is not None:
+        h = gpt.hidden(ids, kv)  # (B, T, C)
+        if cache is not None and kv is not None:  # kv is reserved from the cache
             if n_real is not None:
                 kv.set_lengths(before + n_real)  # padding written past a row's length is never read
             cache.columns += T
@@ -149,4 +152,5 @@ class QkvlabForCausalLM(QkvlabPreTrainedModel, GenerationMixin):
             shifted = logits[:, :-1].float()
             loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+        returned: dict[str, Any] = {CACHE_FIELD: cache if use_cache else None}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **returned)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from qkvlab.arch import PRESETS, ModelConfig
+from qkvlab.arch import PRESETS
 from qkvlab.convert import MERGES, convert_variant
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.gpt import GPT
@@ -94,9 +94,9 @@ def read_paper_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             state = obj  # a bare state dict
         else:
-            found = ", ".join(map(repr, list(obj)[:8])) or "none"
-            raise QkvlabError(f"{path} has no 'model_state_dict' (top-level keys: {found})")
-    config = next((obj[k] for k in CONFIG_KEYS if isinstance(obj.get(k), dict)), {})
+            keys = ", ".join(map(repr, list(obj)[:8])) or "none"
+            raise QkvlabError(f"{path} has no 'model_state_dict' (top-level keys: {keys})")
+    config: dict = next((obj[k] for k in CONFIG_KEYS if isinstance(obj.get(k), dict)), {})
     weights = {}
     for key, value in state.items():
         check(isinstance(key, str) and isinstance(value, torch.Tensor),

@@ -25,6 +25,8 @@ def sinusoidal_table(n: int, dim: int, offset: int = 0, base: float = 10000.0) -
 class SinusoidalPositions(nn.Module):
     """Fixed sin/cos embeddings of absolute positions: positions (B, T) -> (B, T, dim)."""
 
+    table: torch.Tensor  # buffer (n, dim)
+
     def __init__(self, max_len: int, dim: int):
         super().__init__()
         self.register_buffer("table", sinusoidal_table(max_len, dim), persistent=False)  # (n, dim)
@@ -86,6 +88,9 @@ class PairBias(nn.Module):
     is built from per-offset and per-position features, (P w) is computed from three vectors
     of length <= 2n and P itself is never materialised.
     """
+
+    rel: torch.Tensor  # buffer (2n-1, m_rel)
+    abs: torch.Tensor  # buffer (n, m_abs)
 
     def __init__(self, max_len: int, dim: int):
         super().__init__()

@@ -51,7 +51,7 @@ class EpochSampler:
     def indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         flat = step * batch_size + np.arange(batch_size)  # (B,) positions in the endless stream
         epochs, offsets = np.divmod(flat, self.n)
-        return np.array([self._perm(seed, int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+        return np.array([self._perm(seed, int(e))[o] for e, o in zip(epochs, offsets, strict=True)], dtype=np.int64)
 
 
 def eval_batches(n: int, batch_size: int, max_batches: int | None) -> Iterator[np.ndarray]:

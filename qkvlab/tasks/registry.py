@@ -21,7 +21,8 @@ from qkvlab.tasks.anomaly import OneClassTask, SetAnomalyTask
 from qkvlab.tasks.base import Task
 from qkvlab.tasks.language import LanguageModelTask
 from qkvlab.tasks.segmentation import SegmentationTask
-from qkvlab.tasks.synthetic import TASKS as SYNTHETIC, SyntheticTask
+from qkvlab.tasks.synthetic import TASKS as SYNTHETIC
+from qkvlab.tasks.synthetic import SyntheticTask
 from qkvlab.tasks.vision import Augment, ClassificationTask
 
 DEFAULT_LENGTH = 64
@@ -55,11 +56,15 @@ def _user_tokens(data_dir) -> Callable[[], str]:
     return path
 
 
+def _synthetic(kind: str) -> Callable[[str | None], Task]:
+    return lambda d: SyntheticTask(kind, DEFAULT_LENGTH, name=kind)
+
+
 def _builders() -> dict[str, Callable[[str | None], Task]]:
     pad2, pad4 = Augment(pad=2), Augment(pad=4, flip=True)
     b: dict[str, Callable[[str | None], Task]] = {}
     for kind in SYNTHETIC:
-        b[kind] = lambda d, kind=kind: SyntheticTask(kind, DEFAULT_LENGTH, name=kind)
+        b[kind] = _synthetic(kind)
     b["mnist"] = lambda d: ClassificationTask("mnist", _mnist("mnist", d), 28, 1, 7, 10, pad2)
     b["fashion-mnist"] = lambda d: ClassificationTask("fashion-mnist", _mnist("fashion-mnist", d), 28, 1, 7, 10,
                                                       Augment(pad=2, flip=True))

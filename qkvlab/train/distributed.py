@@ -105,15 +105,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Skip the gradient all-reduce inside this block when `enabled` is False (non-final micro-steps)."""
+    set_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2
     if isinstance(model, DistributedDataParallel) and not enabled:
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
+    elif set_sync is not None:
+        set_sync(enabled)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            set_sync(True)
     else:
         yield
 
@@ -176,8 +177,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, env: Di
     """Unsharded (model, optimizer) state dicts; call on every rank (FSDP gathers the shards)."""
     if not env.sharded:
         return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
@@ -190,8 +190,7 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
         unwrap(model).load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=opts)

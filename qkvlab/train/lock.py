@@ -30,7 +30,7 @@ _PR_SET_PDEATHSIG = 1
 try:
     import fcntl
 except ImportError:  # not POSIX: no locking
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module is optional: None means no locking
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,7 +59,7 @@ class DirLock:
         self._fd: int | None = None
         self._created: list[Path] = []  # directories made for the lock, removed again if left empty
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         if fcntl is None or self._fd is not None:
             return self
         if self.directory.exists() and not self.directory.is_dir():
@@ -113,7 +113,7 @@ class DirLock:
                 break
         self._created = []
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

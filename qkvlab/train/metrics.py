@@ -8,6 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from qkvlab.atomic import atomic_write_text
 from qkvlab.train.runs import storing
@@ -49,8 +50,8 @@ class MetricsLogger:
     def __init__(self, path: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.path = Path(path)
         self.enabled = enabled
-        self._file = None
-        self._tb = None
+        self._file: int | None = None  # the open file descriptor, once a record is written
+        self._tb: Any = None  # a tensorboard SummaryWriter when tensorboard is installed
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +59,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                SummaryWriter = None
-            if SummaryWriter is not None:
+                pass  # no tensorboard: metrics.jsonl only
+            else:
                 self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:

@@ -20,6 +20,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qkvlab.atomic import atomic_write_text, write_error
 from qkvlab.errors import QkvlabError, check
@@ -203,7 +204,9 @@ def _variant_order(name: str) -> tuple[int, str]:
 
 
 def _differences(main: dict, other: dict) -> list[str]:
-    shown = lambda flat, k: repr(flat[k]) if k in flat else "unset"
+    def shown(flat: dict, k: str) -> str:
+        return repr(flat[k]) if k in flat else "unset"
+
     return [f"{k}: {shown(main, k)} -> {shown(other, k)}"
             for k in sorted(set(main) | set(other)) if main.get(k) != other.get(k)]
 
@@ -218,8 +221,10 @@ def aggregate(summaries: list[dict]) -> list[TaskTable]:
         flats[key] = flat
         by_task[s["task"]][key].append(s)
     tables = []
-    for task, groups in by_task.items():
-        has_qkv = lambda runs: any(parse_variant(r["variant"]).name == BASELINE for r in runs)
+    def has_qkv(runs: list[dict]) -> bool:
+        return any(parse_variant(r["variant"]).name == BASELINE for r in runs)
+
+    for groups in by_task.values():
         main = max(groups, key=lambda k: (len(groups[k]), has_qkv(groups[k]), k))
         for key in sorted(groups, key=lambda k: (k != main, k)):
             table = _table(groups[key], flats[key])
@@ -233,7 +238,7 @@ def _table(runs: list[dict], flat: dict) -> TaskTable:
     first = runs[0]
     table = TaskTable(first["task"], str(first.get("family", "")), first["metric"],
                       bool(first.get("higher_is_better", True)), first.get("steps"), config=flat)
-    examples = Counter()
+    examples: Counter[int] = Counter()
     for s in sorted(runs, key=lambda r: (r["variant"], r.get("seed", 0))):
         variant = parse_variant(s["variant"]).name
         row = table.rows.setdefault(variant, Row(variant))
@@ -264,7 +269,7 @@ def _table(runs: list[dict], flat: dict) -> TaskTable:
 
 def _hyperparameters(table: TaskTable) -> dict:
     """Layers, width, heads, context from a run's saved model; steps, batch, lr, warmup from the config."""
-    cfg, out = table.config, {}
+    cfg, out = table.config, dict[str, Any]()
     out.update(steps=cfg.get("train.steps", table.steps), batch=cfg.get("train.batch_size"), lr=cfg.get("optim.lr"),
                warmup=cfg.get("schedule.warmup_steps"))
     rows = table.ordered()
@@ -457,7 +462,8 @@ def summary_table(tables: list[TaskTable]) -> str:
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in body])
 
@@ -494,7 +500,7 @@ def plot_quality_vs_cache(tables: list[TaskTable], path: Path) -> Path:
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
-    for ax, table in zip(axes.flat, tables):
+    for ax, table in zip(axes.flat, tables, strict=False):  # the grid may have spare axes
         placed: dict[tuple[float, str], int] = defaultdict(int)  # points already drawn at each reduction
         for row in table.ordered():
             if row.variant == BASELINE:
@@ -594,7 +600,7 @@ def plot_analysis(table: TaskTable, analysis: Analysis, path: Path) -> Path:
     variants = sorted(analysis.layers, key=_variant_order)
     width = 0.8 / len(variants)  # variants side by side within a layer, so equal values stay visible
     depth = max(min(len(r) for r in analysis.layers[v]) for v in variants)
-    for ax, (key, label) in zip(axes, keys):
+    for ax, (key, label) in zip(axes, keys, strict=True):
         for j, variant in enumerate(variants):
             runs = analysis.layers[variant]
             n_layers = min(len(r) for r in runs)
@@ -684,7 +690,10 @@ def write_report(root: str | Path, out: str | Path | None = None, *, preset: str
     plots = out.parent / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     quality = plot_quality_vs_cache(tables, plots / "quality_vs_cache.png")
-    slug = lambda t: "".join(c if c.isalnum() or c in "-_." else "_" for c in t.name)
+
+    def slug(t: TaskTable) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in t.name)
+
     n_runs = sum(r.n + r.diverged for t in tables for r in t.rows.values())
     hours = sum(r.wall_time_s for t in tables for r in t.rows.values()) / 3600
     preset = preset if preset is not None else _common_preset(summaries)

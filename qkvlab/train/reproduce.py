@@ -9,6 +9,7 @@ interrupted ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class Reproduction:
 
 
 def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[int] | None = None,
-              jobs: int | None = None, tasks: list[str] | None = None, overrides: list[str] = (),
+              jobs: int | None = None, tasks: list[str] | None = None, overrides: Sequence[str] = (),
               progress: bool = True) -> Reproduction:
     """Run the preset's sweep into `out` and write its report."""
     import shlex

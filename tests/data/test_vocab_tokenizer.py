@@ -35,3 +35,14 @@ def test_words_map_unknown_words_to_unk(tmp_path):
 def test_unknown_tokenizer_lists_the_accepted_ones(tmp_path):
     with pytest.raises(QkvlabError, match="shakespeare"):
         load_tokenizer(str(tmp_path / "nothing"))
+
+
+def test_a_corpus_tokenizes_with_a_character_vocabulary(tmp_path):
+    # `qkvlab data tokenize --tokenizer shakespeare` once failed: VocabTokenizer has no encode_batch
+    from qkvlab.data.tokenize import tokenize_files
+    from qkvlab.data.tokens import open_tokens
+
+    tok = load_tokenizer(str(_token_dir(tmp_path / "chars", [" ", "a", "b", "c"], "char")))
+    (tmp_path / "a.txt").write_text("ab ca")
+    tokenize_files([tmp_path / "a.txt"], tok, tmp_path / "out")
+    assert open_tokens(tmp_path / "out").splits["train"].shards[0].tolist() == [1, 2, 0, 3, 1]
