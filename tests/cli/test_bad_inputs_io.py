@@ -425,6 +425,7 @@ def test_enospc_during_convert_keeps_the_previous_output(tmp_path, monkeypatch, 
     assert tree_digest(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_file_size_limit_in_a_subprocess_is_one_line(tmp_path):
     """RLIMIT_FSIZE makes the kernel refuse the write (EFBIG) half-way through the weights file."""
     src, out = tmp_path / "src", tmp_path / "out"

@@ -76,6 +76,7 @@ def test_tinyimagenet_task_trains_on_generated_jpegs(tmp_path, monkeypatch):
     assert after < 0.9 * before
 
 
+@pytest.mark.slow
 def test_token_directory_tasks_train(fetched, tmp_path):
     """The user-format path: stdlib BPE tokens, and GPT-2 tokens made by the converter."""
     build_stdlib(stdlib_files()[:30], tmp_path / "stdlib", vocab_size=512)

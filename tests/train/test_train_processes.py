@@ -21,6 +21,7 @@ SLOW = ["task=toy_task:SlowToyTask", "preset=tiny", "train.steps=40", "train.che
         "train.eval_every=20", "train.threads=1", "train.progress=false", "train.tensorboard=false"]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
     env = subprocess_env()
     whole = subprocess.Popen(qkvlab_cmd("train", *SLOW, f"train.out_dir={tmp_path / 'whole'}"), env=env,
@@ -44,6 +45,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_follow_one_process_on_the_same_global_batch(tmp_path, strategy):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))

@@ -19,6 +19,7 @@ from qkvlab.train.sweep import plan, run_sweep
 TINY = ["train.tensorboard=false", "train.steps=12", "train.eval_every=6"]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_then_report(tmp_path):
     runs = plan(tmp_path, ["toy_task:ToyTask"], [0, 1], variants=["QKV", "Q-K=V", "Q-MQA"], preset="tiny",
                 overrides=TINY)
@@ -44,6 +45,7 @@ def test_tiny_sweep_then_report(tmp_path):
             assert image.format == "PNG" and image.size[0] > 300
 
 
+@pytest.mark.slow
 def test_a_finished_run_with_another_config_is_relaunched_and_refused(tmp_path):
     run = plan(tmp_path, ["toy_task:ToyTask"], [0], variants=["QKV"], preset="tiny", overrides=TINY)
     assert run_sweep(run, threads=1, progress=False, env=subprocess_env())[0].status == "done"
@@ -96,6 +98,7 @@ def test_report_cli(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reproduce_runs_every_variant_and_prints_the_report(tmp_path, capsys, monkeypatch):
     for key, value in subprocess_env().items():
         monkeypatch.setenv(key, value)
