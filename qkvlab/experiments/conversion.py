@@ -1,0 +1,379 @@
+"""Conversion as a measured method: a trained QKV model converted to a cache-saving variant, right
+after conversion, after uptraining, and against training that variant from scratch.
+
+Per seed s (the source's budget is N steps of B rows, peak lr, warmup W: the preset's recipe):
+
+1. **source**: the task's QKV model trained with the preset's recipe (seed s), or a given run
+   directory (`source`: its stored config gives the task, preset and N; the same source for every seed);
+2. **converted**: for each target variant and initialisation of the shared projection (`qkvlab.convert`:
+   keep K, keep V, their mean, `lsq` fitted on `calibration_windows` training windows drawn with
+   seed s at step N), the held-out metric of the converted model, untrained;
+3. **uptrained**: training continues from the converted weights for f·N steps (each f in
+   `fractions`) with the preset's batch and peak lr, a cosine schedule over those steps and warmup
+   f·W; its batches are drawn with seed 1000 + s, so they are new windows rather than a replay of
+   the source's first steps;
+4. **scratch**: the target variant trained from its initialisation (seed s) with the *same total
+   budget* as source + uptraining: (1 + f)·N steps of B rows, the preset's recipe otherwise.
+
+Targets that do not tie K and V (GQA-g, MQA) pool keys and values separately, so keep K / keep V
+equal the mean there; they run `mean` and `lsq` only. Every metric is the task's held-out
+evaluation as the trainer runs it (for language models, perplexity on the whole validation split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qkvlab.atomic import atomic_write_json, atomic_write_text, check_output
+from qkvlab.errors import QkvlabError, check
+from qkvlab.variants import parse_variant
+
+INIT_LABELS = {"k": "keep K", "v": "keep V", "mean": "mean", "lsq": "lsq (calibrated)"}
+UPTRAIN_SEED_OFFSET = 1000
+SPEC_FILE = "experiment.json"
+
+
+@dataclass(frozen=True)
+class ConversionSpec:
+    """What `run_conversion` measures (stored in OUT/experiment.json; a rerun with the same spec resumes)."""
+
+    task: str = "shakespeare-char"
+    preset: str = "quick"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = ("Q-K=V", "Q-GQA-4")
+    inits: tuple[str, ...] = ("k", "v", "mean", "lsq")
+    fractions: tuple[float, ...] = (0.05, 0.2)
+    calibration_windows: int = 64
+    source: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        from qkvlab.convert import MERGES
+
+        check(len(self.seeds) >= 1 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
+              f"seeds must be non-negative integers, got {list(self.seeds)}")
+        check(len(set(self.seeds)) == len(self.seeds), f"seeds repeat: {list(self.seeds)}")
+        check(len(self.variants) >= 1, "give at least one target variant")
+        names = []
+        for name in self.variants:
+            spec = parse_variant(name)
+            check(spec.kv_tied or spec.kv_heads is not None,
+                  f"variant {spec.name} shares no key/value projection or heads; the conversion experiment "
+                  "targets K=V (Q-K=V, Q=K=V, ...) and GQA/MQA variants")
+            names.append(spec.name)
+        object.__setattr__(self, "variants", tuple(dict.fromkeys(names)))
+        check(len(self.inits) >= 1, "give at least one initialisation")
+        for init in self.inits:
+            check(init in MERGES, f"initialisation {init!r} is not one of {', '.join(MERGES)}")
+        object.__setattr__(self, "inits", tuple(dict.fromkeys(self.inits)))
+        for f in self.fractions:
+            check(isinstance(f, (int, float)) and math.isfinite(f) and 0 < f <= 10,
+                  f"uptraining fraction {f!r} must be in (0, 10] (0.05 = 5 % of the source's steps)")
+        object.__setattr__(self, "fractions", tuple(sorted(set(float(f) for f in self.fractions))))
+        check(self.source is None or (Path(self.source) / "config.yaml").is_file(),
+              f"--source {self.source} is not a run directory (no config.yaml); give a directory written by "
+              "`qkvlab train`")
+        check(self.calibration_windows >= 1, f"calibration_windows must be at least 1, got {self.calibration_windows}")
+
+    def inits_for(self, variant: str) -> tuple[str, ...]:
+        """The initialisations that differ for `variant`: keep K / keep V only where K and V are tied."""
+        if parse_variant(variant).kv_tied:
+            return self.inits
+        return tuple(i for i in self.inits if i in ("mean", "lsq")) or ("mean",)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class Result:
+    """Rows (one measurement each), the aggregated cells, and where the table and JSON were written."""
+
+    rows: list[dict] = field(default_factory=list)
+    table: str = ""
+    markdown: Path | None = None
+    json: Path | None = None
+
+
+def _slug(variant: str) -> str:
+    return variant.replace("/", "_")
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:g}"
+
+
+def _budget_steps(n: int, f: float) -> int:
+    return max(1, round(f * n))
+
+
+def prepare_out(out: str | Path, spec: ConversionSpec, force: bool) -> Path:
+    """OUT for `spec`: new or empty, an experiment with the same spec (resumed), or replaced with `force`.
+    The directory's lock file (held by the caller) is not content and is kept."""
+    from qkvlab.train.lock import LOCK
+
+    out = Path(out)
+    stored = out / SPEC_FILE
+    if stored.is_file():
+        try:
+            if json.loads(stored.read_text()) == spec.to_dict():
+                return out
+        except (OSError, ValueError):
+            pass
+    for src in [spec.source] if spec.source else []:
+        check_output(out, True, sources=[src])  # never into, onto or around the source
+    content = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    if content and not force:
+        what = "a conversion experiment with other settings" if stored.is_file() else "other files"
+        raise QkvlabError(f"--out {out} holds {what}; choose another --out, or pass --force to replace it")
+    for path in content:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stored, spec.to_dict())
+    return out
+
+
+def _source_config(spec: ConversionSpec, out: Path, seed: int):
+    """The source run's RunConfig: a given run directory's stored config, or the preset's QKV recipe."""
+    from qkvlab.train.config import RunConfig, TrainConfig, load_config
+
+    if spec.source is not None:
+        return load_config(Path(spec.source) / "config.yaml")
+    return RunConfig(task=spec.task, variant="QKV", seed=seed, preset=spec.preset, data_dir=spec.data_dir,
+                     train=TrainConfig(eval_every=0, checkpoint_every=0, progress=False,
+                                       out_dir=str(out / "runs" / f"seed{seed}" / "source")))
+
+
+def _evaluate(resolved, model) -> dict[str, float]:
+    from qkvlab.tasks.common import evaluating
+    from qkvlab.train.config import ALL
+
+    t = resolved.config.train
+    batches = t.eval_batches
+    with evaluating(model):
+        metrics = resolved.task.evaluate(model, t.eval_batch_size or t.batch_size, None if batches == ALL else batches)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_conversion(spec: ConversionSpec, out: str | Path, force: bool = False, command: str | None = None,
+                   log=_say) -> Result:
+    """Run (or resume) the experiment into `out`; writes `out`/conversion.md and conversion.json."""
+    from qkvlab.convert import convert_variant
+    from qkvlab.models.io import load_model, save_model
+    from qkvlab.train.config import RunConfig, TrainConfig, resolve_run
+    from qkvlab.train.trainer import train
+
+    started = time.perf_counter()
+    out = prepare_out(out, spec, force)
+    rows: list[dict] = []
+    budget = None
+    metric = higher = None
+    for seed in spec.seeds:
+        source_cfg = _source_config(spec, out, seed)
+        resolved = resolve_run(source_cfg)
+        task, cfg = resolved.task, resolved.config
+        check(resolved.model.variant == "QKV" or spec.source is not None, "the source must be a QKV model")
+        metric, higher = task.metric, task.higher_is_better
+        n, w = cfg.train.steps, cfg.schedule.warmup_steps
+        assert n is not None and w is not None  # resolved: the budget is filled in
+        budget = {"steps": n, "batch_size": cfg.train.batch_size, "lr": cfg.optim.lr, "warmup_steps": w,
+                  "schedule": cfg.schedule.kind, "task": cfg.task, "preset": cfg.preset,
+                  "source_variant": resolved.model.variant}
+        t0 = time.perf_counter()
+        summary = train(resolved) if spec.source is None else {"final": _evaluate(resolved, load_model(spec.source)),
+                                                               "run_dir": spec.source, "wall_time_s": 0.0}
+        source_dir = summary["run_dir"]
+        value = summary["final"][metric]
+        rows.append({"seed": seed, "variant": resolved.model.variant, "init": None, "stage": "source", "fraction": 0.0,
+                     "steps": n, "total_steps": n, metric: value, "run_dir": str(source_dir),
+                     "wall_s": summary.get("wall_time_s", round(time.perf_counter() - t0, 3))})
+        log(f"[seed {seed}] source {resolved.model.variant}: {metric} {value:.4g} ({n} steps)")
+        source = load_model(source_dir)
+        calibration = task.model_inputs(task.train_batch(n, spec.calibration_windows, seed))
+        for variant in spec.variants:
+            for init in spec.inits_for(variant):
+                name = f"{_slug(variant)}-{init}"
+                model_dir = out / "converted" / f"seed{seed}" / name
+                measured = out / "converted" / f"seed{seed}" / f"{name}.json"
+                t0 = time.perf_counter()
+                if measured.is_file() and model_dir.is_dir():
+                    done = json.loads(measured.read_text())
+                else:
+                    converted = convert_variant(source, variant, init, calibration if init == "lsq" else None)
+                    metrics = _evaluate(resolved, converted)
+                    save_model(converted, model_dir)
+                    done = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3)}
+                    atomic_write_json(measured, done)
+                metrics = done["metrics"]
+                rows.append({"seed": seed, "variant": variant, "init": init, "stage": "converted", "fraction": 0.0,
+                             "steps": 0, "total_steps": n, metric: metrics[metric], "run_dir": str(model_dir),
+                             "wall_s": done["wall_s"]})
+                log(f"[seed {seed}] {variant} {INIT_LABELS[init]}: converted {metric} {metrics[metric]:.4g}")
+                for f in spec.fractions:
+                    steps = _budget_steps(n, f)
+                    up = RunConfig(task=cfg.task, variant=variant, seed=UPTRAIN_SEED_OFFSET + seed, preset=cfg.preset,
+                                   init_from=str(model_dir), data_dir=cfg.data_dir, optim=cfg.optim,
+                                   schedule=dataclasses.replace(cfg.schedule, warmup_steps=min(steps, round(f * w))),
+                                   train=TrainConfig(steps=steps, batch_size=cfg.train.batch_size, eval_every=0,
+                                                     checkpoint_every=0, progress=False,
+                                                     out_dir=str(out / "runs" / f"seed{seed}" / f"{name}-up{_pct(f)}")))
+                    s = train(up)
+                    rows.append({"seed": seed, "variant": variant, "init": init, "stage": "uptrained", "fraction": f,
+                                 "steps": steps, "total_steps": n + steps, metric: s["final"][metric],
+                                 "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
+                    log(f"[seed {seed}] {variant} {INIT_LABELS[init]}: +{_pct(f)} % uptraining ({steps} steps) "
+                        f"{metric} {s['final'][metric]:.4g}")
+            for f in spec.fractions:
+                total = n + _budget_steps(n, f)
+                scratch = RunConfig(task=cfg.task, variant=variant, seed=seed, preset=cfg.preset, data_dir=cfg.data_dir,
+                                    model=dict(cfg.model), optim=cfg.optim, schedule=cfg.schedule,
+                                    train=TrainConfig(steps=total, batch_size=cfg.train.batch_size, eval_every=0,
+                                                      checkpoint_every=0, progress=False,
+                                                      out_dir=str(out / "runs" / f"seed{seed}" /
+                                                                  f"{_slug(variant)}-scratch{_pct(1 + f)}")))
+                s = train(scratch)
+                rows.append({"seed": seed, "variant": variant, "init": None, "stage": "scratch", "fraction": f,
+                             "steps": total, "total_steps": total, metric: s["final"][metric],
+                             "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
+                log(f"[seed {seed}] {variant} from scratch, {total} steps: {metric} {s['final'][metric]:.4g}")
+    wall = time.perf_counter() - started
+    assert metric is not None and higher is not None and budget is not None  # at least one seed ran
+    cells = aggregate(rows, spec, metric)
+    table = markdown_table(cells, spec, metric, higher, budget)
+    from qkvlab.train.report import machine
+
+    data = {"experiment": "conversion", "command": command, "spec": spec.to_dict(), "metric": metric,
+            "higher_is_better": higher, "budget": budget, "definitions": DEFINITIONS, "machine": machine(),
+            "wall_time_s": round(wall, 1),
+            "rows_wall_s": round(sum(r["wall_s"] for r in rows), 1), "torch_threads": torch.get_num_threads(),
+            "cells": cells, "rows": rows}
+    md = document(table, spec, data)
+    result = Result(rows=rows, table=table)
+    result.json = atomic_write_json(out / "conversion.json", data)
+    result.markdown = atomic_write_text(out / "conversion.md", md)
+    return result
+
+
+DEFINITIONS = {
+    "converted": "the converted model, untrained, on the held-out split",
+    "uptrained": "training continued from the converted weights for fraction x N steps (N: the source's steps), "
+                 "same batch and peak lr, cosine over those steps, warmup fraction x the source's warmup, "
+                 f"batches drawn with seed {UPTRAIN_SEED_OFFSET} + s",
+    "scratch": "the target variant trained from its initialisation (seed s) for (1 + fraction) x N steps: the same "
+               "total budget (optimizer steps x batch rows) as the source's training plus the uptraining",
+    "lsq": "per merged key/value head, the projection minimising the score error of the source's queries on "
+           "calibration windows plus the value error through the output projection (qkvlab/convert.py)",
+    "change": "paired by seed: 100 (uptrained - scratch) / scratch, mean over seeds with a 95 % t-interval",
+}
+
+
+def _stats(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    return {"n": len(values), "mean": mean, "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def aggregate(rows: list[dict], spec: ConversionSpec, metric: str) -> list[dict]:
+    """One cell per (stage, variant, init, fraction): mean and std over seeds, and for uptrained cells the
+    paired change against scratch at the same total budget."""
+    from qkvlab.train.stats import paired_change
+
+    def values(**match) -> dict[int, float]:
+        return {r["seed"]: r[metric] for r in rows if all(r[k] == v for k, v in match.items())}
+
+    cells = []
+    source = values(stage="source")
+    cells.append({"stage": "source", "variant": next(r["variant"] for r in rows if r["stage"] == "source"),
+                  "init": None, "fraction": 0.0, **_stats(list(source.values()))})
+    for variant in spec.variants:
+        for init in spec.inits_for(variant):
+            got = values(stage="converted", variant=variant, init=init)
+            change = paired_change(got, source)
+            cells.append({"stage": "converted", "variant": variant, "init": init, "fraction": 0.0,
+                          **_stats(list(got.values())), "change_vs_source": change.mean, "ci95": change.ci95})
+            for f in spec.fractions:
+                got = values(stage="uptrained", variant=variant, init=init, fraction=f)
+                change = paired_change(got, values(stage="scratch", variant=variant, fraction=f))
+                cells.append({"stage": "uptrained", "variant": variant, "init": init, "fraction": f,
+                              **_stats(list(got.values())), "change_vs_scratch": change.mean, "ci95": change.ci95})
+        for f in spec.fractions:
+            got = values(stage="scratch", variant=variant, fraction=f)
+            cells.append({"stage": "scratch", "variant": variant, "init": None, "fraction": f,
+                          **_stats(list(got.values()))})
+    return cells
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}" if abs(x) < 1000 else f"{x:.4g}"
+
+
+def _cell(c: dict | None, key: str | None = None) -> str:
+    if c is None:
+        return "–"
+    text = _num(c["mean"]) + (f" ± {_num(c['std'])}" if c["std"] is not None else "")
+    if key is not None and c.get(key) is not None:
+        text += f" ({c[key]:+.1f} %" + (f" [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c.get("ci95") else "") + ")"
+    return text
+
+
+def markdown_table(cells: list[dict], spec: ConversionSpec, metric: str, higher: bool, budget: dict) -> str:
+    """The table: one row per (variant, init) and a scratch row per variant; columns converted, then uptrained."""
+    def find(**match):
+        return next((c for c in cells if all(c[k] == v for k, v in match.items())), None)
+
+    n = budget["steps"]
+    head = ["target", "initialisation", "converted (+0 steps)"]
+    head += [f"+{_pct(f)} % uptraining (+{_budget_steps(n, f)} steps)" for f in spec.fractions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    src = find(stage="source")
+    lines.append("| " + " | ".join([f"{src['variant']} (source, {n} steps)", "–", _cell(src)]
+                                   + ["–"] * len(spec.fractions)) + " |")
+    for variant in spec.variants:
+        for init in spec.inits_for(variant):
+            row = [variant, INIT_LABELS[init], _cell(find(stage="converted", variant=variant, init=init))]
+            row += [_cell(find(stage="uptrained", variant=variant, init=init, fraction=f), "change_vs_scratch")
+                    for f in spec.fractions]
+            lines.append("| " + " | ".join(row) + " |")
+        row = [variant, "from scratch, same total steps", "–"]
+        row += [_cell(find(stage="scratch", variant=variant, fraction=f)) + f" ({n + _budget_steps(n, f)} steps)"
+                for f in spec.fractions]
+        lines.append("| " + " | ".join(row) + " |")
+    better = "higher" if higher else "lower"
+    return "\n".join(lines) + (f"\n\n{metric} ({better} is better), mean ± std over seeds "
+                               f"{', '.join(map(str, spec.seeds))}; in brackets the paired change against the "
+                               "from-scratch row at the same total budget, with its 95 % t-interval.")
+
+
+def document(table: str, spec: ConversionSpec, data: dict) -> str:
+    b, m = data["budget"], data["machine"]
+    lines = [
+        f"# Conversion: {b['task']} ({b['preset']} preset), {b['source_variant']} to "
+        f"{', '.join(spec.variants)}",
+        "",
+        table,
+        "",
+        f"- command: `{data['command']}`" if data["command"] else "- command: not recorded",
+        f"- source budget N: {b['steps']} steps x {b['batch_size']} rows, peak lr {b['lr']:g}, "
+        f"{b['schedule']} schedule, warmup {b['warmup_steps']}",
+        f"- machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else ", no GPU")
+        + f", torch {m['torch']}, {data['torch_threads']} torch threads; wall time of the command "
+        f"{data['wall_time_s']:.0f} s (training and evaluation summed over rows: {data['rows_wall_s']:.0f} s)",
+        f"- calibration for lsq: {spec.calibration_windows} training windows per seed",
+        "",
+        "Definitions:",
+        "",
+    ]
+    lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
+    return "\n".join(lines) + "\n"
