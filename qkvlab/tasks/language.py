@@ -41,11 +41,11 @@ class LanguageModelTask(Task):
     causal = True
     budgets = {
         "tiny": Budget(steps=30, batch_size=16, lr=3e-3, eval_every=30, eval_batches=2),
-        "quick": Budget(steps=400, batch_size=32, lr=3e-3, eval_every=100, warmup_steps=40),
+        "quick": Budget(steps=1000, batch_size=32, lr=1e-2, eval_every=0, warmup_steps=100),  # eval: whole val split, once
         "full": Budget(steps=20_000, batch_size=64, lr=6e-4, eval_every=1000, warmup_steps=1000),
     }
     # layers, d_model, heads, context; 8 and 16 heads so GQA-4 and MQA divide them
-    sizes = {"tiny": (1, 32, 8, 32), "quick": (2, 64, 8, 64), "full": (8, 512, 16, 512)}
+    sizes = {"tiny": (1, 32, 8, 32), "quick": (2, 128, 8, 64), "full": (8, 512, 16, 512)}
 
     def __init__(self, name: str, path: Callable[[], str | os.PathLike], vocab_size: int | None = None,
                  context: int | None = None, val_split: str = "val") -> None:

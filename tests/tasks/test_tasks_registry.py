@@ -49,7 +49,7 @@ def test_every_variant_and_preset_has_a_valid_model(name):
             assert config.causal == task.causal
     if name in SUITES["quick"]:
         params = sum(p.numel() for p in build_model(task.model_config("QKV", "quick")).parameters())
-        assert params < 300_000  # quick runs must take seconds
+        assert params < 500_000  # quick runs must take about a minute on one core
 
 
 def test_user_data_tasks_name_what_is_missing(tmp_path):
