@@ -47,11 +47,23 @@ def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     return decay, no_decay
 
 
+def _can_fuse(params: list[nn.Parameter]) -> bool:
+    """Whether the fused AdamW kernel takes these parameters (plain float tensors on CPU or CUDA)."""
+    return all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+               for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over two parameter groups: matrices with `cfg.weight_decay`, the rest without."""
+    """AdamW over two parameter groups: matrices with `cfg.weight_decay`, the rest without.
+
+    The fused kernel (one pass over all parameters) where it applies, on CPU as on CUDA: on a
+    small model it is several times faster than the per-tensor loop; sharded (FSDP) parameters
+    fall back to the multi-tensor path.
+    """
     decay, no_decay = split_decay(model)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    fast = {"fused": True} if _can_fuse(decay + no_decay) else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fast)
 
 
 @dataclass
