@@ -38,7 +38,9 @@ def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
             is_free = not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
             if p.ndim < 2 or (is_free and any(part in name.lower() for part in _NO_DECAY_NAME_PARTS)):
                 exempt.add(id(p))
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -60,6 +62,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     small model it is several times faster than the per-tensor loop; sharded (FSDP) parameters
     fall back to the multi-tensor path.
     """
+    if cfg.lr is None:
+        raise ValueError("optim.lr is unset: resolve the run (qkvlab.train.config.resolve_run) first")
     decay, no_decay = split_decay(model)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fast = {"fused": True} if _can_fuse(decay + no_decay) else {"foreach": True}
@@ -103,9 +107,9 @@ def load_scheduler_state(scheduler, state: dict) -> None:
     """
     current = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
     scheduler.load_state_dict(state)
-    for fn, fields in zip(scheduler.lr_lambdas, current):
+    for fn, fields in zip(scheduler.lr_lambdas, current, strict=True):
         vars(fn).update(fields)
-    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs
