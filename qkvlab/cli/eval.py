@@ -52,11 +52,11 @@ def load_model_and_tokenizer(path: str, tokenizer_name: str | None, device):
             from qkvlab.data.tokenizer import load_tokenizer
             tokenizer = hf_tokenizer(load_tokenizer(tokenizer_name))
     else:
-        from qkvlab.data.tokenizer import load_tokenizer
         from qkvlab.models.gpt import GPT
         from qkvlab.models.io import load_model
+        from qkvlab.models.tokenizer import model_tokenizer
 
-        tok = load_tokenizer(tokenizer_name) if tokenizer_name is not None else None
+        tok = model_tokenizer(path, tokenizer_name)  # the recorded one; --tokenizer must agree with it
         qmodel = load_model(path)
         if not isinstance(qmodel, GPT):
             raise QkvlabError(f"{path!r} holds a {qmodel.config.kind} model; eval needs a decoder")

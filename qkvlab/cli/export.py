@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically; must be new or empty)")
     p.add_argument("--force", action="store_true", help="replace an existing --out (never the source)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer written beside the weights: gpt2, stdlib-bpe, shakespeare, ptb, bytes, "
-                        "a tokenizer.json or a token directory with vocab.json (default: none)")
+                   help="tokenizer written beside the weights (default: the one the model records): gpt2, "
+                        "stdlib-bpe, shakespeare, ptb, bytes, a tokenizer.json or a token directory with vocab.json; "
+                        "must be the recorded one when the model records one")
     p.set_defaults(func=run)
 
 
@@ -40,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
               f"{info['cache_bytes']:,} bytes for {info['max_context']} tokens) to {info['out']}")
         return 0
     check_output(args.out, args.force, sources=[args.model])
-    from qkvlab.data.tokenizer import load_tokenizer
     from qkvlab.models.io import load_model
+    from qkvlab.models.tokenizer import model_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    tokenizer = model_tokenizer(args.model, args.tokenizer)  # the recorded one; --tokenizer must agree with it
     model = load_model(args.model)
     if model.config.kind != "decoder":
         raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; only decoders export to Hugging Face")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = export(model, args.out, args.format, tokenizer)
     kind = {"hf": "QkvlabForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[args.format]
-    note = f", tokenizer {tokenizer.name}" if tokenizer is not None else ", no tokenizer (pass --tokenizer)"
+    note = (f", tokenizer {tokenizer.name}" if tokenizer is not None
+            else ", no tokenizer (the model records none; pass --tokenizer)")
     print(f"wrote {model.config.variant} model as {kind}{note} to {out}")
     return 0

@@ -105,6 +105,8 @@ def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: TextTokenizer 
                 chars = 0
         _flush(buffer, tokenizer, writer)
         meta = writer.close()
+        if isinstance(tokenizer, TextTokenizer) and tokenizer._tok is not None:  # the directory knows its tokenizer
+            (tmp / "tokenizer.json").write_text(tokenizer._tok.to_str(), encoding="utf-8")
     return meta
 
 

@@ -122,7 +122,9 @@ def load_tokenizer(name: str, root: str | os.PathLike | None = None) -> TextToke
     """`gpt2`, `stdlib-bpe` (trained by `qkvlab data fetch python-stdlib`), `bytes`, `shakespeare` (characters),
     `ptb` (words), a tokenizer.json path, or a token directory with a vocab.json."""
     if name in VOCAB_DATASETS:
-        return vocab_tokenizer(require(name, root))
+        tok = vocab_tokenizer(require(name, root))
+        tok.name = name  # the dataset, not its meta's "char" / "ptb-word"
+        return tok
     if name == "gpt2":
         return gpt2_tokenizer(root)
     if name == "stdlib-bpe":
@@ -138,3 +140,110 @@ def load_tokenizer(name: str, root: str | os.PathLike | None = None) -> TextToke
         return vocab_tokenizer(path)
     raise QkvlabError(f"unknown tokenizer {name!r}; accepted: {', '.join(NAMES + VOCAB_DATASETS)}, "
                       "a tokenizer.json file, or a token directory with vocab.json")
+
+
+# --- the tokenizer a model was trained with ------------------------------------------------
+#
+# A saved model (an export, a checkpoint, a run's newest checkpoint, a converted model) records its
+# tokenizer: the files that rebuild it lie beside the weights (listed in the directory's manifest),
+# and the weights' metadata holds a small record naming them,
+#     {"name": "shakespeare", "kind": "chars", "vocab_size": 84, "eot": null,
+#      "files": {"vocab.json": "<sha256>"}}
+# kind: "bpe" (a Hugging Face tokenizer.json), "chars" / "words" (a vocab.json list), "bytes" (no file).
+
+TOKENIZER_KEY = "qkvlab.tokenizer"
+TOKENIZER_JSON, VOCAB_JSON = "tokenizer.json", "vocab.json"
+Tok = TextTokenizer | VocabTokenizer
+
+
+def tokenizer_files(tok: Tok) -> tuple[dict, dict[str, bytes]]:
+    """(record, {file name: content}): what a saved model stores to rebuild `tok` exactly."""
+    import hashlib
+    import json
+
+    if isinstance(tok, VocabTokenizer):
+        kind, files = ("words" if tok.words else "chars"), {VOCAB_JSON: json.dumps(tok.vocab).encode()}
+    elif tok._tok is None:
+        kind, files = "bytes", {}
+    else:
+        kind, files = "bpe", {TOKENIZER_JSON: tok._tok.to_str().encode()}
+    record = {"name": tok.name, "kind": kind, "vocab_size": tok.vocab_size, "eot": tok.eot,
+              "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+    return record, files
+
+
+def tokenizer_metadata(tok: Tok | None) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(weights metadata entries, files to write beside the weights) recording `tok` (nothing for None)."""
+    import json
+
+    if tok is None:
+        return {}, {}
+    record, files = tokenizer_files(tok)
+    return {TOKENIZER_KEY: json.dumps(record)}, files
+
+
+def same_tokenizer(a: Tok, b: Tok) -> bool:
+    """Whether `a` and `b` give the same ids for every text (the same kind and the same files)."""
+    (ra, _), (rb, _) = tokenizer_files(a), tokenizer_files(b)
+    return (ra["kind"], ra["files"], ra["eot"]) == (rb["kind"], rb["files"], rb["eot"])
+
+
+def tokenizer_from_record(record: dict, directory: str | os.PathLike) -> Tok:
+    """The tokenizer a record describes, rebuilt from its files in `directory` (checked against the record)."""
+    import hashlib
+    import json
+
+    directory = Path(directory)
+    try:
+        name, kind, files = str(record["name"]), record["kind"], dict(record["files"])
+        eot = record.get("eot")
+    except (KeyError, TypeError, ValueError):
+        raise QkvlabError(f"{directory}: the recorded tokenizer is malformed: {record!r:.80}") from None
+    data = {}
+    for file, digest in files.items():
+        path = directory / file
+        if not path.is_file():
+            raise QkvlabError(f"{directory} records tokenizer {name!r} but its file {file} is missing")
+        data[file] = path.read_bytes()
+        if hashlib.sha256(data[file]).hexdigest() != digest:
+            raise QkvlabError(f"{path} does not match the sha256 its model records for tokenizer {name!r}")
+    if kind == "bytes":
+        return TextTokenizer(name)
+    if kind == "bpe" and TOKENIZER_JSON in data:
+        try:
+            return TextTokenizer(name, Tokenizer.from_str(data[TOKENIZER_JSON].decode("utf-8")))
+        except Exception as err:  # the tokenizers library raises a bare Exception for malformed files
+            raise QkvlabError(f"{directory / TOKENIZER_JSON} is not a Hugging Face tokenizer.json: {err}") from None
+    if kind in ("chars", "words") and VOCAB_JSON in data:
+        vocab = json.loads(data[VOCAB_JSON])
+        return VocabTokenizer(name, vocab, kind == "words", eot, "<unk>" if kind == "words" else None)
+    raise QkvlabError(f"{directory}: the recorded tokenizer {name!r} has kind {kind!r} and files {sorted(files)}; "
+                      "this qkvlab cannot rebuild it")
+
+
+def describe(tok: Tok) -> str:
+    return f"{tok.name} ({tok.vocab_size:,} tokens)"
+
+
+def token_dir_tokenizer(token_dir: str | os.PathLike) -> Tok | None:
+    """The tokenizer of a token directory when it can be known: its vocab.json (characters or words),
+    its tokenizer.json, or the named gpt2 / bytes tokenizer its meta.json gives; else None."""
+    path = Path(token_dir)
+    meta = read_json(path / "meta.json", dict, "a token directory's metadata")
+    name = meta.get("tokenizer")
+    tok: Tok | None = None
+    if (path / VOCAB_JSON).is_file():
+        tok = vocab_tokenizer(path)
+        if path.name in VOCAB_DATASETS:  # a fetched dataset: named as `load_tokenizer` names it
+            tok.name = path.name
+    elif (path / TOKENIZER_JSON).is_file():
+        tok = tokenizer_file(path / TOKENIZER_JSON, name if isinstance(name, str) else None)
+    elif name in ("gpt2", "bytes"):
+        try:
+            tok = load_tokenizer(name)
+        except QkvlabError:  # gpt2's files are not fetched here: the model records no tokenizer
+            return None
+    if tok is not None and tok.vocab_size != meta.get("vocab_size"):
+        return None  # not the vocabulary the ids were written with
+    return tok
+

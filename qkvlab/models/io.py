@@ -25,14 +25,20 @@ from qkvlab.weights import write_manifest
 __all__ = ["CONFIG_KEY", "WEIGHTS", "load_model", "save_model", "saved_model_config", "weights_file"]
 
 
-def save_model(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write `model` (which has a `.config`) to `out_dir` atomically: complete or absent."""
+def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write `model` (which has a `.config`) to `out_dir` atomically: complete or absent. `tokenizer`
+    (a `qkvlab.data.tokenizer` tokenizer) is recorded: its files beside the weights, a record in their metadata."""
+    from qkvlab.data.tokenizer import tokenizer_metadata
+
     out = Path(out_dir)
     config = model.config.to_dict()
+    tok_meta, tok_files = tokenizer_metadata(tokenizer)
     with atomic_dir(out) as tmp:
-        save_weights(tmp / WEIGHTS, model.state_dict(), {CONFIG_KEY: json.dumps(config)})
+        save_weights(tmp / WEIGHTS, model.state_dict(), {CONFIG_KEY: json.dumps(config), **tok_meta})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_manifest(tmp, (WEIGHTS,))
+        for name, data in tok_files.items():
+            (tmp / name).write_bytes(data)
+        write_manifest(tmp, (WEIGHTS, *tok_files))
     return out
 
 

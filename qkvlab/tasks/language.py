@@ -63,6 +63,12 @@ class LanguageModelTask(Task):
                                   f"task {self.name!r} expects {self._vocab_size}")
         return self._tokens
 
+    def tokenizer(self):
+        """The token directory's tokenizer (None when it cannot be known); a run's saved models record it."""
+        from qkvlab.data.tokenizer import token_dir_tokenizer
+
+        return token_dir_tokenizer(self.tokens.path)
+
     @property
     def vocab_size(self) -> int:
         return self._vocab_size if self._vocab_size is not None else self.tokens.vocab_size

@@ -27,13 +27,17 @@ __all__ = ["FORMAT_VERSION", "MANIFEST", "STATE", "WEIGHTS", "checkpoint_path", 
 
 
 def save_checkpoint(ckpt_dir: str | Path, model_state: dict[str, torch.Tensor], state: dict,
-                    metadata: dict[str, str] | None = None) -> Path:
-    """Atomically write checkpoint `ckpt_dir` (replacing an older one of the same name)."""
+                    metadata: dict[str, str] | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """Atomically write checkpoint `ckpt_dir` (replacing an older one of the same name); `files` (name:
+    content, e.g. the run's tokenizer) are written beside the weights and listed in the manifest."""
     final = Path(ckpt_dir)
+    files = files or {}
     with atomic_dir(final) as tmp:
         save_weights(tmp / WEIGHTS, model_state, metadata)
         torch.save({**state, "format_version": FORMAT_VERSION}, tmp / STATE)
-        write_manifest(tmp, (WEIGHTS, STATE), step=state.get("step"))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        write_manifest(tmp, (WEIGHTS, STATE, *files), step=state.get("step"))
     return final
 
 

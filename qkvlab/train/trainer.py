@@ -199,6 +199,10 @@ class Trainer:
             from qkvlab.models.io import load_model
 
             model.load_state_dict(load_model(self.cfg.init_from).state_dict())
+        from qkvlab.data.tokenizer import tokenizer_metadata
+        from qkvlab.models.tokenizer import run_tokenizer
+
+        self.tokenizer_meta, self.tokenizer_files = tokenizer_metadata(run_tokenizer(self.task, self.cfg.init_from))
         model = model.to(self.env.device)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.model = wrap_model(model, self.env, self.cfg.distributed)
@@ -343,12 +347,12 @@ class Trainer:
                      "last_eval": self.last_eval, "last_loss": self.last_loss, "world_size": self.env.world_size,
                      "optimizer_format": optimizer_format(self.env)}
             meta = {"qkvlab.model_config": json.dumps(self.model_cfg.to_dict()), "qkvlab.step": str(self.step),
-                    "qkvlab.version": VERSION}
+                    "qkvlab.version": VERSION, **self.tokenizer_meta}
             path, previous = ckpt.checkpoint_path(self.run_dir, self.step), ckpt.latest_checkpoint(self.run_dir)
             kept = (f"the previous checkpoint {str(previous)!r} is intact; free some space and rerun to resume from it"
                     if previous is not None else "no checkpoint was written yet; free some space and rerun")
             with storing(f"checkpoint {str(path)!r}", kept):
-                ckpt.save_checkpoint(path, model_state, state, meta)
+                ckpt.save_checkpoint(path, model_state, state, meta, self.tokenizer_files)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         barrier(self.env)
 
