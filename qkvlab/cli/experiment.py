@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default=None, help="a trained run directory to convert instead of training one")
     p.add_argument("--data-dir", default=None, help="dataset cache to look in first")
     p.add_argument("--out", default=None, help="output directory (default runs/experiment-conversion-<task>-<preset>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes (seeds' sources, then (seed, target) units), cores / jobs threads each")
     p.add_argument("--force", action="store_true", help="replace an --out that holds something else")
     p.set_defaults(func=run)
 
@@ -55,7 +57,7 @@ def _fractions(values: list[str]) -> tuple[float, ...]:
     return tuple(out)
 
 
-def command_line(spec, out: str) -> str:
+def command_line(spec, out: str, jobs: int = 1) -> str:
     """The command that reproduces `spec` into `out`, every setting spelled out."""
     words = ["qkvlab", "experiment", "conversion", "--task", spec.task, "--preset", spec.preset,
              "--seeds", ",".join(map(str, spec.seeds)), "--variants", ",".join(spec.variants),
@@ -63,15 +65,17 @@ def command_line(spec, out: str) -> str:
              "--calibration-windows", str(spec.calibration_windows)]
     words += ["--source", spec.source] if spec.source else []
     words += ["--data-dir", spec.data_dir] if spec.data_dir else []
+    words += ["--jobs", str(jobs)] if jobs != 1 else []
     return shlex.join(words + ["--out", out])
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkvlab.cli.sweep import check_out_dir, parse_list, parse_seeds
+    from qkvlab.cli.sweep import check_out_dir, parse_list, parse_seeds, positive_option
     from qkvlab.errors import check
     from qkvlab.experiments.conversion import ConversionSpec, run_conversion
     from qkvlab.train.lock import DirLock
 
+    positive_option("--jobs", args.jobs)
     check(args.preset in PRESETS, f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
     spec = ConversionSpec(task=args.task, preset=args.preset, seeds=tuple(parse_seeds(args.seeds)),
                           variants=tuple(parse_list(args.variants)), inits=tuple(parse_list(args.inits)),
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(out)
     started = time.perf_counter()
     with DirLock(out, "experiment directory"):
-        result = run_conversion(spec, out, force=args.force, command=command_line(spec, out))
+        result = run_conversion(spec, out, force=args.force, command=command_line(spec, out, args.jobs),
+                                jobs=args.jobs)
     print()
     print(result.table)
     print(f"\nwrote {result.markdown} and {result.json} ({time.perf_counter() - started:.0f} s)")

@@ -168,98 +168,145 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def run_conversion(spec: ConversionSpec, out: str | Path, force: bool = False, command: str | None = None,
-                   log=_say) -> Result:
-    """Run (or resume) the experiment into `out`; writes `out`/conversion.md and conversion.json."""
+def _resolved_source(spec: ConversionSpec, out: Path, seed: int):
+    """(resolved source run, its budget N and warmup W)."""
+    from qkvlab.train.config import resolve_run
+
+    resolved = resolve_run(_source_config(spec, out, seed))
+    check(resolved.model.variant == "QKV" or spec.source is not None, "the source must be a QKV model")
+    n, w = resolved.config.train.steps, resolved.config.schedule.warmup_steps
+    assert n is not None and w is not None  # resolved: the budget is filled in
+    return resolved, n, w
+
+
+def _source_stage(spec: ConversionSpec, out: Path, seed: int) -> list[dict]:
+    """Train (or find) the source of `seed`; its row."""
+    from qkvlab.models.io import load_model
+    from qkvlab.train.trainer import train
+
+    resolved, n, _ = _resolved_source(spec, out, seed)
+    metric = resolved.task.metric
+    if spec.source is None:
+        summary = train(resolved)
+    else:
+        t0 = time.perf_counter()
+        summary = {"final": _evaluate(resolved, load_model(spec.source)), "run_dir": spec.source,
+                   "wall_time_s": round(time.perf_counter() - t0, 3)}
+    value = summary["final"][metric]
+    _say(f"[seed {seed}] source {resolved.model.variant}: {metric} {value:.4g} ({n} steps)")
+    return [{"seed": seed, "variant": resolved.model.variant, "init": None, "stage": "source", "fraction": 0.0,
+             "steps": n, "total_steps": n, metric: value, "run_dir": str(summary["run_dir"]),
+             "wall_s": summary["wall_time_s"]}]
+
+
+def _variant_stage(spec: ConversionSpec, out: Path, seed: int, variant: str) -> list[dict]:
+    """Convert seed's source to `variant` with each initialisation, uptrain each, and train it from scratch."""
     from qkvlab.convert import convert_variant
     from qkvlab.models.io import load_model, save_model
-    from qkvlab.train.config import RunConfig, TrainConfig, resolve_run
+    from qkvlab.models.tokenizer import recorded_tokenizer
+    from qkvlab.train.config import RunConfig, TrainConfig
     from qkvlab.train.trainer import train
+
+    resolved, n, w = _resolved_source(spec, out, seed)
+    task, cfg, metric = resolved.task, resolved.config, resolved.task.metric
+    source_dir = spec.source or cfg.train.out_dir
+    source, tokenizer = load_model(source_dir), recorded_tokenizer(source_dir)
+    calibration = task.model_inputs(task.train_batch(n, spec.calibration_windows, seed))
+    rows = []
+    here = out / "runs" / f"seed{seed}"
+    for init in spec.inits_for(variant):
+        name = f"{_slug(variant)}-{init}"
+        model_dir = out / "converted" / f"seed{seed}" / name
+        measured = out / "converted" / f"seed{seed}" / f"{name}.json"
+        t0 = time.perf_counter()
+        if measured.is_file() and model_dir.is_dir():
+            done = json.loads(measured.read_text())
+        else:
+            converted = convert_variant(source, variant, init, calibration if init == "lsq" else None)
+            metrics = _evaluate(resolved, converted)
+            save_model(converted, model_dir, tokenizer)
+            done = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3)}
+            atomic_write_json(measured, done)
+        value = done["metrics"][metric]
+        rows.append({"seed": seed, "variant": variant, "init": init, "stage": "converted", "fraction": 0.0,
+                     "steps": 0, "total_steps": n, metric: value, "run_dir": str(model_dir), "wall_s": done["wall_s"]})
+        _say(f"[seed {seed}] {variant} {INIT_LABELS[init]}: converted {metric} {value:.4g}")
+        for f in spec.fractions:
+            steps = _budget_steps(n, f)
+            up = RunConfig(task=cfg.task, variant=variant, seed=UPTRAIN_SEED_OFFSET + seed, preset=cfg.preset,
+                           init_from=str(model_dir), data_dir=cfg.data_dir, optim=cfg.optim,
+                           schedule=dataclasses.replace(cfg.schedule, warmup_steps=min(steps, round(f * w))),
+                           train=TrainConfig(steps=steps, batch_size=cfg.train.batch_size, eval_every=0,
+                                             checkpoint_every=0, progress=False,
+                                             out_dir=str(here / f"{name}-up{_pct(f)}")))
+            s = train(up)
+            rows.append({"seed": seed, "variant": variant, "init": init, "stage": "uptrained", "fraction": f,
+                         "steps": steps, "total_steps": n + steps, metric: s["final"][metric],
+                         "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
+            _say(f"[seed {seed}] {variant} {INIT_LABELS[init]}: +{_pct(f)} % uptraining ({steps} steps) "
+                 f"{metric} {s['final'][metric]:.4g}")
+    for f in spec.fractions:
+        total = n + _budget_steps(n, f)
+        scratch = RunConfig(task=cfg.task, variant=variant, seed=seed, preset=cfg.preset, data_dir=cfg.data_dir,
+                            model=dict(cfg.model), optim=cfg.optim, schedule=cfg.schedule,
+                            train=TrainConfig(steps=total, batch_size=cfg.train.batch_size, eval_every=0,
+                                              checkpoint_every=0, progress=False,
+                                              out_dir=str(here / f"{_slug(variant)}-scratch{_pct(1 + f)}")))
+        s = train(scratch)
+        rows.append({"seed": seed, "variant": variant, "init": None, "stage": "scratch", "fraction": f,
+                     "steps": total, "total_steps": total, metric: s["final"][metric],
+                     "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
+        _say(f"[seed {seed}] {variant} from scratch, {total} steps: {metric} {s['final'][metric]:.4g}")
+    return rows
+
+
+def _stage(job: tuple) -> list[dict]:
+    """One unit of work in a worker process: (threads, stage function name, args)."""
+    threads, name, args = job
+    if threads:
+        torch.set_num_threads(threads)
+    return {"source": _source_stage, "variant": _variant_stage}[name](*args)
+
+
+def _run_stages(jobs: list[tuple], workers: int) -> list[dict]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [row for job in jobs for row in _stage(job)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [row for rows in pool.map(_stage, jobs) for row in rows]
+
+
+def run_conversion(spec: ConversionSpec, out: str | Path, force: bool = False, command: str | None = None,
+                   jobs: int = 1) -> Result:
+    """Run (or resume) the experiment into `out`; writes `out`/conversion.md and conversion.json.
+
+    `jobs` > 1 runs the sources of the seeds, then the (seed, target) units, in that many worker
+    processes with cores / jobs torch threads each (results do not depend on it: every run is seeded)."""
+    import os
 
     started = time.perf_counter()
     out = prepare_out(out, spec, force)
-    rows: list[dict] = []
-    budget = None
-    metric = higher = None
-    for seed in spec.seeds:
-        source_cfg = _source_config(spec, out, seed)
-        resolved = resolve_run(source_cfg)
-        task, cfg = resolved.task, resolved.config
-        check(resolved.model.variant == "QKV" or spec.source is not None, "the source must be a QKV model")
-        metric, higher = task.metric, task.higher_is_better
-        n, w = cfg.train.steps, cfg.schedule.warmup_steps
-        assert n is not None and w is not None  # resolved: the budget is filled in
-        budget = {"steps": n, "batch_size": cfg.train.batch_size, "lr": cfg.optim.lr, "warmup_steps": w,
-                  "schedule": cfg.schedule.kind, "task": cfg.task, "preset": cfg.preset,
-                  "source_variant": resolved.model.variant}
-        t0 = time.perf_counter()
-        summary = train(resolved) if spec.source is None else {"final": _evaluate(resolved, load_model(spec.source)),
-                                                               "run_dir": spec.source, "wall_time_s": 0.0}
-        source_dir = summary["run_dir"]
-        value = summary["final"][metric]
-        rows.append({"seed": seed, "variant": resolved.model.variant, "init": None, "stage": "source", "fraction": 0.0,
-                     "steps": n, "total_steps": n, metric: value, "run_dir": str(source_dir),
-                     "wall_s": summary.get("wall_time_s", round(time.perf_counter() - t0, 3))})
-        log(f"[seed {seed}] source {resolved.model.variant}: {metric} {value:.4g} ({n} steps)")
-        source = load_model(source_dir)
-        calibration = task.model_inputs(task.train_batch(n, spec.calibration_windows, seed))
-        for variant in spec.variants:
-            for init in spec.inits_for(variant):
-                name = f"{_slug(variant)}-{init}"
-                model_dir = out / "converted" / f"seed{seed}" / name
-                measured = out / "converted" / f"seed{seed}" / f"{name}.json"
-                t0 = time.perf_counter()
-                if measured.is_file() and model_dir.is_dir():
-                    done = json.loads(measured.read_text())
-                else:
-                    converted = convert_variant(source, variant, init, calibration if init == "lsq" else None)
-                    metrics = _evaluate(resolved, converted)
-                    save_model(converted, model_dir)
-                    done = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3)}
-                    atomic_write_json(measured, done)
-                metrics = done["metrics"]
-                rows.append({"seed": seed, "variant": variant, "init": init, "stage": "converted", "fraction": 0.0,
-                             "steps": 0, "total_steps": n, metric: metrics[metric], "run_dir": str(model_dir),
-                             "wall_s": done["wall_s"]})
-                log(f"[seed {seed}] {variant} {INIT_LABELS[init]}: converted {metric} {metrics[metric]:.4g}")
-                for f in spec.fractions:
-                    steps = _budget_steps(n, f)
-                    up = RunConfig(task=cfg.task, variant=variant, seed=UPTRAIN_SEED_OFFSET + seed, preset=cfg.preset,
-                                   init_from=str(model_dir), data_dir=cfg.data_dir, optim=cfg.optim,
-                                   schedule=dataclasses.replace(cfg.schedule, warmup_steps=min(steps, round(f * w))),
-                                   train=TrainConfig(steps=steps, batch_size=cfg.train.batch_size, eval_every=0,
-                                                     checkpoint_every=0, progress=False,
-                                                     out_dir=str(out / "runs" / f"seed{seed}" / f"{name}-up{_pct(f)}")))
-                    s = train(up)
-                    rows.append({"seed": seed, "variant": variant, "init": init, "stage": "uptrained", "fraction": f,
-                                 "steps": steps, "total_steps": n + steps, metric: s["final"][metric],
-                                 "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
-                    log(f"[seed {seed}] {variant} {INIT_LABELS[init]}: +{_pct(f)} % uptraining ({steps} steps) "
-                        f"{metric} {s['final'][metric]:.4g}")
-            for f in spec.fractions:
-                total = n + _budget_steps(n, f)
-                scratch = RunConfig(task=cfg.task, variant=variant, seed=seed, preset=cfg.preset, data_dir=cfg.data_dir,
-                                    model=dict(cfg.model), optim=cfg.optim, schedule=cfg.schedule,
-                                    train=TrainConfig(steps=total, batch_size=cfg.train.batch_size, eval_every=0,
-                                                      checkpoint_every=0, progress=False,
-                                                      out_dir=str(out / "runs" / f"seed{seed}" /
-                                                                  f"{_slug(variant)}-scratch{_pct(1 + f)}")))
-                s = train(scratch)
-                rows.append({"seed": seed, "variant": variant, "init": None, "stage": "scratch", "fraction": f,
-                             "steps": total, "total_steps": total, metric: s["final"][metric],
-                             "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
-                log(f"[seed {seed}] {variant} from scratch, {total} steps: {metric} {s['final'][metric]:.4g}")
+    workers = max(1, jobs)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    rows = _run_stages([(threads, "source", (spec, out, seed)) for seed in spec.seeds], workers)
+    rows += _run_stages([(threads, "variant", (spec, out, seed, variant))
+                         for seed in spec.seeds for variant in spec.variants], workers)
     wall = time.perf_counter() - started
-    assert metric is not None and higher is not None and budget is not None  # at least one seed ran
+    resolved, n, w = _resolved_source(spec, out, spec.seeds[0])
+    cfg, metric, higher = resolved.config, resolved.task.metric, resolved.task.higher_is_better
+    budget = {"steps": n, "batch_size": cfg.train.batch_size, "lr": cfg.optim.lr, "warmup_steps": w,
+              "schedule": cfg.schedule.kind, "task": cfg.task, "preset": cfg.preset,
+              "source_variant": resolved.model.variant}
     cells = aggregate(rows, spec, metric)
     table = markdown_table(cells, spec, metric, higher, budget)
     from qkvlab.train.report import machine
 
     data = {"experiment": "conversion", "command": command, "spec": spec.to_dict(), "metric": metric,
             "higher_is_better": higher, "budget": budget, "definitions": DEFINITIONS, "machine": machine(),
-            "wall_time_s": round(wall, 1),
-            "rows_wall_s": round(sum(r["wall_s"] for r in rows), 1), "torch_threads": torch.get_num_threads(),
-            "cells": cells, "rows": rows}
+            "wall_time_s": round(wall, 1), "rows_wall_s": round(sum(r["wall_s"] for r in rows), 1),
+            "jobs": workers, "torch_threads": threads or torch.get_num_threads(), "cells": cells, "rows": rows}
     md = document(table, spec, data)
     result = Result(rows=rows, table=table)
     result.json = atomic_write_json(out / "conversion.json", data)
@@ -368,7 +415,8 @@ def document(table: str, spec: ConversionSpec, data: dict) -> str:
         f"- source budget N: {b['steps']} steps x {b['batch_size']} rows, peak lr {b['lr']:g}, "
         f"{b['schedule']} schedule, warmup {b['warmup_steps']}",
         f"- machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else ", no GPU")
-        + f", torch {m['torch']}, {data['torch_threads']} torch threads; wall time of the command "
+        + f", torch {m['torch']}; {data['jobs']} process(es) x {data['torch_threads']} torch threads; wall time "
+        f"of the command "
         f"{data['wall_time_s']:.0f} s (training and evaluation summed over rows: {data['rows_wall_s']:.0f} s)",
         f"- calibration for lsq: {spec.calibration_windows} training windows per seed",
         "",
