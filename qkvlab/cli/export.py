@@ -7,7 +7,7 @@ import argparse
 from qkvlab.atomic import check_output
 from qkvlab.errors import QkvlabError
 
-FORMATS = ("hf", "gpt2", "llama", "pt2")
+FORMATS = ("hf", "gpt2", "llama", "pt2", "executorch")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,10 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "positions, LayerNorm, GELU) or llama (LlamaForCausalLM: QKV/GQA, rotary, RMSNorm, SwiGLU).")
     p.add_argument("model", help="export, checkpoint or run directory, or a .safetensors file")
     p.add_argument("--format", choices=FORMATS, default="hf",
-                   help="hf (default), gpt2, llama, or pt2 (torch.export + AOTInductor package, --out model.pt2)")
+                   help="hf (default), gpt2, llama, pt2 (torch.export + AOTInductor package, --out model.pt2) "
+                        "or executorch (ExecuTorch program, --out model.pte; needs the [deploy] extra)")
     p.add_argument("--max-context", type=int, default=None,
-                   help="pt2: tokens the exported cache holds (default: the model's max_seq_len)")
-    p.add_argument("--cache-dtype", default=None, help="pt2: cache dtype fp32 (default), bf16, fp16 or int8")
+                   help="pt2/executorch: tokens the exported cache holds (default: the model's max_seq_len)")
+    p.add_argument("--cache-dtype", default=None,
+                   help="pt2/executorch: cache dtype fp32 (default), bf16, fp16 or int8")
     p.add_argument("--out", required=True, help="output directory (written atomically; must be new or empty)")
     p.add_argument("--force", action="store_true", help="replace an existing --out (never the source)")
     p.add_argument("--tokenizer", default=None,
@@ -33,10 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.format == "pt2":
-        from qkvlab.deploy.pt2 import export_pt2
+    if args.format in ("pt2", "executorch"):
+        if args.format == "pt2":
+            from qkvlab.deploy.pt2 import export_pt2 as export_program
+        else:
+            from qkvlab.deploy.executorch import export_executorch as export_program
 
-        info = export_pt2(args.model, args.out, args.max_context, args.cache_dtype, args.force)
+        info = export_program(args.model, args.out, args.max_context, args.cache_dtype, args.force)
         print(f"wrote {info['variant']} model ({info['bytes']:,} bytes, cache {info['cache_dtype']} of "
               f"{info['cache_bytes']:,} bytes for {info['max_context']} tokens) to {info['out']}")
         return 0

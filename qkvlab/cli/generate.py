@@ -20,9 +20,10 @@ from qkvlab.nn.kv_cache import resolve_cache_dtype
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a saved decoder with the KV cache",
                        description="Generate from a saved decoder (export, checkpoint or run directory), or "
-                                   "from a model.pt2 written by `qkvlab export --format pt2` (batch 1 per "
-                                   "prompt). Several --prompt options generate as one batch.")
-    p.add_argument("model", help="export, checkpoint or run directory, a .safetensors file, or a .pt2 export")
+                                   "from a model.pt2 / model.pte written by `qkvlab export --format pt2 / "
+                                   "executorch` (batch 1 per prompt; a .pte runs on the ExecuTorch runtime). "
+                                   "Several --prompt options generate as one batch.")
+    p.add_argument("model", help="export, checkpoint or run directory, a .safetensors file, or a .pt2 / .pte export")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--tokenizer", default="bytes",
                    help="gpt2, stdlib-bpe, shakespeare (characters), ptb (words), bytes (default), "
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache-dtype", default=None,
                    help="KV-cache dtype: the model's (default), fp32, bf16, fp16, or int8 / fp8 (quantised: 1 byte "
-                        "per value and a bfloat16 scale per token and head); a .pt2 keeps its export's")
+                        "per value and a bfloat16 scale per token and head); a .pt2 / .pte keeps its export's")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed, vocab_limit=tok.vocab_size)
     if str(args.model).endswith(".pt2"):
         return _run_pt2(args, tok, sampling)
+    if str(args.model).endswith(".pte"):
+        return _run_pte(args, tok, sampling)
     cache_dtype = resolve_cache_dtype(args.cache_dtype)
     model = load_model(args.model, device)
     if not isinstance(model, GPT):
@@ -98,13 +101,32 @@ def _run_pt2(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
     return 0
 
 
+def _run_pte(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
+    """Generate from an ExecuTorch export with its runtime, one prompt at a time (the cache is program state)."""
+    from qkvlab.deploy.executorch import PteRunner
+
+    if args.cache_dtype is not None:
+        raise QkvlabError("--cache-dtype does not apply to a .pte export (its cache dtype is fixed at export)")
+    runner = PteRunner(args.model)
+    if tok.vocab_size > runner.vocab_size:
+        raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
+                          f"{runner.vocab_size}")
+    start = time.perf_counter()
+    outputs = [runner.generate(tok.encode(p), sampling) for p in args.prompt]
+    seconds = time.perf_counter() - start
+    _print(args, tok, outputs, seconds,
+           f"{runner.config['variant']}, ExecuTorch, cache {runner.metadata['cache_dtype']}")
+    return 0
+
+
 def _print(args, tok, outputs, seconds: float, what: str) -> None:
     n_new = sum(len(o) for o in outputs)
     if args.json:
-        rows = [{"prompt": p, "completion": tok.decode(o), "tokens": o} for p, o in zip(args.prompt, outputs)]
+        rows = [{"prompt": p, "completion": tok.decode(o), "tokens": o}
+                for p, o in zip(args.prompt, outputs, strict=True)]
         print(json.dumps({"outputs": rows, "seconds": seconds, "new_tokens": n_new}, indent=2))
     else:
-        for p, o in zip(args.prompt, outputs):
+        for p, o in zip(args.prompt, outputs, strict=True):
             print(p + tok.decode(o))
             print("-" * 40)
         print(f"{n_new} tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s, {what})", file=sys.stderr)
