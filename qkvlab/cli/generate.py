@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Several --prompt options generate as one batch.")
     p.add_argument("model", help="export, checkpoint or run directory, a .safetensors file, or a .pt2 / .pte export")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--tokenizer", default="bytes",
-                   help="gpt2, stdlib-bpe, shakespeare (characters), ptb (words), bytes (default), "
+    p.add_argument("--tokenizer", default=None,
+                   help="default: the one the model records (a given one must be it); for a model recording none: "
+                        "gpt2, stdlib-bpe, shakespeare (characters), ptb (words), bytes (the fallback), "
                         "a Hugging Face tokenizer.json, or a token directory with vocab.json")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -59,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    tok = load_tokenizer(args.tokenizer)
+    tok, fallback = _tokenizer(args)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop_tokens=tuple(args.stop), prefill_chunk=args.prefill_chunk,
                               seed=args.seed, vocab_limit=tok.vocab_size)
@@ -72,15 +73,27 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, GPT):
         raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; generate needs a decoder")
     if tok.vocab_size > model.config.vocab_size:
-        raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
+        raise QkvlabError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}")
     prompts = [tok.encode(p) for p in args.prompt]
+    if fallback:
+        print(f"note: {args.model} records no tokenizer; using bytes (pass --tokenizer)", file=sys.stderr)
     start = time.perf_counter()
     outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype)
     seconds = time.perf_counter() - start
     dtype = str(cache_dtype or model.tok_emb.weight.dtype).removeprefix("torch.")
     _print(args, tok, outputs, seconds, f"{model.config.variant}, KV cache {dtype}, {torch.get_num_threads()} threads")
     return 0
+
+
+def _tokenizer(args: argparse.Namespace):
+    """(tokenizer, fell back): the model's recorded one (a given --tokenizer must be it), else bytes."""
+    if str(args.model).endswith((".pt2", ".pte")):
+        return load_tokenizer(args.tokenizer or "bytes"), False
+    from qkvlab.models.tokenizer import model_tokenizer
+
+    tok = model_tokenizer(args.model, args.tokenizer)
+    return (tok, False) if tok is not None else (load_tokenizer("bytes"), True)
 
 
 def _run_pt2(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
@@ -91,7 +104,7 @@ def _run_pt2(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
         raise QkvlabError("--cache-dtype does not apply to a .pt2 export (its cache dtype is fixed at export)")
     runner = Pt2Runner(args.model)
     if tok.vocab_size > runner.vocab_size:
-        raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
+        raise QkvlabError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model only "
                           f"{runner.vocab_size}")
     start = time.perf_counter()
     outputs = [generate_with(runner.prefill, runner.decode, runner.empty_cache(), tok.encode(p), sampling,
@@ -109,7 +122,7 @@ def _run_pte(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
         raise QkvlabError("--cache-dtype does not apply to a .pte export (its cache dtype is fixed at export)")
     runner = PteRunner(args.model)
     if tok.vocab_size > runner.vocab_size:
-        raise QkvlabError(f"tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the model only "
+        raise QkvlabError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model only "
                           f"{runner.vocab_size}")
     start = time.perf_counter()
     outputs = [runner.generate(tok.encode(p), sampling) for p in args.prompt]
