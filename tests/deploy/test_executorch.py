@@ -92,6 +92,12 @@ def test_pte_generates_the_same_tokens(tmp_path, variant, positions, cache_dtype
     assert runner.max_context == CONTEXT and runner.config["variant"] == model.config.variant
     assert runner.cache_nbytes == info["cache_bytes"] == cache_bytes(model.config, None, CONTEXT, 1,
                                                                      cache_dtype or "fp32")
+    # the cache is the program's shared state: one extra memory arena of exactly those bytes in every method
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary((tmp_path / "model.pte").read_bytes())
+    plans = {plan.name: list(plan.non_const_buffer_sizes) for plan in getattr(pte, "program", pte).execution_plan}
+    assert [plans[name][2] for name in ("reset", "prefill", "decode")] == [info["cache_bytes"]] * 3
     names = [name for name, _, _ in runner.specs]
     expected = ["kv"] if variant != "QKV" else ["k", "v"]
     assert names == ([n for name in expected for n in (name, name + "_scale")] if cache_dtype else expected)
