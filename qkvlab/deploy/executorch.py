@@ -75,14 +75,19 @@ def _stderr_to_devnull():
         os.close(saved)
 
 
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """`TypeName: first line of the message` (messages of native code run over many lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
+
+
 def require_executorch(what: str = "--format executorch") -> None:
     """A one-line error naming the extra to install unless `executorch` imports."""
     try:
         with _quiet():
             import executorch.exir  # noqa: F401
     except Exception as err:  # ImportError, or a broken install (an incompatible torch)
-        raise QkvlabError(f"{what} needs the executorch package ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:100] if str(err) else 'not importable'}); "
+        raise QkvlabError(f"{what} needs the executorch package ({_first_line(err, 100)}); "
                           f"install it with {EXTRA}") from None
 
 
@@ -142,14 +147,19 @@ def lower(decoder: StaticDecoder) -> bytes:
 
         programs = export_methods(decoder)
         meta = json.dumps({**metadata(decoder), "format": FORMAT}).encode()
-        edge = to_edge_transform_and_lower(
-            programs, constant_methods={"metadata": torch.tensor(list(meta), dtype=torch.uint8)})
-        program = edge.to_executorch(ExecutorchBackendConfig(
-            # prefill's activations are planned for its largest prompt (max_context), not the example's
-            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True))
-        return bytes(program.buffer)
+        try:
+            edge = to_edge_transform_and_lower(
+                programs, constant_methods={"metadata": torch.tensor(list(meta), dtype=torch.uint8)})
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                # prefill's activations are planned for its largest prompt (max_context), not the example's
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                emit_mutable_buffer_names=True))
+            return bytes(program.buffer)
+        except Exception as err:  # an operator or dtype ExecuTorch cannot lower: one line, not its traceback
+            dtype = str(decoder.cache_dtype).removeprefix("torch.")
+            raise QkvlabError(f"ExecuTorch could not lower this {decoder.config.variant} model (cache {dtype}): "
+                              f"{_first_line(err)}") from None
 
 
 def export_executorch(run: str | os.PathLike, out: str | os.PathLike, max_context: int | None = None,
@@ -202,8 +212,7 @@ class PteRunner:
             except QkvlabError:
                 raise
             except Exception as err:  # a foreign or damaged file
-                raise QkvlabError(f"{path} is not a qkvlab ExecuTorch export "
-                                  f"({type(err).__name__}: {str(err)[:120]})") from None
+                raise QkvlabError(f"{path} is not a qkvlab ExecuTorch export ({_first_line(err, 120)})") from None
         check(meta.get("format") == FORMAT, f"{path} is not a qkvlab ExecuTorch export (format {meta.get('format')!r})")
         self.program = program
         self.metadata = meta
@@ -219,14 +228,20 @@ class PteRunner:
     def cache_nbytes(self) -> int:
         return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for _, shape, dtype in self.specs)
 
+    def _run(self, name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+        try:
+            return self._methods[name].execute(inputs)[0]
+        except Exception as err:  # a kernel missing from this runtime build, a bad shape
+            raise QkvlabError(f"the ExecuTorch runtime failed in {name}: {_first_line(err)}") from None
+
     def reset(self) -> None:
-        self._methods["reset"].execute([])
+        self._run("reset", [])
 
     def prefill(self, idx: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        return self._methods["prefill"].execute([idx, start])[0]
+        return self._run("prefill", [idx, start])
 
     def decode(self, idx: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        return self._methods["decode"].execute([idx, start])[0]
+        return self._run("decode", [idx, start])
 
     def generate(self, prompt: list[int], config) -> list[int]:
         """Continue one prompt (greedy or sampled as `config` says) from a zeroed cache."""
