@@ -160,3 +160,15 @@ def test_a_tokenized_directory_knows_its_tokenizer(tmp_path):
     tokenize_files([tmp_path / "a.txt"], bpe, tmp_path / "tokens", val_every=1)
     tok = token_dir_tokenizer(tmp_path / "tokens")
     assert tok is not None and same_tokenizer(tok, bpe) and tok.encode("the mat") == bpe.encode("the mat")
+
+
+@pytest.mark.slow  # imports transformers (~5 s)
+def test_eval_takes_the_recorded_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from qkvlab.cli.eval import load_model_and_tokenizer
+
+    save_model(_model(32), tmp_path / "m", _tokenizers()[0])
+    _, tokenizer = load_model_and_tokenizer(str(tmp_path / "m"), None, "cpu")
+    assert tokenizer("the cat")["input_ids"] == _tokenizers()[0].encode("the cat")
+    with pytest.raises(QkvlabError, match="is not the tokenizer"):
+        load_model_and_tokenizer(str(tmp_path / "m"), "bytes", "cpu")
