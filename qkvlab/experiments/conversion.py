@@ -265,7 +265,7 @@ def _stage(job: tuple) -> list[dict]:
     threads, name, args = job
     if threads:
         torch.set_num_threads(threads)
-    return {"source": _source_stage, "variant": _variant_stage}[name](*args)
+    return _source_stage(*args) if name == "source" else _variant_stage(*args)
 
 
 def _run_stages(jobs: list[tuple], workers: int) -> list[dict]:

@@ -18,7 +18,7 @@ def recorded_tokenizer(model_path: str | os.PathLike) -> Tok | None:
     """The tokenizer recorded with the saved model at `model_path` (an export, checkpoint or run
     directory, or the weights file), or None when the model records none (saved before records existed,
     or trained on data whose tokenizer was not known)."""
-    file = weights_file(model_path)
+    file = weights_file(os.fspath(model_path))
     raw = read_metadata(file).get(TOKENIZER_KEY)
     if raw is None:
         return None
