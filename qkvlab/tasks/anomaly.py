@@ -54,7 +54,7 @@ class SetAnomalyTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=16, lr=2e-3, eval_every=20, eval_batches=2),
-        "quick": Budget(steps=2000, batch_size=32, lr=2e-3, eval_every=500, warmup_steps=100),
+        "quick": Budget(steps=2000, batch_size=32, lr=4e-3, eval_every=500, warmup_steps=100),
         "full": Budget(steps=10_000, batch_size=64, lr=5e-4, eval_every=1000, warmup_steps=500),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (4, 128, 8)}
