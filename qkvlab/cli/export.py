@@ -46,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
               f"{info['cache_bytes']:,} bytes for {info['max_context']} tokens) to {info['out']}")
         return 0
     check_output(args.out, args.force, sources=[args.model])
+    from qkvlab.models import GPT
     from qkvlab.models.io import load_model
     from qkvlab.models.tokenizer import model_tokenizer
 
     tokenizer = model_tokenizer(args.model, args.tokenizer)  # the recorded one; --tokenizer must agree with it
     model = load_model(args.model)
-    if model.config.kind != "decoder":
+    if not isinstance(model, GPT):  # a decoder
         raise QkvlabError(f"{args.model!r} holds a {model.config.kind} model; only decoders export to Hugging Face")
     from qkvlab.hf.export import export
 

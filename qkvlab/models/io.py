@@ -13,19 +13,26 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from qkvlab.atomic import atomic_dir
 from qkvlab.errors import QkvlabError
-from qkvlab.models import build_model
+from qkvlab.models import Model, build_model
 from qkvlab.models.config import ModelConfig
-from qkvlab.weights import CONFIG_KEY, WEIGHTS, load_into, read_metadata, save_weights, verify_weights, weights_file
-from qkvlab.weights import write_manifest
+from qkvlab.weights import (
+    CONFIG_KEY,
+    WEIGHTS,
+    load_into,
+    read_metadata,
+    save_weights,
+    verify_weights,
+    weights_file,
+    write_manifest,
+)
 
 __all__ = ["CONFIG_KEY", "WEIGHTS", "load_model", "save_model", "saved_model_config", "weights_file"]
 
 
-def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+def save_model(model: Model, out_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` (which has a `.config`) to `out_dir` atomically: complete or absent. `tokenizer`
     (a `qkvlab.data.tokenizer` tokenizer) is recorded: its files beside the weights, a record in their metadata."""
     from qkvlab.data.tokenizer import tokenizer_metadata
@@ -54,7 +61,7 @@ def saved_model_config(path: str | Path) -> ModelConfig:
         raise QkvlabError(f"{str(file)!r} holds an unusable model config: {err}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
     """The model saved at `path`, in eval mode, on `device` (its directory's manifest verified first)."""
     file = weights_file(path)
     verify_weights(file.parent)
