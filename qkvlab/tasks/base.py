@@ -52,7 +52,7 @@ class Task(ABC):
 
         Pure: it changes nothing in the task (`setup` does)."""
 
-    def setup(self, model: ModelConfig, preset: str) -> None:
+    def setup(self, model: ModelConfig, preset: str) -> None:  # noqa: B027 (an optional hook, empty by default)
         """Prepare the data for training `model` at `preset`, before the first batch.
 
         Called once, by run resolution. The default does nothing; a task whose data depends on the

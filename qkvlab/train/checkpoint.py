@@ -18,8 +18,18 @@ from safetensors import SafetensorError
 
 from qkvlab.atomic import atomic_dir
 from qkvlab.errors import QkvlabError
-from qkvlab.weights import (CHECKPOINTS, FORMAT_VERSION, MANIFEST, STATE, WEIGHTS, list_checkpoints, load_weights,
-                            save_weights, verify_checkpoint, write_manifest)
+from qkvlab.weights import (
+    CHECKPOINTS,
+    FORMAT_VERSION,
+    MANIFEST,
+    STATE,
+    WEIGHTS,
+    list_checkpoints,
+    load_weights,
+    save_weights,
+    verify_checkpoint,
+    write_manifest,
+)
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "STATE", "WEIGHTS", "checkpoint_path", "latest_checkpoint",
            "list_checkpoints", "load_checkpoint", "load_weights", "prune_checkpoints", "save_checkpoint",

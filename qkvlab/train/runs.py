@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from qkvlab.errors import QkvlabError
 from qkvlab.atomic import atomic_write_text
+from qkvlab.errors import QkvlabError
 from qkvlab.variants import parse_variant
 
 SUMMARY = "summary.json"

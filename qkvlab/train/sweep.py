@@ -14,16 +14,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from tqdm import tqdm
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.train.config import ResolvedRun, differences, load_config, parse_override, resolve_run
 from qkvlab.train.lock import PARENT_ENV, child_preexec
-from qkvlab.train.runs import (CONFIG, FINISHED, SUMMARY, load_task, read_summary, run_dir_for, run_status,
-                               summary_problem)
+from qkvlab.train.runs import (
+    CONFIG,
+    FINISHED,
+    SUMMARY,
+    load_task,
+    read_summary,
+    run_dir_for,
+    run_status,
+    summary_problem,
+)
 
 LOG = "train.log"
 # Keys a sweep sets for every run itself (and the option that sets them instead).
@@ -92,7 +102,7 @@ class SweepResult:
 
 
 def plan(root: str | Path, tasks: list[str], seeds: list[int], variants: list[str] | None = None,
-         preset: str = "quick", config: str | None = None, overrides: list[str] = ()) -> list[SweepRun]:
+         preset: str = "quick", config: str | None = None, overrides: Sequence[str] = ()) -> list[SweepRun]:
     """The runs of tasks x variants x seeds (variants default to each task's `variants_for`)."""
     check(len(tasks) > 0, "a sweep needs at least one task")
     check(len(seeds) > 0, "a sweep needs at least one seed")
@@ -108,7 +118,7 @@ def plan(root: str | Path, tasks: list[str], seeds: list[int], variants: list[st
     return runs
 
 
-def check_data(tasks: list[str], overrides: list[str] = ()) -> None:
+def check_data(tasks: list[str], overrides: Sequence[str] = ()) -> None:
     """Refuse to start when registered tasks need datasets that are not fetched (one error, not one per run)."""
     from qkvlab.tasks.registry import missing_data
 
@@ -191,7 +201,7 @@ class _Launched:
     run: SweepRun
     proc: subprocess.Popen
     started: float
-    log: object
+    log: TextIO
     slot: int
 
 

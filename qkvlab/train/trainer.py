@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from importlib import metadata
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,10 +25,23 @@ from tqdm import tqdm
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.train import checkpoint as ckpt
-from qkvlab.train.config import ALL, ResolvedRun, RunConfig, differences, load_config, resolve_run, save_config
-from qkvlab.train.distributed import (DistEnv, all_reduce_mean, barrier, broadcast_object, full_state_dicts,
-                                      gradient_sync, init_distributed, load_full_state_dicts, micro_batches,
-                                      optimizer_format, shard_batch, shutdown, unwrap, wrap_model)
+from qkvlab.train.config import ResolvedRun, RunConfig, differences, load_config, resolve_run, save_config
+from qkvlab.train.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    full_state_dicts,
+    gradient_sync,
+    init_distributed,
+    load_full_state_dicts,
+    micro_batches,
+    optimizer_format,
+    shard_batch,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
 from qkvlab.train.lock import DirLock
 from qkvlab.train.metrics import MetricsLogger
 from qkvlab.train.optim import build_optimizer, build_scheduler, load_scheduler_state
@@ -49,8 +63,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _filled(value: int | None, key: str) -> int:
+    """A budget field of a resolved run (`resolve_run` fills every one the trainer reads)."""
+    if value is None:
+        raise QkvlabError(f"{key} is unset: the run was not resolved (qkvlab.train.config.resolve_run)")
+    return value
+
+
 def _rng_state() -> dict:
-    bit_gen, key, pos, has_gauss, cached = np.random.get_state()
+    # the legacy state is a tuple (the typing also allows the dict form, legacy=False)
+    bit_gen, key, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [bit_gen, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
@@ -97,8 +119,11 @@ class Trainer:
         for note in run.notes:
             self._say(note)
         t = self.cfg.train
+        self.steps, self.batch_size = _filled(t.steps, "train.steps"), _filled(t.batch_size, "train.batch_size")
+        self.eval_every = _filled(t.eval_every, "train.eval_every")
+        self.checkpoint_every = _filled(t.checkpoint_every, "train.checkpoint_every")
         world = self.env.world_size
-        check(t.batch_size % (world * t.grad_accum) == 0,
+        check(self.batch_size % (world * t.grad_accum) == 0,
               f"train.batch_size={t.batch_size} must be divisible by processes x train.grad_accum "
               f"= {world} x {t.grad_accum}")
         self.run_dir = run.run_dir
@@ -131,7 +156,7 @@ class Trainer:
         summary = read_summary(self.run_dir) or {}
         check(summary.get("status") != "diverged",
               f"{str(self.run_dir)!r} holds a run that diverged; it cannot be extended (restart it with --restart)")
-        check(self.cfg.train.steps >= reached,
+        check(self.steps >= reached,
               f"train.steps={self.cfg.train.steps} is below step {reached} that {str(self.run_dir)!r} has reached; "
               "a run cannot be shortened (set another train.out_dir, or --restart)")
         self._say(f"continuing {self.run_dir} from step {reached} with train.steps {stored.train.steps} -> "
@@ -191,9 +216,9 @@ class Trainer:
 
     def _build(self) -> None:
         torch.manual_seed(self.cfg.seed)
-        builder = getattr(self.task, "build_model", None)
-        if builder is None:
-            from qkvlab.models import build_model as builder
+        from qkvlab.models import build_model
+
+        builder = getattr(self.task, "build_model", None) or build_model
         model = builder(self.model_cfg)
         if self.cfg.init_from is not None:
             from qkvlab.models.io import load_model
@@ -207,7 +232,7 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         self.model = wrap_model(model, self.env, self.cfg.distributed)
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.train.steps)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps)
         self.step = 0
         self.prior_elapsed = 0.0
         self.prior_cpu = 0.0
@@ -253,7 +278,7 @@ class Trainer:
         """Forward/backward over the micro-batches of `step`; returns (mean loss, grad norm, batch)."""
         t, env = self.cfg.train, self.env
         torch.manual_seed(step_seed(self.cfg.seed, step, env.rank))
-        batch = self.task.train_batch(step, t.batch_size, self.cfg.seed)
+        batch = self.task.train_batch(step, self.batch_size, self.cfg.seed)
         parts = micro_batches(shard_batch(batch, env.rank, env.world_size), t.grad_accum)
         total = torch.zeros((), device=env.device)
         for i, part in enumerate(parts):
@@ -272,7 +297,7 @@ class Trainer:
 
     def _loop(self) -> None:
         t = self.cfg.train
-        steps = t.steps
+        steps = self.steps
         self._bar = tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                          desc=f"{self.task.name} {self.cfg.variant} s{self.cfg.seed}",
                          disable=not (self.env.is_main and t.progress))
@@ -290,9 +315,9 @@ class Trainer:
                 self.step += 1
                 self.last_loss = loss
                 self._log_train(loss, grad_norm, lr, batch, time.perf_counter() - started)
-                if self._due(t.eval_every):
+                if self._due(self.eval_every):
                     self._evaluate()
-                if self._due(t.checkpoint_every):
+                if self._due(self.checkpoint_every):
                     self._checkpoint()
                 self._bar.update(1)
         finally:
@@ -302,7 +327,7 @@ class Trainer:
         return self.step == self.cfg.train.steps or (every > 0 and self.step % every == 0)
 
     def _log_train(self, loss: float, grad_norm: float, lr: float, batch: dict, seconds: float) -> None:
-        rows = self.cfg.train.batch_size
+        rows = self.batch_size
         rates = {"samples_per_s": rows / max(seconds, 1e-9)}
         seq = _tokens_per_row(batch)
         if seq is not None:
@@ -318,11 +343,11 @@ class Trainer:
         model = self.model if env.sharded else unwrap(self.model)
         metrics = None
         if env.sharded or env.is_main:
-            bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
+            bs = self.cfg.train.eval_batch_size or self.batch_size
             model.eval()
             with torch.no_grad(), self._autocast():
                 batches = self.cfg.train.eval_batches
-                metrics = self.task.evaluate(model, bs, None if batches == ALL else batches)
+                metrics = self.task.evaluate(model, bs, None if isinstance(batches, str) else batches)  # str: "all"
             model.train()
             metrics = {k: float(v) for k, v in metrics.items()}
         metrics = broadcast_object(metrics, env)

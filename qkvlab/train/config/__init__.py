@@ -18,8 +18,18 @@ budget filled in, model chosen, task set up).
 from qkvlab.train.config.files import find_config, load_config, packaged_configs, read_yaml, save_config
 from qkvlab.train.config.overrides import apply_overrides, config_from_dict, parse_override
 from qkvlab.train.config.resolve import ResolvedRun, resolve_run
-from qkvlab.train.config.schema import (ALL, RUNTIME_KEYS, DistributedConfig, OptimConfig, RunConfig, ScheduleConfig,
-                                        TrainConfig, differences, flatten, known_keys)
+from qkvlab.train.config.schema import (
+                                        ALL,
+                                        RUNTIME_KEYS,
+                                        DistributedConfig,
+                                        OptimConfig,
+                                        RunConfig,
+                                        ScheduleConfig,
+                                        TrainConfig,
+                                        differences,
+                                        flatten,
+                                        known_keys,
+)
 
 __all__ = ["ALL", "RUNTIME_KEYS", "DistributedConfig", "OptimConfig", "ResolvedRun", "RunConfig", "ScheduleConfig",
            "TrainConfig", "apply_overrides", "config_from_dict", "differences", "find_config", "flatten",

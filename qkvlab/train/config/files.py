@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,7 @@ from qkvlab.atomic import atomic_write_text
 from qkvlab.errors import QkvlabError, check
 from qkvlab.train.config.overrides import apply_overrides, config_from_dict
 from qkvlab.train.config.schema import RunConfig
+
 
 def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML file (or in a run directory's config.yaml)."""
@@ -23,7 +25,8 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
-        raise QkvlabError(f"config file {str(path)!r} cannot be read: {getattr(err, 'strerror', None) or err}") from None
+        reason = getattr(err, "strerror", None) or err
+        raise QkvlabError(f"config file {str(path)!r} cannot be read: {reason}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -33,7 +36,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run config from YAML (or start empty) and apply dotted overrides.
 
     `path` may be a run directory: its stored config, writing to that directory (continue or

@@ -20,6 +20,7 @@ from qkvlab.errors import QkvlabError, check
 from qkvlab.train.config.schema import SECTIONS, RunConfig, check_model_keys, unknown_key
 from qkvlab.variants import parse_variant
 
+
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
@@ -44,7 +45,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise QkvlabError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise QkvlabError(f"config key {key!r} must be a mapping, got {value!r}")

@@ -39,7 +39,9 @@ class ResolvedRun:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.config.train.out_dir)
+        out = self.config.train.out_dir
+        assert out is not None  # resolve_run fills it
+        return Path(out)
 
 
 def resolve_run(cfg: RunConfig, task: Task | None = None) -> ResolvedRun:

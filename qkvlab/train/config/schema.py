@@ -147,7 +147,7 @@ class RunConfig:
                   f"model.variant {self.model['variant']!r} disagrees with variant {self.variant!r}; set only variant")
             object.__setattr__(self, "model", {k: v for k, v in self.model.items() if k != "variant"})
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -212,6 +212,9 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 def differences(a: RunConfig, b: RunConfig, ignore: frozenset[str] = RUNTIME_KEYS) -> list[str]:
     """Dotted keys whose values differ between two configs, as "key: a -> b"."""
     fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
-    shown = lambda flat, key: repr(flat[key]) if key in flat else "unset"
+
+    def shown(flat: dict, key: str) -> str:
+        return repr(flat[key]) if key in flat else "unset"
+
     return [f"{key}: {shown(fa, key)} -> {shown(fb, key)}"
             for key in sorted(set(fa) | set(fb)) if key not in ignore and fa.get(key) != fb.get(key)]
