@@ -28,13 +28,16 @@ class ViT(nn.Module):
         """images (B, C, H, W) -> logits (B, n_classes), or (B, n_classes, H, W) with a dense head."""
         B, _, H, W = images.shape
         p = self.config.patch_size
-        patches = self.patch_emb(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        gh, gw = H // p, W // p
+        pixels = images.reshape(B, -1, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, -1)  # (B, N, C_in*p*p)
+        patches = F.linear(pixels, self.patch_emb.weight.flatten(1), self.patch_emb.bias)  # (B, N, C): the conv as one matmul
         h = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, 1+N, C)
         out = self.backbone(h, need_weights=return_attention)
         h, weights = out if return_attention else (out, None)
         if self.config.dense_head:
             per_patch = self.head(h[:, 1:])  # (B, N, n_classes*p*p)
-            logits = F.fold(per_patch.transpose(1, 2), output_size=(H, W), kernel_size=p, stride=p)  # (B, K, H, W)
+            logits = (per_patch.reshape(B, gh, gw, -1, p, p).permute(0, 3, 1, 4, 2, 5)
+                      .reshape(B, -1, H, W))  # (B, K, H, W): each patch's p*p pixels in place
         else:
             logits = self.head(h[:, 0])  # (B, n_classes)
         return (logits, weights) if return_attention else logits

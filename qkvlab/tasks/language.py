@@ -42,7 +42,7 @@ class LanguageModelTask(Task):
     budgets = {
         "tiny": Budget(steps=30, batch_size=16, lr=3e-3, eval_every=30, eval_batches=2),
         # quick: one evaluation, on the whole val split, at the end
-        "quick": Budget(steps=1000, batch_size=32, lr=1e-2, eval_every=0, warmup_steps=100),
+        "quick": Budget(steps=800, batch_size=32, lr=1e-2, eval_every=0, warmup_steps=80),
         "full": Budget(steps=20_000, batch_size=64, lr=6e-4, eval_every=1000, warmup_steps=1000),
     }
     # layers, d_model, heads, context; 8 and 16 heads so GQA-4 and MQA divide them
