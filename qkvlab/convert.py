@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar, cast, overload
 
 import torch
 from safetensors import SafetensorError
-from torch import nn
 
 from qkvlab.errors import QkvlabError, check
+from qkvlab.models import Model
 from qkvlab.models.config import ModelConfig
 from qkvlab.models.gpt import GPT
 from qkvlab.nn.attention import Attention
@@ -37,7 +38,13 @@ from qkvlab.variants import parse_variant
 
 MERGES = ("mean", "k", "v", "lsq")
 GPT2_SIZES = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+M = TypeVar("M", bound=Model)  # convert_variant returns the kind of model it is given
 
+
+@overload
+def _regroup_heads(t: torch.Tensor, heads: int, target: int, head_dim: int) -> torch.Tensor: ...
+@overload
+def _regroup_heads(t: None, heads: int, target: int, head_dim: int) -> None: ...
 
 def _regroup_heads(t: torch.Tensor | None, heads: int, target: int, head_dim: int) -> torch.Tensor | None:
     """Rows of a key/value weight or bias with `heads` heads, as `target` heads.
@@ -127,8 +134,8 @@ def converted_projections(attn: Attention, config: ModelConfig, merge: str,
             raise QkvlabError("merge 'lsq' needs calibration inputs (the source's queries on them)")
         k, v = _lsq_kv(attn, k, v, kv_heads, spec.kv_tied, query_moments)
     else:
-        k = tuple(_regroup_heads(t, attn.n_kv_heads, kv_heads, D) for t in k)
-        v = tuple(_regroup_heads(t, attn.n_kv_heads, kv_heads, D) for t in v)
+        k = (_regroup_heads(k[0], attn.n_kv_heads, kv_heads, D), _regroup_heads(k[1], attn.n_kv_heads, kv_heads, D))
+        v = (_regroup_heads(v[0], attn.n_kv_heads, kv_heads, D), _regroup_heads(v[1], attn.n_kv_heads, kv_heads, D))
         if spec.kv_tied:
             k = v = tuple(_merge(a, b, merge) for a, b in zip(k, v, strict=True))
     if spec.q_source == "k":
@@ -136,12 +143,13 @@ def converted_projections(attn: Attention, config: ModelConfig, merge: str,
     parts = {"q": q, "k": k, "v": v}
     names = spec.projections
     weight = torch.cat([parts[n][0] for n in names], dim=0)  # (sum widths, d_model)
-    bias = torch.cat([parts[n][1] for n in names], dim=0) if attn.qkv.bias is not None else None
+    biases = [b for n in names if (b := parts[n][1]) is not None]  # all of them when the layer has a bias
+    bias = torch.cat(biases, dim=0) if attn.qkv.bias is not None else None
     return weight, bias
 
 
 @torch.no_grad()
-def query_moments(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor]:
+def query_moments(model: Model, calibration: torch.Tensor) -> list[torch.Tensor]:
     """Per attention layer, E[q q^T] (H, D, D, float64) of each query head of `model` on the inputs
     `calibration` (token ids (B, T) for a decoder), queries before rotation, in eval mode."""
     sums: dict[int, torch.Tensor] = {}
@@ -154,8 +162,8 @@ def query_moments(model: nn.Module, calibration: torch.Tensor) -> list[torch.Ten
             counts[index] = counts.get(index, 0) + q.shape[0] * q.shape[2]
         return record
 
-    blocks = model.backbone.blocks
-    handles = [block.attn.register_forward_pre_hook(hook(i)) for i, block in enumerate(blocks)]
+    layers = [m for m in model.modules() if isinstance(m, Attention)]  # one per block, in order
+    handles = [attn.register_forward_pre_hook(hook(i)) for i, attn in enumerate(layers)]
     was_training = model.training
     try:
         model.eval()
@@ -164,37 +172,41 @@ def query_moments(model: nn.Module, calibration: torch.Tensor) -> list[torch.Ten
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return [sums[i] / counts[i] for i in range(len(blocks))]
+    return [sums[i] / counts[i] for i in range(len(layers))]
 
 
 @torch.no_grad()
-def convert_variant(model: GPT, variant: str, merge: str = "mean", calibration: torch.Tensor | None = None) -> GPT:
+def convert_variant(model: M, variant: str, merge: str = "mean", calibration: torch.Tensor | None = None) -> M:
     """A new model of the same size as `model` with projections tied/shared as `variant` says.
 
     `merge` says how key and value projections (and pooled heads) become one: mean, k, v, or lsq,
     which fits them on `calibration` (model inputs, e.g. token ids (B, T)); see the module docstring.
     """
     check(merge in MERGES, f"merge {merge!r} is not one of {', '.join(MERGES)}")
-    check(merge != "lsq" or calibration is not None,
-          "merge 'lsq' fits the merged projection on calibration inputs; give some (e.g. a batch of token ids)")
+    if merge == "lsq" and calibration is None:
+        raise QkvlabError("merge 'lsq' fits the merged projection on calibration inputs; "
+                          "give some (e.g. a batch of token ids)")
     config = model.config.replace(variant=parse_variant(variant).name)
     check(config.resolved_head_dim == model.config.resolved_head_dim, "head_dim must not change")
-    moments = query_moments(model, calibration) if merge == "lsq" else [None] * len(model.backbone.blocks)
+    moments: list[torch.Tensor | None] = [None] * len(model.backbone.blocks)
+    if merge == "lsq" and calibration is not None:
+        moments = list(query_moments(model, calibration))
     new = type(model)(config)
     target = new.state_dict()
     source = model.state_dict()
     for name in target:  # every tensor both variants have (the "+" pair bias too) is carried over
         if ".attn.qkv." not in name and name in source and source[name].shape == target[name].shape:
             target[name] = source[name]
-    for block_new, block_old, stats in zip(new.backbone.blocks, model.backbone.blocks, moments,
-                                             strict=True):
-        weight, bias = converted_projections(block_old.attn, config, merge, stats)
-        prefix = f"backbone.blocks.{block_new.attn.layer_idx}.attn.qkv."
+    old_layers = [m for m in model.modules() if isinstance(m, Attention)]  # one per block, in order
+    for i, (attn, stats) in enumerate(zip(old_layers, moments, strict=True)):
+        weight, bias = converted_projections(attn, config, merge, stats)
+        prefix = f"backbone.blocks.{i}.attn.qkv."
         target[prefix + "weight"] = weight
         if bias is not None:
             target[prefix + "bias"] = bias
     new.load_state_dict(target)
-    return new.train(model.training)
+    new.train(model.training)
+    return new
 
 
 def _gpt2_key(state: dict, name: str) -> torch.Tensor:
@@ -211,10 +223,11 @@ def gpt2_from_state_dict(state: dict[str, torch.Tensor], hf_config: dict, varian
     check(isinstance(hf_config, dict), f"a GPT-2 config.json must hold a JSON object, not {type(hf_config).__name__}")
     act = hf_config.get("activation_function", "gelu_new")
     check(act in ("gelu_new", "gelu_pytorch_tanh"), f"GPT-2 activation {act!r} is not supported; accepted: gelu_new")
-    sizes = {key: hf_config.get(key) for key in GPT2_SIZES}
-    for key, value in sizes.items():
+    found = {key: hf_config.get(key) for key in GPT2_SIZES}
+    for key, value in found.items():
         check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
               f"GPT-2 config field {key!r} must be a positive integer, got {value!r}")
+    sizes = cast(dict[str, int], found)  # checked just above
     n_inner = hf_config.get("n_inner") or 4 * sizes["n_embd"]
     eps = hf_config.get("layer_norm_epsilon", 1e-5)
     check(isinstance(n_inner, int) and n_inner >= 1, f"GPT-2 config field 'n_inner' must be a positive integer, "

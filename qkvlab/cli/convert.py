@@ -11,6 +11,7 @@ from qkvlab.convert import MERGES, convert_variant, load_gpt2
 from qkvlab.errors import check
 from qkvlab.interop.llama import load_llama
 from qkvlab.interop.paper import load_paper
+from qkvlab.models import Model
 from qkvlab.models.io import load_model, save_model
 from qkvlab.variants import parse_variant
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     check(args.merge != "lsq" or args.fmt in ("qkvlab", "gpt2"), f"--merge lsq converts qkvlab models and --from "
           f"gpt2; import --from {args.fmt} with its own --variant first, then convert that with --merge lsq")
     check(args.calibration_windows > 0, f"--calibration-windows must be at least 1, got {args.calibration_windows}")
+    model: Model
     if args.fmt == "gpt2":
         model = load_gpt2(args.src, args.variant if args.merge != "lsq" else "QKV", args.merge)
     elif args.fmt == "paper":
