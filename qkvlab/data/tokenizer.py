@@ -83,9 +83,12 @@ class VocabTokenizer:
     def encode(self, text: str) -> list[int]:
         pieces = text.split() if self.words else list(text)
         missing = sorted({p for p in pieces if p not in self._index})
-        if missing and self._unknown is None:
+        if not missing:
+            return [self._index[p] for p in pieces]
+        unknown = self._unknown
+        if unknown is None:
             raise QkvlabError(f"{self.name} has no token for {missing[:5]}; its vocabulary has {self.vocab_size}")
-        return [self._index.get(p, self._unknown) for p in pieces]
+        return [self._index.get(p, unknown) for p in pieces]
 
     def decode(self, ids: Sequence[int]) -> str:
         return (" " if self.words else "").join(self.vocab[i] for i in ids)
