@@ -22,7 +22,16 @@ from qkvlab.data.images import ImageSet
 from qkvlab.errors import QkvlabError
 from qkvlab.models.config import ModelConfig
 from qkvlab.tasks.base import Batch, Budget, Task
-from qkvlab.tasks.common import EVAL_SEED, EpochSampler, FixedEvalSet, device_of, eval_batches, eval_counts, evaluating, rng
+from qkvlab.tasks.common import (
+    EVAL_SEED,
+    EpochSampler,
+    FixedEvalSet,
+    device_of,
+    eval_batches,
+    eval_counts,
+    evaluating,
+    rng,
+)
 from qkvlab.tasks.vision import channel_stats, to_tensor
 
 
@@ -38,7 +47,7 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     sorted_scores = scores[order]
     starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tie groups
     ends = np.r_[starts[1:], len(scores)]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         if e - s > 1:
             ranks[order[s:e]] = (s + 1 + e) / 2.0  # mean rank of the tie group
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
