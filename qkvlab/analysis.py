@@ -144,7 +144,8 @@ def check_task_matches(task, cfg, model_name: str = "the model") -> None:
 def held_out_inputs(model: Model, task, batch_size: int, model_name: str = "the model") -> tuple[tuple, dict]:
     """A held-out batch of `task` as `model` (a qkvlab model with `.config`) is called with it."""
     check_task_matches(task, model.config, model_name)
-    task.setup(model.config, "quick")  # windows of the model's context; held-out data is the same at any preset
+    if hasattr(task, "setup"):  # windows of the model's context; held-out data is the same at any preset
+        task.setup(model.config, "quick")
     return task_eval_inputs(task, model, batch_size)
 
 
