@@ -29,8 +29,9 @@ class ViT(nn.Module):
         B, _, H, W = images.shape
         p = self.config.patch_size
         gh, gw = H // p, W // p
-        pixels = images.reshape(B, -1, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, -1)  # (B, N, C_in*p*p)
-        patches = F.linear(pixels, self.patch_emb.weight.flatten(1), self.patch_emb.bias)  # (B, N, C): the conv as one matmul
+        # (B, N, C_in*p*p): each patch's pixels in the conv weight's (C_in, p, p) order
+        pixels = images.reshape(B, -1, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, -1)
+        patches = F.linear(pixels, self.patch_emb.weight.flatten(1), self.patch_emb.bias)  # (B, N, C): conv as matmul
         h = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, 1+N, C)
         out = self.backbone(h, need_weights=return_attention)
         h, weights = out if return_attention else (out, None)
