@@ -66,7 +66,7 @@ class SegmentationTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=16, lr=2e-3, eval_every=20, eval_batches=2),
-        "quick": Budget(steps=3000, batch_size=32, lr=1e-2, eval_every=750, warmup_steps=100),
+        "quick": Budget(steps=2700, batch_size=32, lr=1e-2, eval_every=675, warmup_steps=100),
         "full": Budget(steps=20_000, batch_size=64, lr=5e-4, eval_every=1000, warmup_steps=1000),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (6, 256, 8)}

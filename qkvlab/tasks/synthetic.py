@@ -71,7 +71,7 @@ class SyntheticTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=30, batch_size=32, lr=3e-3, eval_every=30, eval_batches=2),
-        "quick": Budget(steps=400, batch_size=64, lr=3e-3, eval_every=100, warmup_steps=40),
+        "quick": Budget(steps=300, batch_size=64, lr=3e-3, eval_every=100, warmup_steps=30),
         "full": Budget(steps=10_000, batch_size=128, lr=1e-3, eval_every=1000, warmup_steps=500),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (4, 128, 8)}  # layers, d_model, heads

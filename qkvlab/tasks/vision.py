@@ -72,7 +72,7 @@ class ClassificationTask(Task):
     causal = False
     budgets = {
         "tiny": Budget(steps=20, batch_size=32, lr=2e-3, eval_every=20, eval_batches=2),
-        "quick": Budget(steps=4500, batch_size=64, lr=4e-3, eval_every=1125, warmup_steps=100),
+        "quick": Budget(steps=3500, batch_size=64, lr=2e-3, eval_every=875, warmup_steps=100),
         "full": Budget(steps=20_000, batch_size=128, lr=5e-4, eval_every=1000, warmup_steps=1000),
     }
     sizes = {"tiny": (1, 32, 4), "quick": (2, 64, 4), "full": (6, 256, 8)}  # layers, d_model, heads
