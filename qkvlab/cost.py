@@ -36,10 +36,11 @@ What stock `FlopCounterMode` misses on CPU (PyTorch 2.13), asserted in tests/cos
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from qkvlab.arch import PRESETS, ModelConfig, is_positive_int, pair_bias_widths
 from qkvlab.errors import QkvlabError, check
-from qkvlab.variants import PAPER_VARIANTS, VariantSpec, parse_variant
+from qkvlab.variants import PAPER_VARIANTS, VariantSpec
 
 # The variants of the study plus Q=X-K=V, in table order.
 STUDY_VARIANTS: tuple[str, ...] = (
@@ -98,14 +99,14 @@ def describe(config: ModelConfig, label: str = "") -> str:
 
 
 def _llama(**kw) -> ModelConfig:
-    base = dict(n_layers=32, d_model=4096, n_heads=32, mlp="swiglu", norm="rmsnorm", bias=False,
+    base: dict[str, Any] = dict(n_layers=32, d_model=4096, n_heads=32, mlp="swiglu", norm="rmsnorm", bias=False,
                 tie_embeddings=False, positions="rotary")
     base.update(kw)
     return ModelConfig(**base)
 
 
 def _gpt2(**kw) -> ModelConfig:
-    base = dict(vocab_size=50257, max_seq_len=1024, mlp="gelu", norm="layernorm", bias=True,
+    base: dict[str, Any] = dict(vocab_size=50257, max_seq_len=1024, mlp="gelu", norm="layernorm", bias=True,
                 tie_embeddings=True, positions="learned")
     base.update(kw)
     return ModelConfig(**base)
@@ -207,7 +208,8 @@ def macs(arch: ModelConfig, variant: str | VariantSpec | None = None, seq_len: i
         seq_len = default_seq_len(arch)
     check(is_positive_int(seq_len), f"seq_len must be a positive integer, got {seq_len!r}")
     check(is_positive_int(batch), f"batch must be a positive integer, got {batch!r}")
-    check(isinstance(past, int) and not isinstance(past, bool) and past >= 0, f"past must be a non-negative integer, got {past!r}")
+    check(isinstance(past, int) and not isinstance(past, bool) and past >= 0,
+          f"past must be a non-negative integer, got {past!r}")
     check(past == 0 or arch.kind == "decoder", f"only decoders keep a KV cache; past={past} for a {arch.kind}")
     d, L, T, Tk, B = arch.d_model, arch.n_layers, seq_len, past + seq_len, batch
     H, D, hidden = arch.n_heads, arch.resolved_head_dim, arch.resolved_d_mlp

@@ -41,7 +41,8 @@ class SamplingConfig:
               f"seed must be an integer in [0, 2^63) or unset, got {self.seed!r}")
         check(self.vocab_limit is None or (_is_int(self.vocab_limit) and self.vocab_limit >= 1),
               f"vocab_limit must be an integer >= 1 or unset, got {self.vocab_limit!r}")
-        check(not isinstance(self.stop_tokens, (str, bytes)), f"stop_tokens must be token ids, got {self.stop_tokens!r}")
+        check(not isinstance(self.stop_tokens, (str, bytes)),
+              f"stop_tokens must be token ids, got {self.stop_tokens!r}")
         stops = tuple(self.stop_tokens) if isinstance(self.stop_tokens, Iterable) else (self.stop_tokens,)
         for t in stops:
             check(_is_int(t) and t >= 0, f"stop token {t!r} is not a token id (an integer >= 0)")

@@ -7,12 +7,21 @@ variants that cannot apply to it (Q = K with grouped heads) are shown as "n/a (r
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from qkvlab.cli.cost import (add_arch_arguments, add_variant_arguments, arch_from_args, check_positive, length_note,
-                             parse_variant_list, quant_note, resolved_name)
+from qkvlab.cli.cost import (
+    add_arch_arguments,
+    add_variant_arguments,
+    arch_from_args,
+    check_positive,
+    length_note,
+    parse_variant_list,
+    quant_note,
+    resolved_name,
+)
 from qkvlab.cli.table import emit, fraction, human_bytes
 from qkvlab.cost import cache_bytes, cache_bytes_per_token, dtype_bytes, resolve_variant
-from qkvlab.errors import QkvlabError, check
+from qkvlab.errors import QkvlabError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     context = arch.max_seq_len if args.context is None else args.context
     baseline = resolve_variant(arch, "QKV")
     base_bytes = cache_bytes(arch, baseline, context, args.batch, args.dtype)
-    records, table = [], []
+    records: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = []
     for spec in specs:
         try:
             resolved = resolve_variant(arch, spec)

@@ -10,14 +10,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from qkvlab.arch import MLPS, NORMS, POSITIONS, PRESETS, ModelConfig, is_positive_int, with_kv_heads
 from qkvlab.cli.table import emit, human_bytes, human_count, percent_change
-from qkvlab.cost import (ARCHS, STUDY_VARIANTS, cache_bytes, cache_bytes_per_token, default_seq_len, describe,
-                         SCALE_BYTES, dtype_bytes, get_arch, is_quantized, macs, param_counts,
-                         resolve_variant)
+from qkvlab.cost import (
+    ARCHS,
+    SCALE_BYTES,
+    STUDY_VARIANTS,
+    cache_bytes,
+    cache_bytes_per_token,
+    default_seq_len,
+    describe,
+    dtype_bytes,
+    get_arch,
+    is_quantized,
+    macs,
+    param_counts,
+    resolve_variant,
+)
 from qkvlab.errors import QkvlabError, check
 from qkvlab.variants import VariantSpec, parse_variant
 
@@ -30,7 +41,7 @@ _SIZE_FLAGS = {
 
 # An architecture given by hand: a GPT-2-style language model unless the flags say otherwise.
 _BY_HAND = {"vocab_size": 50304, "max_seq_len": 2048}
-_DEFAULT = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **_BY_HAND}
+_DEFAULT: dict[str, Any] = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **_BY_HAND}
 
 
 class Arch(NamedTuple):

@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ class StaticDecoder(nn.Module):
     def cache_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of each cache tensor, in argument order."""
         shape = (self.config.n_layers, 1, self.n_kv_heads, self.max_context, self.head_dim)
-        specs = []
+        specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
         for name in (["kv"] if self.streams == 1 else ["k", "v"]):
             specs.append((name, shape, self.cache_dtype))
             if self.quantized:
@@ -99,7 +100,7 @@ class StaticDecoder(nn.Module):
 
     def forward(self, idx: torch.Tensor, start: torch.Tensor, *cache: torch.Tensor) -> torch.Tensor:
         """idx (1, T) at positions start..start+T-1 -> logits of the last token (1, V); updates `cache`."""
-        cache = list(cache)
+        buffers = list(cache)
         model, backbone = self.model, self.model.backbone
         T = idx.shape[1]
         q_pos = start + torch.arange(T, device=idx.device)  # (T,)
@@ -115,7 +116,7 @@ class StaticDecoder(nn.Module):
             ang_q, ang_k = q_pos.float()[:, None] * inv_freq, k_pos.float()[:, None] * inv_freq  # (T|C, D/2)
             rot_q, rot_k = (ang_q.cos(), ang_q.sin()), (ang_k.cos(), ang_k.sin())
         for layer, block in enumerate(backbone.blocks):
-            h = h + self._attention(block.attn, block.norm1(h), layer, cache, q_pos, k_pos, mask, rot_q, rot_k)
+            h = h + self._attention(block.attn, block.norm1(h), layer, buffers, q_pos, k_pos, mask, rot_q, rot_k)
             h = h + block.mlp(block.norm2(h))  # (1, T, C_model)
         h = backbone.norm(h[:, -1])  # (1, C_model)
         return model.lm_head(h)  # (1, V)
@@ -178,7 +179,7 @@ def export_pt2(run: str | os.PathLike, out: str | os.PathLike, max_context: int 
     out = Path(out)
     check(out.suffix == ".pt2", f"--out {out} must end in .pt2")
     check_output(out, force, sources=[run])
-    model = load_model(run, "cpu")
+    model = load_model(Path(run), "cpu")
     check(isinstance(model, GPT), f"{run} holds a {model.config.kind} model; export needs a decoder")
     max_context = model.config.max_seq_len if max_context is None else max_context
     decoder = StaticDecoder(model, max_context, cache_dtype)
@@ -187,7 +188,7 @@ def export_pt2(run: str | os.PathLike, out: str | os.PathLike, max_context: int 
     meta = metadata(decoder)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
-        files = {}
+        files: dict[str, Any] = {}  # aot_compile's result type depends on its options (a package here)
         for name, ep in programs.items():
             options = {"aot_inductor.package": True, "aot_inductor.metadata": {**meta, "program": name},
                        "aot_inductor.output_path": os.path.join(tmp, name)}

@@ -114,7 +114,7 @@ class Attention(nn.Module):
         widths = list(self.widths.values())
         weights = self.qkv.weight.split(widths, dim=0)
         biases = self.qkv.bias.split(widths, dim=0) if self.qkv.bias is not None else [None] * 3
-        return {name: (w, b) for name, w, b, width in zip(self.widths, weights, biases, widths) if width}
+        return {name: (w, b) for name, w, b, width in zip(self.widths, weights, biases, widths, strict=True) if width}
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). Without `ctx`: positions 0..T-1, no cache, causal if `self.causal`."""
@@ -135,8 +135,9 @@ class Attention(nn.Module):
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
             if rotations is not None:
-                reuse = ctx.cache is not None and not torch.is_grad_enabled()
-                workspace = ctx.cache.rotation_workspace(ctx.k_len, rotations[1].dtype) if reuse else None
+                workspace = None  # reused across layers when decoding with a cache
+                if ctx.cache is not None and not torch.is_grad_enabled():
+                    workspace = ctx.cache.rotation_workspace(ctx.k_len, rotations[1].dtype)
                 k = apply_rotary(k, rotations[1], out=workspace)  # (B, H_kv, Tk, D)
         bias = None
         if self.pair_bias is not None:
@@ -162,9 +163,9 @@ class Attention(nn.Module):
         """{"scores" (before masking), "probs"}, each (B, H, T, Tk), of this layer on x (B, T, C)."""
         if ctx is None:
             ctx = AttentionContext.plain(x.shape[0], x.shape[1], x.device, self.causal)
-        ctx = dataclasses.replace(ctx, maps=[])
-        self(x, ctx)
-        return ctx.maps[0]
+        maps: list[dict[str, torch.Tensor]] = []
+        self(x, dataclasses.replace(ctx, maps=maps))
+        return maps[0]
 
     def _explicit(self, q, k, v, bias, ctx: AttentionContext) -> torch.Tensor:
         """Attention keeping the score (before masking) and probability matrices in `ctx.maps`, for analysis."""
@@ -178,7 +179,8 @@ class Attention(nn.Module):
             mask = causal_mask(scores.shape[-2], scores.shape[-1], q.device)
         logits = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
         probs = logits.softmax(dim=-1)
-        ctx.maps.append({"scores": scores, "probs": probs})
+        if ctx.maps is not None:  # always, when called from forward
+            ctx.maps.append({"scores": scores, "probs": probs})
         return probs @ v  # (B, H, T, D)
 
 

@@ -16,7 +16,6 @@ import torch
 
 from qkvlab.errors import QkvlabError
 
-
 SCALE_DTYPE = torch.bfloat16  # one scale per (layer, stream, row, head, token): 2 bytes
 
 # Storage dtypes of a quantised cache and the largest magnitude each represents.
@@ -82,18 +81,18 @@ class KVCache:
                  streams: int, dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if streams not in (1, 2):
             raise QkvlabError(f"a KV cache stores 1 or 2 streams, got {streams}")
-        dtype = resolve_cache_dtype(dtype)
+        cache_dtype = resolve_cache_dtype(dtype) or torch.float32  # None only for dtype=None
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(streams)]
+        self.buffers = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(streams)]
         self.scales = ([torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=device) for _ in range(streams)]
-                       if dtype in QUANT_MAX else [])
+                       if cache_dtype in QUANT_MAX else [])
         self.max_len = max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host-side tokens stored per row
         self._workspace: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int | None = None,
-                  dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+                  dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
         """A cache sized for a `ModelConfig`'s attention (up to its max_seq_len by default)."""
         max_len = config.max_seq_len if max_len is None else max_len
         if not 0 < max_len <= config.max_seq_len:
@@ -142,10 +141,10 @@ class KVCache:
         """Store new (B, H_kv, T, D) tensors of `layer` at per-row `positions` (B, T)."""
         index = positions[:, None, :, None].expand_as(tensors[0])  # (B, H_kv, T, D)
         if not self.quantized:
-            for buffer, new in zip(self.buffers, tensors):
+            for buffer, new in zip(self.buffers, tensors, strict=True):
                 buffer[layer].scatter_(2, index, new.to(buffer.dtype))
             return
-        for buffer, scales, new in zip(self.buffers, self.scales, tensors):
+        for buffer, scales, new in zip(self.buffers, self.scales, tensors, strict=True):
             values, scale = quantize(new, buffer.dtype)  # (B, H_kv, T, D), (B, H_kv, T)
             _bits(buffer[layer]).scatter_(2, index, _bits(values))
             scales[layer].scatter_(2, index[..., 0], scale)
@@ -159,7 +158,7 @@ class KVCache:
         if not self.quantized:
             return [buffer[layer, :, :, :length] for buffer in self.buffers]
         return [dequantize(buffer[layer, :, :, :length], scales[layer, :, :, :length], dtype or torch.float32)
-                for buffer, scales in zip(self.buffers, self.scales)]
+                for buffer, scales in zip(self.buffers, self.scales, strict=True)]
 
     def rotation_workspace(self, length: int, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
         """Scratch for one layer's rotated keys, (B, H_kv, length, D/2) complex, reused by every layer.
