@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
-.PHONY: install reproduce test test-fast data-test wheel-check clean
+.PHONY: install reproduce lint test test-fast data-test wheel-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/qkvlab data fetch quick
 	$(BIN)/qkvlab reproduce
+
+# Ruff (pycodestyle, pyflakes, import order, bugbear, pyupgrade) and mypy on the package; config in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check qkvlab
+	$(BIN)/mypy
 
 data-test: $(STAMP)
 	$(BIN)/qkvlab data fetch test
