@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from qkvlab.atomic import pid_alive
 from qkvlab.errors import QkvlabError
 
 LOCK = ".qkvlab.lock"
@@ -32,15 +33,6 @@ try:
 except ImportError:  # not POSIX: no locking
     fcntl = None  # type: ignore[assignment]  # the module is optional: None means no locking
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_pid(fd: int) -> int | None:
@@ -86,7 +78,7 @@ class DirLock:
                 os.close(fd)  # the owner released and removed the file meanwhile: lock the new one
             stale = _read_pid(fd)
             if stale is not None and stale != os.getpid():
-                state = "no longer running" if not _pid_alive(stale) else "no longer holding it"
+                state = "no longer running" if not pid_alive(stale) else "no longer holding it"
                 print(f"qkvlab: taking over the lock of {str(self.directory)!r} from pid {stale} ({state})",
                       file=sys.stderr, flush=True)
             os.ftruncate(fd, 0)
