@@ -6,7 +6,7 @@ import argparse
 import time
 
 EPILOG = """\
-Presets: quick (default; one seed per run, the suite's quick budgets, ~15 minutes on 2 CPU
+Presets: quick (default; one seed per run, the suite's quick budgets, ~19 minutes on 2 CPU
 cores), full (three seeds, full models and budgets, for a GPU machine: one run per GPU at a
 time), tiny (a smoke test).
 Rerunning skips finished runs and resumes interrupted ones. Needs the data: `qkvlab data fetch quick`."""

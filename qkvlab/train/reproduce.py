@@ -1,8 +1,8 @@
 """`qkvlab reproduce`: the study end to end, a sweep of every variant over a suite, then the report.
 
 Presets: "quick" (one seed of each suite task at the tasks' quick budgets, the five projection
-forms everywhere and head sharing on language modelling, sized for two CPU cores and fifteen
-minutes) and "full" (three seeds, the tasks' full models and budgets, for
+forms everywhere and head sharing on language modelling, aimed at two CPU cores and fifteen
+minutes; measured: 18.6) and "full" (three seeds, the tasks' full models and budgets, for
 a machine with GPUs: one run per GPU at a time). A rerun skips finished runs and resumes
 interrupted ones.
 """
