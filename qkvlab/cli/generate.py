@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
                               top_p=args.top_p, stop_tokens=tuple(args.stop), prefill_chunk=args.prefill_chunk,
                               seed=args.seed, vocab_limit=tok.vocab_size)
     if str(args.model).endswith(".pt2"):
-        return _run_pt2(args, tok, sampling)
+        return _run_export(args, tok, sampling, "pt2")
     if str(args.model).endswith(".pte"):
-        return _run_pte(args, tok, sampling)
+        return _run_export(args, tok, sampling, "pte")
     cache_dtype = resolve_cache_dtype(args.cache_dtype)
     model = load_model(args.model, device)
     if not isinstance(model, GPT):
@@ -96,39 +96,35 @@ def _tokenizer(args: argparse.Namespace):
     return (tok, False) if tok is not None else (load_tokenizer("bytes"), True)
 
 
-def _run_pt2(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
-    """Generate from an AOTInductor export, one prompt at a time (its programs are batch 1)."""
+def _run_export(args: argparse.Namespace, tok, sampling: SamplingConfig, fmt: str) -> int:
+    """Generate from a .pt2 (AOTInductor) or .pte (ExecuTorch) export, one prompt at a time (batch 1)."""
+    if args.cache_dtype is not None:
+        raise QkvlabError(f"--cache-dtype does not apply to a .{fmt} export (its cache dtype is fixed at export)")
+    from qkvlab.deploy.executorch import PteRunner
     from qkvlab.deploy.pt2 import Pt2Runner, generate_with
 
-    if args.cache_dtype is not None:
-        raise QkvlabError("--cache-dtype does not apply to a .pt2 export (its cache dtype is fixed at export)")
-    runner = Pt2Runner(args.model)
+    if fmt == "pt2":
+        pt2 = Pt2Runner(args.model)
+
+        def complete(ids: list[int]) -> list[int]:
+            return generate_with(pt2.prefill, pt2.decode, pt2.empty_cache(), ids, sampling,
+                                 pt2.max_context, pt2.vocab_size)
+        runner: Pt2Runner | PteRunner = pt2
+        label = "pt2"
+    else:
+        pte = PteRunner(args.model)
+
+        def complete(ids: list[int]) -> list[int]:
+            return pte.generate(ids, sampling)
+        runner = pte
+        label = "ExecuTorch"
     if tok.vocab_size > runner.vocab_size:
         raise QkvlabError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model only "
                           f"{runner.vocab_size}")
     start = time.perf_counter()
-    outputs = [generate_with(runner.prefill, runner.decode, runner.empty_cache(), tok.encode(p), sampling,
-                             runner.max_context, runner.vocab_size) for p in args.prompt]
+    outputs = [complete(tok.encode(p)) for p in args.prompt]
     seconds = time.perf_counter() - start
-    _print(args, tok, outputs, seconds, f"{runner.config['variant']}, pt2, cache {runner.metadata['cache_dtype']}")
-    return 0
-
-
-def _run_pte(args: argparse.Namespace, tok, sampling: SamplingConfig) -> int:
-    """Generate from an ExecuTorch export with its runtime, one prompt at a time (the cache is program state)."""
-    from qkvlab.deploy.executorch import PteRunner
-
-    if args.cache_dtype is not None:
-        raise QkvlabError("--cache-dtype does not apply to a .pte export (its cache dtype is fixed at export)")
-    runner = PteRunner(args.model)
-    if tok.vocab_size > runner.vocab_size:
-        raise QkvlabError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model only "
-                          f"{runner.vocab_size}")
-    start = time.perf_counter()
-    outputs = [runner.generate(tok.encode(p), sampling) for p in args.prompt]
-    seconds = time.perf_counter() - start
-    _print(args, tok, outputs, seconds,
-           f"{runner.config['variant']}, ExecuTorch, cache {runner.metadata['cache_dtype']}")
+    _print(args, tok, outputs, seconds, f"{runner.config['variant']}, {label}, cache {runner.metadata['cache_dtype']}")
     return 0
 
 
