@@ -92,7 +92,8 @@ class SetAnomalyTask(Task):
     def model_config(self, variant: str, preset: str = "quick") -> ModelConfig:
         layers, d_model, heads = self.sizes.get(preset, self.sizes["quick"])
         return ModelConfig(kind="encoder", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
-                           input_dim=self.input_dim, n_classes=1, max_seq_len=self.set_size, positions="none")
+                           activation="gelu", input_dim=self.input_dim, n_classes=1, max_seq_len=self.set_size,
+                           positions="none")
 
     def sets(self, split: str, n: int, gen: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """`n` sets: image indices (n, set_size) into `split` and the odd position (n,)."""
@@ -179,7 +180,7 @@ class OneClassTask(Task):
         layers, d_model, heads = self.sizes.get(preset, self.sizes["quick"])
         size = self.image_size
         return ModelConfig(kind="vit", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
-                           image_size=size, patch_size=self.patch_size, in_channels=1, n_classes=1,
+                           activation="gelu", image_size=size, patch_size=self.patch_size, in_channels=1, n_classes=1,
                            dense_head=True, max_seq_len=(size // self.patch_size) ** 2 + 1, positions="learned")
 
     def _patch_mask(self, grid_mask: torch.Tensor, size: int) -> torch.Tensor:

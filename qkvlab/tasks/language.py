@@ -78,7 +78,7 @@ class LanguageModelTask(Task):
         layers, d_model, heads, context = self.sizes.get(preset, self.sizes["quick"])
         context = self._explicit_context or context
         return ModelConfig(kind="decoder", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
-                           max_seq_len=context, vocab_size=padded_vocab(self.vocab_size),
+                           activation="gelu", max_seq_len=context, vocab_size=padded_vocab(self.vocab_size),
                            positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
 
     def setup(self, model: ModelConfig, preset: str) -> None:

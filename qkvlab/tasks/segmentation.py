@@ -91,7 +91,7 @@ class SegmentationTask(Task):
     def model_config(self, variant: str, preset: str = "quick") -> ModelConfig:
         layers, d_model, heads = self.sizes.get(preset, self.sizes["quick"])
         return ModelConfig(kind="vit", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
-                           image_size=self.canvas, patch_size=self.patch_size, in_channels=1,
+                           activation="gelu", image_size=self.canvas, patch_size=self.patch_size, in_channels=1,
                            n_classes=N_CLASSES, dense_head=True,
                            max_seq_len=(self.canvas // self.patch_size) ** 2 + 1, positions="learned")
 

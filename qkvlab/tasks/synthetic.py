@@ -90,7 +90,7 @@ class SyntheticTask(Task):
     def model_config(self, variant: str, preset: str = "quick") -> ModelConfig:
         layers, d_model, heads = self.sizes.get(preset, self.sizes["quick"])
         return ModelConfig(kind="encoder", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
-                           max_seq_len=self.length, vocab_size=self.vocab_size, n_classes=VOCAB,
+                           activation="gelu", max_seq_len=self.length, vocab_size=self.vocab_size, n_classes=VOCAB,
                            positions="learned")
 
     def _batch(self, n: int, gen: np.random.Generator) -> Batch:

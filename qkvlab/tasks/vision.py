@@ -98,7 +98,8 @@ class ClassificationTask(Task):
         layers, d_model, heads = self.sizes.get(preset, self.sizes["quick"])
         n_patches = (self.image_size // self.patch_size) ** 2
         return ModelConfig(kind="vit", variant=variant, n_layers=layers, d_model=d_model, n_heads=heads,
-                           image_size=self.image_size, patch_size=self.patch_size, in_channels=self.channels,
+                           activation="gelu", image_size=self.image_size, patch_size=self.patch_size,
+                           in_channels=self.channels,
                            n_classes=self.n_classes, max_seq_len=n_patches + 1, positions="learned")
 
     def setup(self, model: ModelConfig, preset: str) -> None:
