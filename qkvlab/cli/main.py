@@ -20,7 +20,7 @@ from qkvlab.atomic import write_error
 from qkvlab.errors import QkvlabError
 
 COMMANDS = ("variants", "cost", "cache", "generate", "convert", "export", "eval", "analyze", "data", "train", "sweep",
-            "report", "reproduce", "experiment")
+            "report", "reproduce", "experiment", "bench")
 
 
 class _Parser(argparse.ArgumentParser):

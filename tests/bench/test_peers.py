@@ -1,0 +1,145 @@
+"""`qkvlab bench` on tiny shapes: end to end with the Hugging Face peers, like-for-like peers, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qkvlab.bench import peers as bench
+from qkvlab.bench.roofline import PeakMemory, training_gemms
+from qkvlab.cli.main import main
+from qkvlab.cost import macs
+
+pytest.importorskip("transformers")
+
+TINY = dict(layers=1, d_model=32, heads=4, vocab=64, d_mlp=48, train_batch=2, train_len=8, prefill_len=8,
+            contexts=(8, 12), batches=(1, 2), repeats=1, bandwidth_mib=1)
+TINY_ARGS = ["--layers", "1", "--d-model", "32", "--heads", "4", "--vocab", "64", "--d-mlp", "48", "--train-batch", "2",
+             "--train-len", "8", "--prefill-len", "8", "--contexts", "8", "12", "--batches", "1", "2", "--repeats", "1",
+             "--bandwidth-mib", "1"]
+HF = {"gpt2": "HF GPT2LMHeadModel", "llama": "HF LlamaForCausalLM"}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_runs_end_to_end_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "peers.json"
+    code, out, err = run_cli(["bench", *TINY_ARGS, "--peers", "hf", "--json", str(path)], capsys)
+    assert code == 0, err
+    data = json.loads(path.read_text())
+    assert set(data) == {"settings", "machine", "peers", "bandwidth", "shapes"}
+    assert data["peers"]["hf"]["available"] and data["bandwidth"]["read_bytes_per_s"] > 0
+    assert [s["shape"] for s in data["shapes"]] == ["gpt2", "llama"]
+    for shape in data["shapes"]:
+        names = [m["model"] for m in shape["models"]]
+        assert names == list(bench.SHAPES[shape["shape"]][0]) + [HF[shape["shape"]]]
+        peer = "vs " + HF[shape["shape"]]
+        assert len(shape["train"]) == 3 and len(shape["prefill"]) == 3 * 2 and len(shape["decode"]) == 3 * 2 * 2
+        for row in shape["train"]:
+            assert row["tokens_per_s"] > 0 and row["flops_per_step"] > 0 and row["pct_matmul_peak"] > 0
+            assert (peer in row) == (row["kind"] == "ours")
+        for row in shape["decode"]:
+            assert row["seconds"] > 0 and row["pct_memory_bound"] > 0 and row["bytes_moved"] > 0
+            assert (peer in row) == (row["kind"] == "ours")
+        assert shape["matmul"]["flops_per_s"] > 0
+        flops = {r["model"]: r["flops_per_step"] for r in shape["train"]}
+        assert flops[names[0]] == flops[names[-1]] > flops[names[1]]  # the peer does our first variant's matmuls
+    assert "% memory bound" in out and "% matmul peak" in out and f"wrote {path}" in out
+
+
+def test_hf_peers_are_our_models_like_for_like():
+    """Same parameter count and the same logits: the HF peer holds our first variant's weights."""
+    settings = bench.BenchSettings(**TINY)
+    idx = torch.randint(0, 64, (2, 7))
+    for shape in ("gpt2", "llama"):
+        ours, tied, hf = bench.build_contenders(settings, shape, {"hf": True})
+        assert hf.params() == ours.params() > 0
+        assert hf.model.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            torch.testing.assert_close(hf.logits(idx), ours.logits(idx), rtol=1e-4, atol=1e-4)
+        if shape == "gpt2":  # Q-K=V drops the value projection (weight and bias) of every layer
+            assert ours.params() - tied.params() == settings.layers * (32 * 32 + 32)
+        else:  # Q-GQA-2 drops the value projection of the 2 key/value heads of width 8 (no biases)
+            assert ours.params() - tied.params() == settings.layers * 2 * 8 * 32
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "llama"])
+def test_decode_steps_agree_with_the_full_forward(shape):
+    """Each contender's timed step gives the full forward's logits at that position, every time (rewound)."""
+    settings = bench.BenchSettings(**TINY)
+    token = torch.tensor([[5], [9]])  # (B, 1)
+    prefix = torch.cat(list(bench._chunks(2, 8, 64, torch.Generator().manual_seed(1), torch.device("cpu"))), dim=1)
+    for c in bench.build_contenders(settings, shape, {"hf": True}):
+        c.model.eval()
+        with torch.inference_mode():
+            cache = c.fill(2, 8, torch.Generator().manual_seed(1))  # the same tokens as `prefix`
+            first, again = c.step(cache, token, 8), c.step(cache, token, 8)  # (B, 1, V)
+            full = c.logits(torch.cat([prefix, token], dim=1))[:, -1:]  # (B, 1, V)
+        torch.testing.assert_close(first, full, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(again, first)
+
+
+def test_missing_peer_is_reported_not_raised(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "peer_status", lambda peer: (False, "import transformers failed (test)"))
+    settings = bench.BenchSettings(**{**TINY, "shapes": ("gpt2",), "phases": ("prefill",), "batches": (1,)})
+    report = bench.run(settings)
+    out = capsys.readouterr().out
+    assert "peer hf: unavailable, import transformers failed (test); benchmarking the rest" in out
+    assert report.peers["hf"] == {"available": False, "reason": "import transformers failed (test)"}
+    assert [r["model"] for r in report.shapes[0]["prefill"]] == ["QKV", "Q-K=V"]
+
+
+def test_litgpt_status_is_one_line():
+    ok, text = bench.peer_status("litgpt")
+    assert "\n" not in text and text
+    if not ok:
+        assert text.startswith("import litgpt.model failed")
+
+
+def test_big_decode_cells_are_skipped(capsys):
+    settings = bench.BenchSettings(**{**TINY, "shapes": ("gpt2",), "peers": (), "phases": ("decode",),
+                                      "max_cache_gib": 1e-9})
+    report = bench.run(settings)
+    assert report.shapes[0]["decode"] == [] and len(report.shapes[0]["skipped"]) == 4
+    assert "skipped, the caches need" in capsys.readouterr().out
+
+
+def test_training_gemms_are_the_forward_macs():
+    for shape, variant in (("gpt2", "QKV"), ("gpt2", "Q-K=V"), ("llama", "Q-GQA-2")):
+        config = bench.BenchSettings(**TINY).config(shape, variant)
+        forward = sum(g.flops * g.count for g in training_gemms(config, 16) if g.what.endswith("forward"))
+        m = macs(config, None, 8, 2)
+        assert forward == 2 * (m["qkv"] + m["out_proj"] + m["mlp"] + m["head"])
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory() as peak:
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched: above glibc's largest mmap threshold, so fresh pages
+        del x
+    assert peak.bytes >= 48 * 2 ** 20 and peak.method
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--contexts", "0"], "--contexts values must be positive integers, got 0"),
+    (["--shapes", "bert"], "unknown shape 'bert'; accepted: gpt2, llama"),
+    (["--peers", "vllm"], "unknown peer 'vllm'; accepted: hf, litgpt"),
+    (["--heads", "5"], "--heads 5 does not divide --d-model 384"),
+    (["--heads", "3", "--d-model", "384"], "--heads must be even"),
+    (["--repeats", "-1"], "--repeats must be a positive integer, got -1"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["--max-cache-gib", "0"], "--max-cache-gib must be > 0"),
+    (["--repeats", "x"], "invalid int value: 'x'"),
+])
+def test_bad_values_are_one_line_errors(argv, expect, capsys):
+    code, out, err = run_cli(["bench", *argv], capsys)
+    assert code == 2 and out == ""
+    assert expect in err and err.count("\n") == 1
