@@ -214,8 +214,10 @@ def status(name: str, root: str | os.PathLike | None = None) -> dict:
         return row
     from qkvlab.data.cifar import find_cifar
     from qkvlab.data.tinyimagenet import find_tinyimagenet
+    from qkvlab.data.wikitext import find_wikitext
+    finders = {"tinyimagenet": find_tinyimagenet, "wikitext-103": lambda r: find_wikitext(r).folder}
     try:
-        path = find_tinyimagenet(root) if name == "tinyimagenet" else find_cifar(name, root)
+        path = finders[name](root) if name in finders else find_cifar(name, root)
         row.update(present=True, bytes=dir_size(path), path=str(path))
     except QkvlabError:
         pass

@@ -78,6 +78,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
          layout="cifar-100-python/{train,test} (python version)"),
     _src("tinyimagenet", "TinyImageNet, 200 classes, 100,000 / 10,000, 64x64x3", "user",
          layout="tiny-imagenet-200/{wnids.txt,train/<wnid>/images/*.JPEG,val/val_annotations.txt}"),
+    _src("wikitext-103", "WikiText-103 (Wikipedia articles), words or GPT-2 BPE", "user",
+         layout="wikitext-103/wiki.{train,valid,test}.tokens (or wikitext-103-raw/wiki.{train,valid,test}.raw)"),
 )}
 
 FETCHABLE = tuple(name for name, s in SOURCES.items() if s.fetchable)

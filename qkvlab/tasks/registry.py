@@ -1,8 +1,8 @@
 """The study's tasks by name, the suites `qkvlab reproduce` runs, and the variants of each task.
 
 Synthetic task names take an optional length suffix: "reverse" is length 64, "reverse-256"
-length 256. `data_dir` is where user-supplied datasets live (CIFAR, TinyImageNet; for "tokens"
-the token directory itself) and, for fetched datasets, a cache to look in before the default one.
+length 256. `data_dir` is where user-supplied datasets live (CIFAR, TinyImageNet, WikiText-103; for
+"tokens" the token directory itself) and, for fetched datasets, a cache to look in before the default one.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from qkvlab.data.cifar import load_cifar
 from qkvlab.data.images import ImageSet
 from qkvlab.data.mnist import load_mnist
 from qkvlab.data.tinyimagenet import load_tinyimagenet
+from qkvlab.data.wikitext import STANDARD_VOCAB, find_wikitext, wikitext_tokens
 from qkvlab.errors import QkvlabError
 from qkvlab.tasks.anomaly import OneClassTask, SetAnomalyTask
 from qkvlab.tasks.base import Task
@@ -56,6 +57,29 @@ def _user_tokens(data_dir) -> Callable[[], str]:
     return path
 
 
+def _wikitext(data_dir, bpe: bool = False) -> Callable[[], str]:
+    """WikiText-103 from `data_dir` as words, or as GPT-2 BPE (the tokenizer from the cache)."""
+    def path() -> str:
+        if not bpe:
+            return str(wikitext_tokens(data_dir))
+        from qkvlab.data.tokenizer import gpt2_tokenizer
+        try:
+            tok = gpt2_tokenizer(_cache("gpt2", data_dir))
+        except QkvlabError as err:
+            raise QkvlabError(f"task 'wikitext-103-bpe' tokenizes with GPT-2's BPE: {err}") from None
+        return str(wikitext_tokens(data_dir, tok))
+    return path
+
+
+def _wikitext_vocab(data_dir) -> int | None:
+    """None (the converted files tell) when the files are there, else the standard files' vocabulary."""
+    try:
+        find_wikitext(data_dir)
+    except QkvlabError:
+        return STANDARD_VOCAB
+    return None
+
+
 def _synthetic(kind: str) -> Callable[[str | None], Task]:
     return lambda d: SyntheticTask(kind, DEFAULT_LENGTH, name=kind)
 
@@ -83,6 +107,8 @@ def _builders() -> dict[str, Callable[[str | None], Task]]:
     b["stdlib-bpe"] = lambda d: LanguageModelTask("stdlib-bpe", _token_dir("python-stdlib", d), 8192)
     b["shakespeare-gpt2"] = lambda d: LanguageModelTask("shakespeare-gpt2", _token_dir("shakespeare-gpt2", d), 50257)
     b["tokens"] = lambda d: LanguageModelTask("tokens", _user_tokens(d))
+    b["wikitext-103"] = lambda d: LanguageModelTask("wikitext-103", _wikitext(d), _wikitext_vocab(d))
+    b["wikitext-103-bpe"] = lambda d: LanguageModelTask("wikitext-103-bpe", _wikitext(d, bpe=True), 50257)
     return b
 
 
@@ -135,7 +161,7 @@ def data_for(names: list[str]) -> list[str]:
     needs = {**dict.fromkeys(["mnist", "set-anomaly", "oneclass-mnist", "segmentation", "segmentation-42"], "mnist"),
              **dict.fromkeys(["fashion-mnist", "set-anomaly-fashion", "oneclass-fashion"], "fashion-mnist"),
              "shakespeare-char": "shakespeare", "ptb-word": "ptb", "stdlib-bpe": "python-stdlib",
-             "shakespeare-gpt2": "shakespeare-gpt2"}
+             "shakespeare-gpt2": "shakespeare-gpt2", "wikitext-103-bpe": "gpt2"}
     out: list[str] = []
     for n in names:
         if n in needs and needs[n] not in out:
