@@ -105,6 +105,29 @@ def test_litgpt_status_is_one_line():
         assert text.startswith("import litgpt.model failed")
 
 
+@pytest.mark.parametrize("shape", ["gpt2", "llama"])
+def test_litgpt_peer_when_importable(shape):
+    """litgpt's GPT from our config: our parameter count (less the position table it lacks), and cached decode
+    and prefill equal its full forward."""
+    pytest.importorskip("litgpt.model")
+    settings = bench.BenchSettings(**TINY)
+    ours, _, lit = bench.build_contenders(settings, shape, {"litgpt": True})
+    table = settings.max_seq_len * 32 if shape == "gpt2" else 0
+    assert lit.params() == ours.params() - table
+    token = torch.tensor([[5], [9]])  # (B, 1)
+    prefix = torch.cat(list(bench._chunks(2, 8, 64, torch.Generator().manual_seed(1), torch.device("cpu"))), dim=1)
+    lit.model.eval()
+    with torch.inference_mode():
+        lit.fill(2, 8, torch.Generator().manual_seed(1))
+        first, again = lit.step(None, token, 8), lit.step(None, token, 8)  # (B, 1, V)
+        prefill = lit.prefill(prefix)  # (B, V)
+        lit.release(None)
+        full = lit.logits(torch.cat([prefix, token], dim=1))  # (B, T + 1, V)
+    torch.testing.assert_close(first, full[:, -1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(prefill, full[:, -2], rtol=1e-4, atol=1e-4)
+
+
 def test_big_decode_cells_are_skipped(capsys):
     settings = bench.BenchSettings(**{**TINY, "shapes": ("gpt2",), "peers": (), "phases": ("decode",),
                                       "max_cache_gib": 1e-9})
