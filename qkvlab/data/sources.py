@@ -87,6 +87,7 @@ FETCHABLE = tuple(name for name, s in SOURCES.items() if s.fetchable)
 GROUPS: dict[str, tuple[str, ...]] = {
     "test": ("mnist", "fashion-mnist", "shakespeare", "ptb", "gpt2"),  # what the test suite reads
     "quick": ("mnist", "shakespeare"),  # what `qkvlab reproduce` (quick preset) reads
+    "study": ("mnist", "shakespeare", "ptb", "python-stdlib"),  # `qkvlab reproduce --preset study`
     "all": FETCHABLE,
 }
 

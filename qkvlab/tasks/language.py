@@ -49,8 +49,14 @@ class LanguageModelTask(Task):
     sizes = {"tiny": (1, 32, 8, 32), "quick": (2, 128, 8, 64), "full": (8, 512, 16, 512)}
 
     def __init__(self, name: str, path: Callable[[], str | os.PathLike], vocab_size: int | None = None,
-                 context: int | None = None, val_split: str = "val") -> None:
+                 context: int | None = None, val_split: str = "val", budgets: dict[str, Budget] | None = None,
+                 sizes: dict[str, tuple[int, int, int, int]] | None = None) -> None:
+        """`budgets` and `sizes` replace the class's for the presets they name (a corpus's own recipe)."""
         self.name, self._path, self._vocab_size = name, path, vocab_size
+        if budgets:
+            self.budgets = {**type(self).budgets, **budgets}
+        if sizes:
+            self.sizes = {**type(self).sizes, **sizes}
         self._explicit_context, self.val_split = context, val_split
         self.context = context or self.sizes["quick"][3]
         self._tokens: TokenDir | None = None

@@ -19,7 +19,7 @@ from qkvlab.data.tinyimagenet import load_tinyimagenet
 from qkvlab.data.wikitext import STANDARD_VOCAB, find_wikitext, wikitext_tokens
 from qkvlab.errors import QkvlabError
 from qkvlab.tasks.anomaly import OneClassTask, SetAnomalyTask
-from qkvlab.tasks.base import Task
+from qkvlab.tasks.base import Budget, Task
 from qkvlab.tasks.language import LanguageModelTask
 from qkvlab.tasks.segmentation import SegmentationTask
 from qkvlab.tasks.synthetic import TASKS as SYNTHETIC
@@ -84,6 +84,11 @@ def _synthetic(kind: str) -> Callable[[str | None], Task]:
     return lambda d: SyntheticTask(kind, DEFAULT_LENGTH, name=kind)
 
 
+# Word and subword corpora (vocabularies of 10,000 and 8,192): the output layer costs four times the
+# char model's body per token, so the quick recipe reads half the tokens per step (docs/tasks.md).
+CORPUS_BUDGETS = {"quick": Budget(steps=500, batch_size=16, lr=5e-3, eval_every=0, warmup_steps=60)}
+
+
 def _builders() -> dict[str, Callable[[str | None], Task]]:
     pad2, pad4 = Augment(pad=2), Augment(pad=4, flip=True)
     b: dict[str, Callable[[str | None], Task]] = {}
@@ -103,8 +108,9 @@ def _builders() -> dict[str, Callable[[str | None], Task]]:
     b["segmentation"] = lambda d: SegmentationTask("segmentation", _mnist("mnist", d), canvas=56, n_digits=3)
     b["segmentation-42"] = lambda d: SegmentationTask("segmentation-42", _mnist("mnist", d), canvas=42, n_digits=2)
     b["shakespeare-char"] = lambda d: LanguageModelTask("shakespeare-char", _token_dir("shakespeare", d), 84)
-    b["ptb-word"] = lambda d: LanguageModelTask("ptb-word", _token_dir("ptb", d), 10_000)
-    b["stdlib-bpe"] = lambda d: LanguageModelTask("stdlib-bpe", _token_dir("python-stdlib", d), 8192)
+    b["ptb-word"] = lambda d: LanguageModelTask("ptb-word", _token_dir("ptb", d), 10_000, budgets=CORPUS_BUDGETS)
+    b["stdlib-bpe"] = lambda d: LanguageModelTask("stdlib-bpe", _token_dir("python-stdlib", d), 8192,
+                                                  budgets=CORPUS_BUDGETS)
     b["shakespeare-gpt2"] = lambda d: LanguageModelTask("shakespeare-gpt2", _token_dir("shakespeare-gpt2", d), 50257)
     b["tokens"] = lambda d: LanguageModelTask("tokens", _user_tokens(d))
     b["wikitext-103"] = lambda d: LanguageModelTask("wikitext-103", _wikitext(d), _wikitext_vocab(d))

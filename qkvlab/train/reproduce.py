@@ -1,11 +1,10 @@
 """`qkvlab reproduce`: the study end to end, a sweep of every variant over a suite, then the report.
 
-Presets: "quick" (one seed of each suite task at the tasks' quick budgets, the five projection
-forms everywhere and head sharing on language modelling, aimed at two CPU cores and fifteen
-minutes; measured: 18.6) and "full" (three seeds, the tasks' full models and budgets, for
-a machine with GPUs: one run per GPU at a time). A rerun skips finished runs and resumes
-interrupted ones.
-"""
+Presets: "study" (three seeds of the study's experiments, `qkvlab.experiments.study`), "quick" (one
+seed of each suite task at the tasks' quick budgets, the five projection forms everywhere and head
+sharing on language modelling, aimed at two CPU cores and fifteen minutes; measured: 18.6) and
+"full" (three seeds, the tasks' full models and budgets, for a machine with GPUs: one run per GPU at
+a time). A rerun skips finished runs and resumes interrupted ones. """
 
 from __future__ import annotations
 
@@ -37,6 +36,8 @@ PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset("quick", suite="quick", task_preset="quick", seeds=(0,), jobs=None, plus=False),
     "full": ReproducePreset("full", suite="full", task_preset="full", seeds=(0, 1, 2), jobs=None),
     "tiny": ReproducePreset("tiny", suite="tiny", task_preset="tiny", seeds=(0,), jobs=None),
+    # the study's experiments (qkvlab.experiments.study) at the tasks' quick recipes, three seeds
+    "study": ReproducePreset("study", suite="study", task_preset="quick", seeds=(0, 1, 2), jobs=None),
 }
 
 
@@ -88,6 +89,8 @@ def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[
     started = time.perf_counter()
     spec = get_preset(preset)
     root = Path(out) if out is not None else spec.default_out()
+    if spec.suite == "study":
+        return _study(spec, root, list(seeds or spec.seeds), jobs, tasks, overrides, progress)
     names = suite_tasks(spec, tasks)
     check_data(names, list(overrides))
     runs = [run for task in names
@@ -101,3 +104,18 @@ def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[
                *(["--tasks", ",".join(tasks)] if tasks else []), *overrides]
     report = write_report(root, preset=preset, wall_s=time.perf_counter() - started, command=shlex.join(command))
     return Reproduction(report=report, table=summary_table(aggregate(collect(root))), results=results)
+
+
+def _study(spec: ReproducePreset, root: Path, seeds: list[int], jobs: int | None, tasks: list[str] | None,
+           overrides: Sequence[str], progress: bool) -> Reproduction:
+    """The study preset: every experiment of `qkvlab.experiments.study` in one sweep, one report."""
+    from qkvlab.experiments.study import STUDY, run_study
+
+    command = ["qkvlab", "reproduce", "--preset", spec.name, "--out", str(root), "--seeds", ",".join(map(str, seeds)),
+               *(["--jobs", str(jobs)] if jobs else []), *(["--tasks", ",".join(tasks)] if tasks else []), *overrides]
+    options = {"core": {"tasks": tasks}} if tasks else None
+    result = run_study(root, seeds, experiments=[*STUDY, "analysis"], preset=spec.task_preset, jobs=jobs,
+                       overrides=overrides, options=options, command=command, progress=progress)
+    core = root / "core"
+    table = summary_table(aggregate(collect(core))) if core.is_dir() and collect(core) else ""
+    return Reproduction(report=result.report or root, table=table, results=result.results)
