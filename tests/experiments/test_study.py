@@ -6,7 +6,7 @@ import pytest
 
 from qkvlab.cli.main import main
 from qkvlab.errors import QkvlabError
-from qkvlab.experiments import context_length, core, iso_parameter, scale
+from qkvlab.experiments import context_length, core, scale
 from qkvlab.experiments.iso_parameter import count_params, iso_d_mlp
 from qkvlab.experiments.plan import read_plan, write_plan
 from qkvlab.experiments.study import STUDY, plan_study
