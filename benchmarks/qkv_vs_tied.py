@@ -5,6 +5,10 @@ both alike; the script prints medians and the ratio Q-K=V / QKV (below 1 = Q-K=V
 
     python benchmarks/qkv_vs_tied.py                     # defaults: 6 layers, d 512, 8 heads
     python benchmarks/qkv_vs_tied.py --positions rotary --context 4096 --variants QKV Q-K=V Q-MQA
+    python benchmarks/qkv_vs_tied.py --positions rotary --rotary-fraction 1 0.5 0.25 --no-train
+
+With several `--rotary-fraction` values every variant is built at each (rows "Q-K=V @0.25"; the
+first row is the baseline). "workspace MiB" is the K = V rotary workspace (one layer's rotated keys).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 
 import torch
 
+from qkvlab.errors import QkvlabError
 from qkvlab.models import ModelConfig, build_model
 
 
@@ -26,6 +31,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--positions", default="learned", choices=["learned", "rotary"])
+    p.add_argument("--rotary-fraction", type=float, nargs="+", default=[1.0], metavar="F",
+                   help="share of each head's dims that rotate (partial rotary; needs --positions rotary)")
+    p.add_argument("--no-train", action="store_true", help="time the decode step only")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--context", type=int, default=2048, help="tokens already in the cache when decoding")
@@ -60,7 +68,7 @@ def decode_step_fn(model, batch: int, context: int, vocab: int):
     def step():
         cache.set_lengths([context] * batch)
         model(token, cache)
-    return step, cache.nbytes
+    return step, cache
 
 
 def timed(fn, repeats_box: list[float]) -> None:
@@ -74,38 +82,58 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     max_len = max(args.context + 1, args.train_len)
+    fractions = args.rotary_fraction
     models = {}
     for v in args.variants:
-        torch.manual_seed(0)
-        cfg = ModelConfig(variant=v, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
-                          vocab_size=args.vocab, max_seq_len=max_len, positions=args.positions)
-        models[v] = build_model(cfg)
-    train = {v: train_step_fn(m.train(), args.train_batch, args.train_len, args.vocab) for v, m in models.items()}
-    decode, nbytes = {}, {}
+        for f in fractions:
+            torch.manual_seed(0)
+            try:
+                cfg = ModelConfig(variant=v, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
+                                  vocab_size=args.vocab, max_seq_len=max_len, positions=args.positions,
+                                  rotary_fraction=f)
+            except QkvlabError as err:
+                raise SystemExit(f"qkv_vs_tied.py: {err}") from None
+            models[v if fractions == [1.0] else f"{v} @{f:g}"] = build_model(cfg)
+    names = list(models)
+    kinds = ("decode",) if args.no_train else ("train", "decode")
+    train = {} if args.no_train else {
+        v: train_step_fn(m.train(), args.train_batch, args.train_len, args.vocab) for v, m in models.items()}
+    decode, nbytes, workspace = {}, {}, {}
     for v, m in models.items():
-        decode[v], nbytes[v] = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab)
-    times = {(kind, v): [] for kind in ("train", "decode") for v in args.variants}
+        decode[v], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab)
+        nbytes[v], workspace[v] = cache.nbytes, cache.workspace_nbytes
+    times: dict[tuple[str, str], list[float]] = {(kind, v): [] for kind in kinds for v in names}
     for fn_map in (train, decode):  # warm-up
         for fn in fn_map.values():
             fn()
     for _ in range(args.repeats):
-        for v in args.variants:
+        for v in names if train else ():
             models[v].train()
             timed(train[v], times["train", v])
-        for v in args.variants:
+        for v in names:
             models[v].eval()
             timed(decode[v], times["decode", v])
-    base = args.variants[0]
+    base = names[0]
+    width = max(10, *map(len, names))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} layers, d_model "
           f"{args.d_model}, {args.heads} heads, {args.positions} positions; median of {args.repeats} interleaved runs")
-    print(f"train step: batch {args.train_batch} x {args.train_len} tokens (forward + backward + AdamW)")
+    if train:
+        print(f"train step: batch {args.train_batch} x {args.train_len} tokens (forward + backward + AdamW)")
     print(f"decode step: batch {args.decode_batch}, 1 new token on {args.context} cached tokens")
-    print(f"{'variant':<10} {'train ms':>10} {'ratio':>7} {'decode ms':>10} {'ratio':>7} {'cache MiB':>10} {'ratio':>7}")
     med = {key: statistics.median(vals) * 1e3 for key, vals in times.items()}
-    for v in args.variants:
-        print(f"{v:<10} {med['train', v]:>10.1f} {med['train', v] / med['train', base]:>7.3f} "
-              f"{med['decode', v]:>10.2f} {med['decode', v] / med['decode', base]:>7.3f} "
-              f"{nbytes[v] / 2**20:>10.1f} {nbytes[v] / nbytes[base]:>7.3f}")
+    head = f"{'variant':<{width}}"
+    if train:
+        head += f" {'train ms':>10} {'ratio':>7}"
+    head += f" {'decode ms':>10} {'ratio':>7} {'cache MiB':>10} {'ratio':>7}"
+    show_ws = any(workspace.values())
+    print(head + (f" {'workspace MiB':>14}" if show_ws else ""))
+    for v in names:
+        row = f"{v:<{width}}"
+        if train:
+            row += f" {med['train', v]:>10.1f} {med['train', v] / med['train', base]:>7.3f}"
+        row += (f" {med['decode', v]:>10.2f} {med['decode', v] / med['decode', base]:>7.3f} "
+                f"{nbytes[v] / 2**20:>10.1f} {nbytes[v] / nbytes[base]:>7.3f}")
+        print(row + (f" {workspace[v] / 2**20:>14.2f}" if show_ws else ""))
 
 
 if __name__ == "__main__":

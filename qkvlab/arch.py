@@ -37,6 +37,12 @@ def divisors(n: int, limit: int = 16) -> str:
     return ", ".join(map(str, found[:limit])) + (", ..." if len(found) > limit else "")
 
 
+def rotary_fractions(head_dim: int, limit: int = 8) -> str:
+    """The rotary fractions a head of `head_dim` dims accepts, for error messages: "0.25, 0.5, 0.75, 1"."""
+    found = [f"{2 * k / head_dim:g}" for k in range(1, head_dim // 2 + 1)]
+    return ", ".join(found) if len(found) <= limit else f"{', '.join(found[:3])}, ..., {found[-1]} (k * 2/{head_dim})"
+
+
 def pair_bias_widths(dim: int) -> tuple[int, int]:
     """Feature widths (offset i - j, each of i and j) of a pair-bias table with m = dim (a multiple of 8)."""
     return dim // 2, dim // 4
@@ -105,6 +111,8 @@ class ModelConfig:
     attn_dropout: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # rotary only: the share of each head's dims that rotate (the first rotary_dim; GPT-NeoX's rotary_pct)
+    rotary_fraction: float = 1.0
     pair_bias_dim: int = 32  # m of the (n, n, m) table of the "+" variants (a multiple of 8)
     norm_eps: float = 1e-5
     # ViT
@@ -140,13 +148,33 @@ class ModelConfig:
         if self.positions == "rotary":
             check(self.resolved_head_dim % 2 == 0,
                   f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
+        self._check_rotary_fraction()
         if self.kind == "vit":
             check(self.image_size % self.patch_size == 0,
                   f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
             check(self.max_seq_len >= self.n_patches + 1,
                   f"max_seq_len={self.max_seq_len} is shorter than {self.n_patches} patches + 1 class token")
 
+    def _check_rotary_fraction(self) -> None:
+        f, D = self.rotary_fraction, self.resolved_head_dim
+        check(isinstance(f, (int, float)) and not isinstance(f, bool),
+              f"rotary_fraction must be a number, got {f!r}")
+        object.__setattr__(self, "rotary_fraction", float(f))
+        if self.positions != "rotary":
+            check(f == 1.0, f"rotary_fraction={f!r} needs positions='rotary' (got {self.positions!r}); "
+                            "accepted with other positions: 1.0")
+            return
+        rotated = f * D
+        ok = 0 < f <= 1 and abs(rotated - round(rotated)) < 1e-9 and round(rotated) % 2 == 0
+        check(ok, f"rotary_fraction={f!r} must be in (0, 1] with rotary_fraction * head_dim ({D}) an even "
+                  f"integer; accepted: {rotary_fractions(D)}")
+
     # --- derived sizes ---------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotary positions rotate (the first ones); the rest pass through."""
+        return round(self.rotary_fraction * self.resolved_head_dim)
+
     @property
     def spec(self) -> VariantSpec:
         return parse_variant(self.variant)

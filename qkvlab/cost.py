@@ -89,9 +89,12 @@ def resolve_variant(config: ModelConfig, variant: str | VariantSpec | None = Non
 def describe(config: ModelConfig, label: str = "") -> str:
     """One line: the sizes a reader needs to check a table."""
     kv = f" ({config.n_kv_heads} kv heads)" if config.n_kv_heads != config.n_heads else ""
+    positions = f"{config.positions} positions"
+    if config.rotary_fraction < 1:
+        positions += f" (rotating {config.rotary_dim} of {config.resolved_head_dim} dims per head)"
     text = (f"{label or 'custom'}: {config.kind}, {config.n_layers} layers, d_model {config.d_model}, "
             f"{config.n_heads} heads{kv}, head_dim {config.resolved_head_dim}, d_mlp {config.resolved_d_mlp} "
-            f"{config.mlp}, {config.norm}, bias {'on' if config.bias else 'off'}, {config.positions} positions, "
+            f"{config.mlp}, {config.norm}, bias {'on' if config.bias else 'off'}, {positions}, "
             f"max_seq_len {config.max_seq_len}")
     if config.kind == "decoder":
         text += f", vocab {config.vocab_size} ({'tied' if config.tie_embeddings else 'untied'})"

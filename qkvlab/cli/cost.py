@@ -37,6 +37,7 @@ _SIZE_FLAGS = {
     "layers": "n_layers", "d_model": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "head_dim": "head_dim", "d_mlp": "d_mlp", "vocab": "vocab_size", "max_seq_len": "max_seq_len",
     "mlp": "mlp", "norm": "norm", "positions": "positions", "bias": "bias", "tie_embeddings": "tie_embeddings",
+    "rotary_fraction": "rotary_fraction",
 }
 
 # An architecture given by hand: a GPT-2-style language model unless the flags say otherwise.
@@ -75,6 +76,8 @@ def add_arch_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--mlp", choices=MLPS, help=f"MLP kind (default {_DEFAULT['mlp']})")
     sizes.add_argument("--norm", choices=NORMS, help=f"norm kind (default {_DEFAULT['norm']})")
     sizes.add_argument("--positions", choices=POSITIONS, help=f"position encoding (default {_DEFAULT['positions']})")
+    sizes.add_argument("--rotary-fraction", type=float,
+                       help="share of each head's dims rotary positions rotate (partial rotary; default 1.0)")
     sizes.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
                        help=f"biases in linear layers and LayerNorm (default {on_off[_DEFAULT['bias']]})")
     sizes.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,

@@ -38,7 +38,11 @@ FORMAT = "qkvlab-pt2/1"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[2i], x[2i+1]) of x (B, H, T, D) by angles with cos, sin (T, D/2), in real arithmetic."""
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, H, T, D) by angles with cos, sin (T, D/2), in real arithmetic;
+    with cos, sin (T, R/2), R < D (partial rotary), only the first R dims, the rest pass through."""
+    R = 2 * cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([_rotate(x[..., :R], cos, sin), x[..., R:]], dim=-1)  # (B, H, T, D)
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, D/2)
     out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, H, T, D/2, 2)
@@ -112,8 +116,8 @@ class StaticDecoder(nn.Module):
         rot_q = rot_k = None
         if backbone.rotary is not None:
             r = backbone.rotary
-            inv_freq = r.theta ** (-torch.arange(0, r.head_dim, 2, dtype=torch.float32) / r.head_dim)  # (D/2,)
-            ang_q, ang_k = q_pos.float()[:, None] * inv_freq, k_pos.float()[:, None] * inv_freq  # (T|C, D/2)
+            inv_freq = r.theta ** (-torch.arange(0, r.rotary_dim, 2, dtype=torch.float32) / r.rotary_dim)  # (R/2,)
+            ang_q, ang_k = q_pos.float()[:, None] * inv_freq, k_pos.float()[:, None] * inv_freq  # (T|C, R/2)
             rot_q, rot_k = (ang_q.cos(), ang_q.sin()), (ang_k.cos(), ang_k.sin())
         for layer, block in enumerate(backbone.blocks):
             h = h + self._attention(block.attn, block.norm1(h), layer, buffers, q_pos, k_pos, mask, rot_q, rot_k)

@@ -30,6 +30,8 @@ class QkvlabConfig(PretrainedConfig):
         self.num_key_value_heads = config.n_kv_heads
         self.head_dim = config.resolved_head_dim
         self.max_position_embeddings = config.max_seq_len
+        if config.rotary_fraction != 1.0:  # GPT-NeoX's rotary_pct under its Hugging Face name
+            self.partial_rotary_factor = config.rotary_fraction
         self.use_cache = use_cache
         kwargs["tie_word_embeddings"] = config.tie_embeddings
         super().__init__(**kwargs)

@@ -6,7 +6,8 @@
 - `format="gpt2"`: stock `GPT2LMHeadModel` (QKV, learned positions, LayerNorm, GELU, biases);
 - `format="llama"`: stock `LlamaForCausalLM` (QKV or GQA, rotary, RMSNorm, SwiGLU). qkvlab rotates
   interleaved pairs (x[2i], x[2i+1]); Llama rotates halves (x[i], x[i + D/2]), so the rows of each
-  query and key head are permuted (evens, then odds), which leaves every score unchanged.
+  query and key head are permuted (evens, then odds), which leaves every score unchanged. A partial-rotary
+  model (`rotary_fraction` < 1) exports only where the installed Llama honours `partial_rotary_factor`.
 
 The tokenizer (any `qkvlab.data.tokenizer` name) is written beside the weights as a
 `PreTrainedTokenizerFast`. Output directories are written atomically.
@@ -14,6 +15,7 @@ The tokenizer (any `qkvlab.data.tokenizer` name) is written beside the weights a
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,10 +103,33 @@ def to_gpt2(model: GPT):
     return _loaded(GPT2LMHeadModel(hf_config), state, model)
 
 
-def rotary_rows(n_heads: int, head_dim: int) -> torch.Tensor:
-    """Row order taking interleaved-pair rotary heads (qkvlab) to rotate-half heads (Llama): evens, then odds."""
-    per_head = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # (D,)
+def rotary_rows(n_heads: int, head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
+    """Row order taking interleaved-pair rotary heads (qkvlab) to rotate-half heads (Llama): evens, then
+    odds, of the first `rotary_dim` rows of each head (default all); the unrotated rows keep their place."""
+    R = head_dim if rotary_dim is None else rotary_dim
+    per_head = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2), torch.arange(R, head_dim)])  # (D,)
     return (torch.arange(n_heads)[:, None] * head_dim + per_head).reshape(-1)  # (H * D,)
+
+
+@functools.cache
+def llama_partial_rotary() -> bool:
+    """Whether this transformers' `LlamaForCausalLM` honours `partial_rotary_factor`: probed once on a
+    one-layer model (its rotary frequencies cover only that share of a head, and a forward pass runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=4, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    try:
+        model = LlamaForCausalLM(config).eval()
+        inv_freq = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
+        if inv_freq is None or inv_freq.numel() != 1:  # 2 of 4 dims rotate: one frequency
+            return False
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long))
+    except (RuntimeError, ValueError, TypeError, KeyError):
+        return False
+    return True
 
 
 def to_llama(model: GPT):
@@ -117,18 +142,27 @@ def to_llama(model: GPT):
     if spec.q_source != "q" or spec.kv_tied or spec.pair_bias:
         raise QkvlabError(f"--format llama holds QKV and GQA/MQA models, not {c.variant} (Llama has separate "
                           "Q, K and V projections and no pair bias); use --format hf")
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rotary_fraction != 1.0:
+        if not llama_partial_rotary():
+            import transformers
+
+            raise QkvlabError(f"--format llama cannot hold rotary_fraction={c.rotary_fraction}: this transformers "
+                              f"({transformers.__version__}) LlamaForCausalLM ignores partial_rotary_factor; "
+                              "use --format hf")
+        rope["partial_rotary_factor"] = c.rotary_fraction
     H, Hkv, D = c.n_heads, c.n_kv_heads, c.resolved_head_dim
     hf_config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.resolved_d_mlp,
                             num_hidden_layers=c.n_layers, num_attention_heads=H, num_key_value_heads=Hkv,
                             head_dim=D, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
                             tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias, mlp_bias=c.bias,
                             attention_dropout=c.attn_dropout, hidden_act="silu",
-                            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                            rope_parameters=rope,
                             bos_token_id=None, eos_token_id=None, pad_token_id=None)
     src = model.state_dict()
     state = {"model.embed_tokens.weight": src["tok_emb.weight"], "model.norm.weight": src["backbone.norm.weight"],
              "lm_head.weight": src["lm_head.weight"]}
-    q_rows, k_rows = rotary_rows(H, D), rotary_rows(Hkv, D)
+    q_rows, k_rows = rotary_rows(H, D, c.rotary_dim), rotary_rows(Hkv, D, c.rotary_dim)
     for i in range(c.n_layers):
         ours, theirs = f"backbone.blocks.{i}.", f"model.layers.{i}."
         state[theirs + "input_layernorm.weight"] = src[ours + "norm1.weight"]

@@ -1,6 +1,7 @@
 """Import Hugging Face Llama weights (`LlamaForCausalLM`: config.json + safetensors) into our modern decoder.
 
-The architecture maps one to one: rotary positions (`rope_theta`, default rope only), RMSNorm,
+The architecture maps one to one: rotary positions (`rope_theta`, default rope only; a
+`partial_rotary_factor` below 1 only where the installed Llama honours it), RMSNorm,
 SwiGLU (`[gate | up]` fused into our `mlp.fc`), grouped key/value heads (`num_key_value_heads` ->
 GQA-g / MQA), no biases (or biases on both attention and MLP), tied or untied output head.
 
@@ -55,6 +56,25 @@ def rope_theta(cfg: dict) -> float:
     return float(theta)
 
 
+def rotary_fraction(cfg: dict) -> float:
+    """The `partial_rotary_factor` of a Llama config.json (1.0 when absent). Below 1 it is accepted only
+    where the installed transformers' LlamaForCausalLM honours it; one that ignores it rotates every dim."""
+    params = cfg.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    factor = 1.0 if factor is None else factor
+    check(isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor <= 1,
+          f"Llama partial_rotary_factor must be a number in (0, 1], got {factor!r}")
+    if factor != 1.0:
+        try:
+            from qkvlab.hf.export import llama_partial_rotary
+            honoured = llama_partial_rotary()
+        except ImportError:
+            honoured = False
+        check(honoured, f"Llama partial_rotary_factor={factor!r} is ambiguous: the installed transformers' "
+                        "LlamaForCausalLM ignores it (rotates every dim); accepted: 1.0")
+    return float(factor)
+
+
 def llama_config(cfg: dict) -> ModelConfig:
     """Our ModelConfig (GQA-g / MQA / QKV, rotary, RMSNorm, SwiGLU) for a Llama config.json."""
     check(isinstance(cfg, dict), f"a Llama config.json must hold a JSON object, not {type(cfg).__name__}")
@@ -76,14 +96,17 @@ def llama_config(cfg: dict) -> ModelConfig:
         n_layers=n_layers, d_model=d_model, n_heads=heads, head_dim=None if head_dim * heads == d_model else head_dim,
         d_mlp=d_mlp, max_seq_len=_positive_int(cfg, "max_position_embeddings", 2048), vocab_size=vocab,
         positions="rotary", norm="rmsnorm", mlp="swiglu", bias=attn_bias,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=rope_theta(cfg), norm_eps=float(eps))
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=rope_theta(cfg),
+        rotary_fraction=rotary_fraction(cfg), norm_eps=float(eps))
 
 
-def rotary_order(head_dim: int) -> torch.Tensor:
+def rotary_order(head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
     """Row order within a head taking Hugging Face's half-split pairs to qkvlab's adjacent pairs:
-    ours[2i] = theirs[i], ours[2i + 1] = theirs[i + D/2]."""
-    half = torch.arange(head_dim // 2)
-    return torch.stack([half, half + head_dim // 2], dim=1).flatten()  # (D,)
+    ours[2i] = theirs[i], ours[2i + 1] = theirs[i + R/2] for the R = rotary_dim (default head_dim)
+    rotated rows; the unrotated rows R.. keep their place."""
+    R = head_dim if rotary_dim is None else rotary_dim
+    half = torch.arange(R // 2)
+    return torch.cat([torch.stack([half, half + R // 2], dim=1).flatten(), torch.arange(R, head_dim)])  # (D,)
 
 
 def _rows(t: torch.Tensor, head_dim: int, order: torch.Tensor) -> torch.Tensor:
@@ -101,7 +124,7 @@ def llama_from_state_dict(state: dict[str, torch.Tensor], hf_config: dict, varia
     config = llama_config(hf_config)
     model = GPT(config, seed=0)
     expected = model.state_dict()
-    D, order = config.resolved_head_dim, rotary_order(config.resolved_head_dim)
+    D, order = config.resolved_head_dim, rotary_order(config.resolved_head_dim, config.rotary_dim)
     used: set[str] = set()
     ours: dict[str, torch.Tensor] = {}
 

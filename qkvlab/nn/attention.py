@@ -24,7 +24,7 @@ from torch import nn
 from qkvlab.arch import check_heads, with_kv_heads
 from qkvlab.errors import check
 from qkvlab.nn.kv_cache import KVCache
-from qkvlab.nn.positions import PairBias, Rotary, apply_rotary
+from qkvlab.nn.positions import PairBias, Rotary, apply_rotary, rotate
 from qkvlab.variants import VariantSpec
 
 
@@ -132,18 +132,26 @@ class Attention(nn.Module):
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
+        split = None  # partial rotary, K = V, few queries: (rotated key dims, unrotated key dims)
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
             if rotations is not None:
+                cis = rotations[1]  # (Tk, R/2)
                 workspace = None  # reused across layers when decoding with a cache
                 if ctx.cache is not None and not torch.is_grad_enabled():
-                    workspace = ctx.cache.rotation_workspace(ctx.k_len, rotations[1].dtype)
-                k = apply_rotary(k, rotations[1], out=workspace)  # (B, H_kv, Tk, D)
+                    workspace = ctx.cache.rotation_workspace(ctx.k_len, cis.dtype, pairs=cis.shape[-1])
+                rotary_dim = 2 * cis.shape[-1]
+                if rotary_dim < self.head_dim and ctx.maps is None and self._split_read(q.shape[-2], rotary_dim):
+                    split = rotate(k[..., :rotary_dim], cis, out=workspace), k[..., rotary_dim:]
+                else:
+                    k = apply_rotary(k, cis, out=workspace)  # (B, H_kv, Tk, D)
         bias = None
         if self.pair_bias is not None:
             q = q * self.pair_bias.score_scale()
             bias = self.pair_bias(ctx.q_pos, ctx.k_pos).to(q.dtype)  # (B, 1, T, Tk)
-        if ctx.maps is not None:
+        if split is not None:
+            y = self._split_keys(q, *split, v, bias, ctx)
+        elif ctx.maps is not None:
             y = self._explicit(q, k, v, bias, ctx)
         else:
             mask, is_causal = ctx.mask, ctx.is_causal
@@ -166,6 +174,35 @@ class Attention(nn.Module):
         maps: list[dict[str, torch.Tensor]] = []
         self(x, dataclasses.replace(ctx, maps=maps))
         return maps[0]
+
+    def _split_read(self, n_queries: int, rotary_dim: int) -> bool:
+        """Whether partial-rotary K = V attention reads its keys in two parts (`_split_keys`): when the
+        scores it materialises, (H * T) per key, are no more than the unrotated key dims a full key
+        tensor would copy, H_kv * (D - R) per key: one-token decoding, unless a key head serves more
+        query heads than it has unrotated dims."""
+        return self.n_heads * n_queries <= self.n_kv_heads * (self.head_dim - rotary_dim)
+
+    def _split_keys(self, q: torch.Tensor, k_rot: torch.Tensor, k_pass: torch.Tensor, v: torch.Tensor,
+                    bias: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
+        """Attention with keys in two parts: the rotated dims k_rot (B, H_kv, Tk, R) and the unrotated
+        dims k_pass (B, H_kv, Tk, D - R), read in place from the cache, so partial rotary K = V
+        touches only R of each key's D dims (scores = q[:R]·k_rot + q[R:]·k_pass)."""
+        B, H, T, D = q.shape
+        H_kv, Tk, R = v.shape[1], v.shape[2], k_rot.shape[-1]
+        qg = (q * D ** -0.5).reshape(B, H_kv, (H // H_kv) * T, D)  # (B, H_kv, rep*T, D): heads grouped by key head
+        scores = qg[..., :R] @ k_rot.transpose(-2, -1) + qg[..., R:] @ k_pass.transpose(-2, -1)  # (B, H_kv, rep*T, Tk)
+        scores = scores.view(B, H_kv, H // H_kv, T, Tk)
+        if bias is not None:
+            scores = scores + bias[:, :, None]  # (B, 1, 1, T, Tk)
+        mask = ctx.mask
+        if mask is None and ctx.is_causal:
+            mask = causal_mask(T, Tk, q.device)  # (T, Tk)
+        if mask is not None:
+            scores.masked_fill_(~(mask[:, :, None] if mask.dim() == 4 else mask), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # (B, H_kv, rep, T, Tk)
+        if self.training and self.attn_dropout > 0:
+            probs = F.dropout(probs, self.attn_dropout)
+        return (probs.view(B, H_kv, -1, Tk) @ v).view(B, H, T, D)  # (B, H, T, D)
 
     def _explicit(self, q, k, v, bias, ctx: AttentionContext) -> torch.Tensor:
         """Attention keeping the score (before masking) and probability matrices in `ctx.maps`, for analysis."""

@@ -160,16 +160,21 @@ class KVCache:
         return [dequantize(buffer[layer, :, :, :length], scales[layer, :, :, :length], dtype or torch.float32)
                 for buffer, scales in zip(self.buffers, self.scales, strict=True)]
 
-    def rotation_workspace(self, length: int, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
-        """Scratch for one layer's rotated keys, (B, H_kv, length, D/2) complex, reused by every layer.
+    def rotation_workspace(self, length: int, dtype: torch.dtype = torch.complex64,
+                           pairs: int | None = None) -> torch.Tensor:
+        """Scratch for one layer's rotated keys, (B, H_kv, length, pairs) complex, reused by every layer.
 
         Only a K = V cache with rotary positions needs it (keys are rotated when read); it is
         working memory, not stored tokens, so it is counted in `workspace_nbytes`, not `nbytes`.
+        `pairs` is the rotated pairs per head: D/2 by default, fewer with partial rotary (the
+        unrotated dims are read from the cache itself).
         """
-        if self._workspace is None or self._workspace.dtype != dtype:
-            B, H, T, D = self.buffers[0].shape[1:]
-            self._workspace = torch.empty(B, H, T, D // 2, dtype=dtype, device=self.buffers[0].device)
-        return self._workspace[:, :, :length]
+        B, H, T, D = self.buffers[0].shape[1:]
+        pairs = D // 2 if pairs is None else pairs
+        ws = self._workspace
+        if ws is None or ws.dtype != dtype or ws.shape[-1] != pairs:
+            self._workspace = ws = torch.empty(B, H, T, pairs, dtype=dtype, device=self.buffers[0].device)
+        return ws[:, :, :length]
 
     @property
     def workspace_nbytes(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qkvlab.arch import pair_bias_widths
+from qkvlab.errors import check
 
 
 def sinusoidal_table(n: int, dim: int, offset: int = 0, base: float = 10000.0) -> torch.Tensor:
@@ -43,22 +44,28 @@ def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
 class Rotary(nn.Module):
     """Rotary position embedding: each pair (x[2i], x[2i+1]) of a head rotates as a complex number.
 
-    Angles are computed for the positions asked, in float32 (float64 for float64 models), so they
-    stay exact however the model's dtype is changed (there are no tables to be cast). Attention
-    calls it on queries and keys: `rotary(x, positions)`, or with precomputed `tables(...)`.
+    `rotary_dim` (default `head_dim`, even) is how many of each head's first dims rotate; the rest
+    pass through unchanged (partial rotary, GPT-NeoX's `rotary_pct`), with frequencies
+    theta^(-2i / rotary_dim) as GPT-NeoX has them. Angles are computed for the positions asked, in
+    float32 (float64 for float64 models), so they stay exact however the model's dtype is changed
+    (there are no tables to be cast). Attention calls it on queries and keys: `rotary(x, positions)`,
+    or with precomputed `tables(...)`.
     """
 
-    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0, rotary_dim: int | None = None):
         super().__init__()
         self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        check(0 < self.rotary_dim <= head_dim and self.rotary_dim % 2 == 0,
+              f"rotary_dim={self.rotary_dim} must be even and in 2..head_dim ({head_dim})")
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Unit complex rotations for `positions` (B, T) -> (B, 1, T, D/2), or (T,) -> (T, D/2),
-        complex64 (complex128 when `dtype` is float64)."""
+        """Unit complex rotations for `positions` (B, T) -> (B, 1, T, R/2), or (T,) -> (T, R/2) with
+        R = rotary_dim, complex64 (complex128 when `dtype` is float64)."""
         real = rotation_dtype(dtype)
-        dims = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=real)
-        inv_freq = self.theta ** (-dims / self.head_dim)  # (D/2,)
-        angles = positions.to(real)[..., None] * inv_freq  # (..., T, D/2)
+        dims = torch.arange(0, self.rotary_dim, 2, device=positions.device, dtype=real)
+        inv_freq = self.theta ** (-dims / self.rotary_dim)  # (R/2,)
+        angles = positions.to(real)[..., None] * inv_freq  # (..., T, R/2)
         cis = torch.polar(torch.ones_like(angles), angles)
         return cis[:, None] if positions.dim() == 2 else cis
 
@@ -67,16 +74,25 @@ class Rotary(nn.Module):
         return apply_rotary(x, self.tables(positions, x.dtype))
 
 
-def apply_rotary(x: torch.Tensor, cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by `cis` (complex, broadcastable to (B, H, T, D/2)).
+def rotate(x: torch.Tensor, cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, H, T, R) with every pair rotated by `cis` (complex, broadcastable to (B, H, T, R/2)).
 
-    `out`, a complex (B, H, T, D/2) workspace of `cis`'s dtype, receives the product without
+    `out`, a complex (B, H, T, R/2) workspace of `cis`'s dtype, receives the product without
     allocating: with K = V the whole cache is rotated at every decode step, and fresh buffers cost
     more than the arithmetic.
     """
-    pairs = torch.view_as_complex(x.to(rotation_dtype(x.dtype)).unflatten(-1, (-1, 2)))  # (B, H, T, D/2)
+    pairs = torch.view_as_complex(x.to(rotation_dtype(x.dtype)).unflatten(-1, (-1, 2)))  # (B, H, T, R/2)
     rotated = pairs * cis if out is None else torch.mul(pairs, cis, out=out)
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (B, H, T, D)
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (B, H, T, R)
+
+
+def apply_rotary(x: torch.Tensor, cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the first R dims of x (B, H, T, D) by `cis` (complex (..., R/2), broadcastable to
+    (B, H, T, R/2)); dims R.. pass through (partial rotary). `out` as in `rotate`."""
+    rotary_dim = 2 * cis.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return rotate(x, cis, out)  # (B, H, T, D)
+    return torch.cat([rotate(x[..., :rotary_dim], cis, out), x[..., rotary_dim:]], dim=-1)  # (B, H, T, D)
 
 
 class PairBias(nn.Module):
