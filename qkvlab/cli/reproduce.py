@@ -12,8 +12,9 @@ time), tiny (a smoke test), study (three seeds of the study's experiments on CPU
 ~2 h on 2 CPU cores), paper (the paper's 300M and 1.2B language models on token shards you
 supply, one torchrun job after another on --gpus GPUs; --dry-run prints the runs, their
 commands and their expected GPU-hours).
-Rerunning skips finished runs and resumes interrupted ones. Needs the data: `qkvlab data fetch quick`
-(study: `qkvlab data fetch study`; paper: `qkvlab data tokenize --tokenizer gpt2 --out DIR FILES...`, then --data-dir DIR)."""
+Rerunning skips finished runs and resumes interrupted ones. Needs the data: `qkvlab data fetch
+quick` (study: `qkvlab data fetch study`; paper: `qkvlab data tokenize --tokenizer gpt2 --out DIR
+FILES...`, then --data-dir DIR)."""
 
 PAPER_ONLY = ("data_dir", "gpus", "gpu", "mfu", "peak_tflops", "scales", "dry_run")
 
