@@ -350,7 +350,7 @@ def _ms(seconds: float) -> str:
 
 
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[str]:
-    from qkvlab.cli.table import format_table
+    from qkvlab.table import format_table
 
     return format_table(rows, columns).splitlines()
 

@@ -77,8 +77,8 @@ def random_inputs(cfg, batch: int, seed: int):
 
 def run(args: argparse.Namespace) -> int:
     from qkvlab.analysis import held_out_inputs, projection_similarity, summarize_layers
-    from qkvlab.cli.table import emit
     from qkvlab.models.io import load_model
+    from qkvlab.table import emit
     from qkvlab.train.runs import load_task
 
     if args.batch < 1:

@@ -19,9 +19,9 @@ from qkvlab.cli.cost import (
     quant_note,
     resolved_name,
 )
-from qkvlab.cli.table import emit, fraction, human_bytes
 from qkvlab.cost import cache_bytes, cache_bytes_per_token, dtype_bytes, resolve_variant
 from qkvlab.errors import QkvlabError
+from qkvlab.table import emit, fraction, human_bytes
 
 
 def run(args: argparse.Namespace) -> int:

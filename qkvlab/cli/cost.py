@@ -13,7 +13,6 @@ import re
 from typing import Any, NamedTuple
 
 from qkvlab.arch import MLPS, NORMS, POSITIONS, PRESETS, ModelConfig, is_positive_int, with_kv_heads
-from qkvlab.cli.table import emit, human_bytes, human_count, percent_change
 from qkvlab.cost import (
     ARCHS,
     SCALE_BYTES,
@@ -30,6 +29,7 @@ from qkvlab.cost import (
     resolve_variant,
 )
 from qkvlab.errors import QkvlabError, check
+from qkvlab.table import emit, human_bytes, human_count, percent_change
 from qkvlab.variants import VariantSpec, parse_variant
 
 # command-line flag (argparse dest) -> ModelConfig field; --kv-heads sets the variant's head sharing

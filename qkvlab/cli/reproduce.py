@@ -67,8 +67,14 @@ def run(args: argparse.Namespace) -> int:
         raise QkvlabError(f"--tasks {' '.join(args.tasks)!r} names no task")
     started = time.perf_counter()
     with DirLock(out, "reproduce directory"):
-        result = reproduce(args.preset, out=out, seeds=seeds, jobs=args.jobs, tasks=parse_list(args.tasks) or None,
-                           overrides=args.overrides)
+        if args.preset == "study":
+            from qkvlab.experiments.study import reproduce_study
+
+            result = reproduce_study(out, seeds=seeds, jobs=args.jobs, tasks=parse_list(args.tasks) or None,
+                                     overrides=args.overrides)
+        else:
+            result = reproduce(args.preset, out=out, seeds=seeds, jobs=args.jobs,
+                               tasks=parse_list(args.tasks) or None, overrides=args.overrides)
     print()
     print(result.table)
     print(f"\nreport: {result.report}  ({time.perf_counter() - started:.0f}s)")
@@ -83,8 +89,8 @@ def run_paper(args: argparse.Namespace) -> int:
     import sys
 
     from qkvlab.cli.sweep import check_out_dir, parse_list, parse_seeds, positive_option
-    from qkvlab.cli.table import human_count
     from qkvlab.errors import QkvlabError
+    from qkvlab.table import human_count
     from qkvlab.train import paper
     from qkvlab.train.lock import DirLock
 
@@ -114,7 +120,7 @@ def run_paper(args: argparse.Namespace) -> int:
         models = [run.resolved.model for run in plan.runs]
         note = paper.check_data_dir(args.data_dir, min(m.vocab_size for m in models),
                                     max(m.max_seq_len for m in models))
-    print(paper.format_plan(plan))
+    print(format_plan(plan))
     if note is not None:
         print(f"data: {note}; each run reads {human_count(max(run.tokens for run in plan.runs))} tokens")
     if args.dry_run:
@@ -139,3 +145,32 @@ def run_paper(args: argparse.Namespace) -> int:
     print(f"\nall {len(plan.runs)} runs finished in {(time.perf_counter() - started) / 3600:.1f} h; "
           f"report: qkvlab report {out}")
     return 0
+
+
+def format_plan(plan) -> str:
+    """The plan as text: the assumptions, a table of runs with their costs, the commands, the totals."""
+    from qkvlab.table import format_table, human_bytes, human_count
+    from qkvlab.train.paper import DATA_PLACEHOLDER
+
+    t = plan.throughput
+    wall = f"wall h ({plan.gpus} GPU{'s' if plan.gpus > 1 else ''})"
+    rows = [{"config": run.config_name, "variant": run.variant, "seed": run.seed,
+             "params": human_count(run.params), "tokens": human_count(run.tokens),
+             "steps x batch": f"{run.steps:,} x {run.batch_size}",
+             "grad_accum": run.resolved.config.train.grad_accum, "FLOPs": f"{run.flops:.2e}",
+             "GPU-h": f"{run.gpu_hours(t):,.1f}", wall: f"{run.wall_hours(t):,.1f}",
+             "memory/GPU": f"~{human_bytes(run.memory_bytes)}"} for run in plan.runs]
+    right = {"params", "tokens", "steps x batch", "FLOPs", "GPU-h", wall, "memory/GPU"}
+    lines = [f"paper preset: {len(plan.runs)} runs, one after another, each on {plan.gpus} GPUs (torchrun)",
+             f"throughput assumed: {t.describe()}",
+             "cost: FLOPs = 6 x forward MACs per sequence (qkvlab cost) x steps x batch; "
+             "memory/GPU is a rough estimate (docs/training.md)",
+             "", format_table(rows, right=right), "",
+             f"total: {len(plan.runs)} runs, {human_count(plan.total_tokens)} tokens, {plan.total_flops:.2e} FLOPs, "
+             f"{plan.total_gpu_hours:,.0f} GPU-hours = {plan.total_wall_hours:,.1f} h wall on {plan.gpus} GPUs",
+             "", "commands:"]
+    lines += [run.command_line() for run in plan.runs]
+    if plan.data_dir is None:
+        lines.append(f"({DATA_PLACEHOLDER}: a token directory made with "
+                     "`qkvlab data tokenize --tokenizer gpt2 --out DIR FILES...`)")
+    return "\n".join(lines)

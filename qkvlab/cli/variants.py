@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from qkvlab.cli.table import emit, fraction
 from qkvlab.cost import STUDY_VARIANTS
 from qkvlab.errors import QkvlabError, check
+from qkvlab.table import emit, fraction
 from qkvlab.variants import ALIASES, VariantSpec, parse_variant
 
 _TIES = {("q", False): "none", ("k", False): "Q=K", ("q", True): "K=V", ("k", True): "Q=K=V",

@@ -65,3 +65,22 @@ def run_study(out: str | Path, seeds: Sequence[int], experiments: Sequence[str] 
     report = write_study_report(root, wall_s=time.perf_counter() - started,
                                 command=shlex.join(command) if command else None)
     return StudyResult(root, report, results)
+
+
+def reproduce_study(out: str | Path, seeds: Sequence[int] | None = None, jobs: int | None = None,
+                    tasks: Sequence[str] | None = None, overrides: Sequence[str] = (), progress: bool = True):
+    """`qkvlab reproduce --preset study`: every experiment and the analysis, three seeds by default."""
+    from qkvlab.train.report import aggregate, collect, summary_table
+    from qkvlab.train.reproduce import Reproduction, get_preset
+
+    spec = get_preset("study")
+    seeds = list(seeds or spec.seeds)
+    root = Path(out)
+    command = ["qkvlab", "reproduce", "--preset", "study", "--out", str(root), "--seeds", ",".join(map(str, seeds)),
+               *(["--jobs", str(jobs)] if jobs else []), *(["--tasks", ",".join(tasks)] if tasks else []), *overrides]
+    options = {core.NAME: {"tasks": list(tasks)}} if tasks else None
+    result = run_study(root, seeds, experiments=[*STUDY, "analysis"], preset=spec.task_preset, jobs=jobs,
+                       overrides=overrides, options=options, command=command, progress=progress)
+    core_dir = root / core.NAME
+    table = summary_table(aggregate(collect(core_dir))) if core_dir.is_dir() and collect(core_dir) else ""
+    return Reproduction(report=result.report or root, table=table, results=result.results)

@@ -15,7 +15,6 @@ The tokenizer (any `qkvlab.data.tokenizer` name) is written beside the weights a
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,27 +110,6 @@ def rotary_rows(n_heads: int, head_dim: int, rotary_dim: int | None = None) -> t
     return (torch.arange(n_heads)[:, None] * head_dim + per_head).reshape(-1)  # (H * D,)
 
 
-@functools.cache
-def llama_partial_rotary() -> bool:
-    """Whether this transformers' `LlamaForCausalLM` honours `partial_rotary_factor`: probed once on a
-    one-layer model (its rotary frequencies cover only that share of a head, and a forward pass runs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=4, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, head_dim=4, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
-    try:
-        model = LlamaForCausalLM(config).eval()
-        inv_freq = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
-        if inv_freq is None or inv_freq.numel() != 1:  # 2 of 4 dims rotate: one frequency
-            return False
-        with torch.no_grad():
-            model(torch.zeros(1, 2, dtype=torch.long))
-    except (RuntimeError, ValueError, TypeError, KeyError):
-        return False
-    return True
-
-
 def to_llama(model: GPT):
     """A stock `LlamaForCausalLM` with `model`'s weights (QKV or GQA, rotary, RMSNorm, SwiGLU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -144,6 +122,8 @@ def to_llama(model: GPT):
                           "Q, K and V projections and no pair bias); use --format hf")
     rope: dict[str, object] = {"rope_type": "default", "rope_theta": c.rope_theta}
     if c.rotary_fraction != 1.0:
+        from qkvlab.interop.llama import llama_partial_rotary
+
         if not llama_partial_rotary():
             import transformers
 

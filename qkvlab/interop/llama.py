@@ -16,6 +16,7 @@ merging K and V (`qkvlab convert --variant Q-GQA-2`) averages the rows Hugging F
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -66,7 +67,6 @@ def rotary_fraction(cfg: dict) -> float:
           f"Llama partial_rotary_factor must be a number in (0, 1], got {factor!r}")
     if factor != 1.0:
         try:
-            from qkvlab.hf.export import llama_partial_rotary
             honoured = llama_partial_rotary()
         except ImportError:
             honoured = False
@@ -228,3 +228,24 @@ def load_llama(path: str | Path, variant: str | None = None, merge: str = "mean"
         return llama_from_state_dict(read_safetensors_dir(path), hf_config, variant, merge)
     except QkvlabError as err:
         raise QkvlabError(f"{path}: {err}") from None
+
+
+@functools.cache
+def llama_partial_rotary() -> bool:
+    """Whether this transformers' `LlamaForCausalLM` honours `partial_rotary_factor`: probed once on a
+    one-layer model (its rotary frequencies cover only that share of a head, and a forward pass runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=4, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    try:
+        model = LlamaForCausalLM(config).eval()
+        inv_freq = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
+        if inv_freq is None or inv_freq.numel() != 1:  # 2 of 4 dims rotate: one frequency
+            return False
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long))
+    except (RuntimeError, ValueError, TypeError, KeyError):
+        return False
+    return True

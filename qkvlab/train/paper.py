@@ -297,34 +297,6 @@ def check_data_dir(path: str, vocab_size: int, context: int) -> str:
     return f"{tokens.split('train').n_tokens:,} training tokens in {path}"
 
 
-def format_plan(plan: PaperPlan) -> str:
-    """The plan as text: the assumptions, a table of runs with their costs, the commands, the totals."""
-    from qkvlab.cli.table import format_table, human_bytes, human_count
-
-    t = plan.throughput
-    wall = f"wall h ({plan.gpus} GPU{'s' if plan.gpus > 1 else ''})"
-    rows = [{"config": run.config_name, "variant": run.variant, "seed": run.seed,
-             "params": human_count(run.params), "tokens": human_count(run.tokens),
-             "steps x batch": f"{run.steps:,} x {run.batch_size}",
-             "grad_accum": run.resolved.config.train.grad_accum, "FLOPs": f"{run.flops:.2e}",
-             "GPU-h": f"{run.gpu_hours(t):,.1f}", wall: f"{run.wall_hours(t):,.1f}",
-             "memory/GPU": f"~{human_bytes(run.memory_bytes)}"} for run in plan.runs]
-    right = {"params", "tokens", "steps x batch", "FLOPs", "GPU-h", wall, "memory/GPU"}
-    lines = [f"paper preset: {len(plan.runs)} runs, one after another, each on {plan.gpus} GPUs (torchrun)",
-             f"throughput assumed: {t.describe()}",
-             "cost: FLOPs = 6 x forward MACs per sequence (qkvlab cost) x steps x batch; "
-             "memory/GPU is a rough estimate (docs/training.md)",
-             "", format_table(rows, right=right), "",
-             f"total: {len(plan.runs)} runs, {human_count(plan.total_tokens)} tokens, {plan.total_flops:.2e} FLOPs, "
-             f"{plan.total_gpu_hours:,.0f} GPU-hours = {plan.total_wall_hours:,.1f} h wall on {plan.gpus} GPUs",
-             "", "commands:"]
-    lines += [run.command_line() for run in plan.runs]
-    if plan.data_dir is None:
-        lines.append(f"({DATA_PLACEHOLDER}: a token directory made with "
-                     "`qkvlab data tokenize --tokenizer gpt2 --out DIR FILES...`)")
-    return "\n".join(lines)
-
-
 def cuda_devices() -> int:
     """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
     import torch

@@ -89,8 +89,8 @@ def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[
     started = time.perf_counter()
     spec = get_preset(preset)
     root = Path(out) if out is not None else spec.default_out()
-    if spec.suite == "study":
-        return _study(spec, root, list(seeds or spec.seeds), jobs, tasks, overrides, progress)
+    check(spec.suite != "study", "the study preset is qkvlab.experiments.study.reproduce_study "
+                                 "(`qkvlab reproduce --preset study`)")
     names = suite_tasks(spec, tasks)
     check_data(names, list(overrides))
     runs = [run for task in names
@@ -104,18 +104,3 @@ def reproduce(preset: str = "quick", out: str | Path | None = None, seeds: list[
                *(["--tasks", ",".join(tasks)] if tasks else []), *overrides]
     report = write_report(root, preset=preset, wall_s=time.perf_counter() - started, command=shlex.join(command))
     return Reproduction(report=report, table=summary_table(aggregate(collect(root))), results=results)
-
-
-def _study(spec: ReproducePreset, root: Path, seeds: list[int], jobs: int | None, tasks: list[str] | None,
-           overrides: Sequence[str], progress: bool) -> Reproduction:
-    """The study preset: every experiment of `qkvlab.experiments.study` in one sweep, one report."""
-    from qkvlab.experiments.study import STUDY, run_study
-
-    command = ["qkvlab", "reproduce", "--preset", spec.name, "--out", str(root), "--seeds", ",".join(map(str, seeds)),
-               *(["--jobs", str(jobs)] if jobs else []), *(["--tasks", ",".join(tasks)] if tasks else []), *overrides]
-    options = {"core": {"tasks": tasks}} if tasks else None
-    result = run_study(root, seeds, experiments=[*STUDY, "analysis"], preset=spec.task_preset, jobs=jobs,
-                       overrides=overrides, options=options, command=command, progress=progress)
-    core = root / "core"
-    table = summary_table(aggregate(collect(core))) if core.is_dir() and collect(core) else ""
-    return Reproduction(report=result.report or root, table=table, results=result.results)

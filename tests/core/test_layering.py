@@ -12,19 +12,20 @@ ROOT = Path(qkvlab.__file__).parent
 
 # Lower layers never import higher ones (function-level and TYPE_CHECKING imports included).
 LAYERS = [
-    ["errors"],
+    ["errors", "table"],  # table: plain-text tables for every command
     ["variants", "atomic"],
     ["arch"],  # ModelConfig and presets: no PyTorch
     ["cost", "nn", "weights", "data"],  # cost: no PyTorch at import time
     ["models"],
     ["generate", "convert", "analysis", "tasks"],
-    ["interop", "hf", "deploy", "train"],
-    ["experiments"],
+    ["interop"],  # checkpoint formats: GPT-2, the paper's, Llama
+    ["hf", "deploy", "train"],
+    ["experiments", "bench"],
     ["cli"],
     ["__main__"],  # python -m qkvlab
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
-NO_TORCH = ("errors", "variants", "atomic", "arch", "cost")  # importable without PyTorch
+NO_TORCH = ("errors", "table", "variants", "atomic", "arch", "cost")  # importable without PyTorch
 
 
 def _unit(module: str) -> str:

@@ -124,7 +124,7 @@ def test_groups_resolve_with_dependencies_first():
     assert resolve(["quick"]) == ["mnist", "shakespeare"]
     assert resolve(["shakespeare-gpt2", "mnist"]) == ["shakespeare", "gpt2", "shakespeare-gpt2", "mnist"]
     assert resolve(["all"]) == list(FETCHABLE)
-    with pytest.raises(QkvlabError, match="accepted: test, quick, all, mnist"):
+    with pytest.raises(QkvlabError, match="accepted: test, quick, study, all, mnist"):
         resolve(["imagenet"])
     with pytest.raises(QkvlabError, match="cifar-10-batches-py"):
         resolve(["cifar10"])
