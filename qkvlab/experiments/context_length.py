@@ -38,7 +38,8 @@ def plan(root: Path, seeds: Sequence[int], preset: str = "quick", tasks: Sequenc
         tokens = task.budget(preset).batch_size * native  # tokens per step, kept for every context
         for context in contexts:
             check(context >= 2 and tokens % context == 0,
-                  f"context {context} must divide the {tokens} tokens per step of {task_name!r} at {preset}")
+                  f"context {context} must be at least 2 and divide the {tokens} tokens per step of "
+                  f"{task_name!r} at {preset}")
             extra = [] if context == native else [f"model.max_seq_len={context}",
                                                    f"train.batch_size={tokens // context}"]
             runs += planned(root, NAME, arm(context), [task_name], list(variants or VARIANTS), seeds, preset,

@@ -66,7 +66,7 @@ def test_context_length_keeps_tokens_per_step_and_shares_the_native_context(tmp_
         assert ctx * int(o.get("train.batch_size", batch)) == native * batch
         assert p.arm == f"context {ctx}"
     assert {p.arm for p in runs} == {"context 32", "context 64", "context 128"}
-    with pytest.raises(QkvlabError, match="context 48 must divide"):
+    with pytest.raises(QkvlabError, match="context 48 must be at least 2 and divide"):
         context_length.plan(tmp_path, [0], contexts=[48])
     with pytest.raises(QkvlabError, match="language-modelling task"):
         context_length.plan(tmp_path, [0], tasks=["mnist"])
