@@ -284,12 +284,12 @@ def cache_ratio(arch: ModelConfig, variant: str | VariantSpec, baseline: str | V
     return a // g, b // g
 
 
-def measured_flops(model, *inputs, **kwargs) -> int:
-    """FLOPs of `model(*inputs, **kwargs)` (no grad) measured with `FlopCounterMode`.
+def flop_counter():
+    """A `FlopCounterMode` (not displaying) that also counts what stock PyTorch lacks on CPU.
 
-    Adds the two formulas stock PyTorch lacks on CPU: the fused CPU SDPA kernel
-    (`_scaled_dot_product_flash_attention_for_cpu`, counted like the GPU SDPA kernels: full T x Tk)
-    and `aten.mv`. The result equals 2 * `macs(...)["total"]`.
+    The fused CPU SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`, counted like the GPU
+    SDPA kernels: full T x Tk) and its backward (4 products, twice the forward, as PyTorch counts the
+    GPU kernels' backward), and `aten.mv`. Forward + backward of a model under it counts 3 x its forward.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -300,11 +300,25 @@ def measured_flops(model, *inputs, **kwargs) -> int:
         B, H, T, D = q
         return 2 * B * H * T * k[2] * D + 2 * B * H * T * v[2] * v[3]
 
+    def sdpa_cpu_backward(grad_out, q, k, v, *args, out_shape=None, **kw) -> int:  # dQ, dK, dV, dP
+        return 2 * sdpa_cpu(q, k, v)
+
     def mv(a, x, *args, out_shape=None, **kw) -> int:  # (n, m) @ (m,)
         return 2 * a[0] * a[1]
 
-    counter = FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu, aten.mv: mv})
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_cpu_backward, aten.mv: mv})
+
+
+def measured_flops(model, *inputs, **kwargs) -> int:
+    """FLOPs of `model(*inputs, **kwargs)` (no grad) measured with `flop_counter()`.
+
+    The result equals 2 * `macs(...)["total"]`.
+    """
+    import torch
+
+    counter = flop_counter()
     with torch.no_grad(), counter:
         model(*inputs, **kwargs)
     return counter.get_total_flops()

@@ -36,6 +36,7 @@ from qkvlab.cost import macs, param_counts
 from qkvlab.errors import QkvlabError, check
 from qkvlab.train.config import ResolvedRun, find_config, load_config, resolve_run
 from qkvlab.train.runs import run_dir_for
+from qkvlab.train.throughput import GPUS, Gpu
 from qkvlab.variants import parse_variant
 
 DATA_PLACEHOLDER = "DIR"  # shown in a dry run's commands when no --data-dir is given
@@ -46,22 +47,6 @@ ACTIVATION_BYTES = 34  # per sequence, layer, position and model dimension (bf16
 LOGIT_BYTES = 8  # bf16 logits, their fp32 softmax and its gradient, roughly
 # Keys each run's command sets itself.
 PLAN_KEYS = ("variant", "seed", "data_dir", "train.out_dir", "train.grad_accum")
-
-
-@dataclass(frozen=True)
-class Gpu:
-    """A GPU model and its dense (no sparsity) bf16 tensor-core peak."""
-
-    name: str
-    label: str
-    peak_tflops: float
-
-
-GPUS: dict[str, Gpu] = {
-    "a100": Gpu("a100", "NVIDIA A100 (SXM or PCIe)", 312.0),
-    "h100": Gpu("h100", "NVIDIA H100 SXM", 989.0),
-    "h100-pcie": Gpu("h100-pcie", "NVIDIA H100 PCIe", 756.0),
-}
 
 
 def get_gpu(name: str) -> Gpu:

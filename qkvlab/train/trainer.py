@@ -46,6 +46,8 @@ from qkvlab.train.lock import DirLock
 from qkvlab.train.metrics import MetricsLogger
 from qkvlab.train.optim import build_optimizer, build_scheduler, load_scheduler_state
 from qkvlab.train.runs import CONFIG, FINISHED, METRICS, SUMMARY, read_summary, storing, write_summary
+from qkvlab.train.throughput import count_flops, peak_flops
+from qkvlab.train.throughput import rates as flop_rates
 
 try:
     VERSION = metadata.version("qkvlab")
@@ -230,6 +232,10 @@ class Trainer:
         self.tokenizer_meta, self.tokenizer_files = tokenizer_metadata(run_tokenizer(self.task, self.cfg.init_from))
         model = model.to(self.env.device)
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.step_flops = self._count_step_flops(model)
+        self.peak_flops = peak_flops(self.env.device, self.cfg.train.peak_tflops)
+        if self.cfg.train.compile:
+            model.compile()  # in place: the state dict keeps its keys
         self.model = wrap_model(model, self.env, self.cfg.distributed)
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps)
@@ -261,6 +267,23 @@ class Trainer:
         if self.env.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         self._say(f"resumed {self.run_dir} at step {self.step}")
+
+    def _count_step_flops(self, model: torch.nn.Module) -> int:
+        """FLOPs one process spends on an optimizer step (forward + backward of its micro-batches), counted
+        on a throwaway pass of the first step's batch before training (gradients cleared after; the
+        step's own RNG is re-seeded when it runs, so training is unchanged)."""
+        t, env = self.cfg.train, self.env
+        batch = self.task.train_batch(0, self.batch_size, self.cfg.seed)  # every step has these shapes
+        parts = micro_batches(shard_batch(batch, env.rank, env.world_size), t.grad_accum)
+
+        def one_micro_step() -> None:
+            with self._autocast():
+                loss = self.task.loss(model, _to_device(parts[0], env.device))
+            loss.backward()
+
+        flops = count_flops(one_micro_step)
+        model.zero_grad(set_to_none=True)
+        return flops * len(parts)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -332,10 +355,16 @@ class Trainer:
         seq = _tokens_per_row(batch)
         if seq is not None:
             rates["tokens_per_s"] = rows * seq / max(seconds, 1e-9)
+        rates.update(flop_rates(self.step_flops, seconds, self.peak_flops))
         if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps:
             self.logger.log("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm, **rates)
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
-        postfix.update({k.replace("_per_s", "/s"): f"{v:,.0f}" for k, v in rates.items()})
+        postfix.update({k.replace("_per_s", "/s"): f"{v:,.0f}" for k, v in rates.items()
+                        if k in ("samples_per_s", "tokens_per_s")})
+        if "tflops_per_s" in rates:
+            postfix["TFLOP/s"] = f"{rates['tflops_per_s']:.3g}"
+        if "mfu" in rates:
+            postfix["mfu"] = f"{rates['mfu']:.1%}"
         self._bar.set_postfix(postfix, refresh=False)
 
     def _evaluate(self) -> None:
@@ -392,7 +421,7 @@ class Trainer:
             "step": self.step, "steps": self.cfg.train.steps, "params": self.n_params,
             "n_heads": self.model_cfg.n_heads, "n_kv_heads": self.model_cfg.n_kv_heads,
             "cache_fraction": fraction, "cache_reduction": 1.0 - fraction, "wall_time_s": round(self._elapsed(), 3),
-            "cpu_time_s": round(self._cpu(), 3),
+            "cpu_time_s": round(self._cpu(), 3), "step_flops": self.step_flops,
             "world_size": self.env.world_size,
             "checkpoint": str(latest.relative_to(self.run_dir)) if latest is not None else None,
             "version": VERSION,

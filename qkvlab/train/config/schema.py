@@ -88,6 +88,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     threads: int | None = None  # torch CPU threads; null: torch's default
+    compile: bool = False  # torch.compile the model (in place: checkpoints keep their keys)
+    peak_tflops: float | None = None  # per-device peak for the logged MFU; null: a known GPU's, else none
     progress: bool = True
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
@@ -105,6 +107,10 @@ class TrainConfig:
         _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
         _one_of("train.device", self.device, DEVICES)
         _one_of("train.dtype", self.dtype, DTYPES)
+        check(isinstance(self.compile, bool), f"train.compile must be true or false, got {self.compile!r}")
+        check(self.peak_tflops is None or (isinstance(self.peak_tflops, int | float)
+                                           and not isinstance(self.peak_tflops, bool) and self.peak_tflops > 0),
+              f"train.peak_tflops must be a positive number (e.g. 312 for an A100) or null, got {self.peak_tflops!r}")
 
 
 @dataclass(frozen=True)
@@ -160,8 +166,8 @@ MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 # Keys that change how a run executes but not what it computes: a run may resume with other values.
 RUNTIME_KEYS = frozenset({
     "data_dir", "train.grad_accum", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-    "train.out_dir", "train.device", "train.threads", "train.progress", "train.tensorboard",
-    "distributed.strategy", "distributed.backend", "distributed.find_unused_parameters",
+    "train.out_dir", "train.device", "train.threads", "train.progress", "train.tensorboard", "train.compile",
+    "train.peak_tflops", "distributed.strategy", "distributed.backend", "distributed.find_unused_parameters",
 })
 
 
