@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "context-length":
             q.add_argument("--contexts", nargs="+", help="context lengths (default 32,64,128)")
         if name == "scale":
-            q.add_argument("--sizes", nargs="+", help="model sizes LAYERSxD_MODEL (default 2x64,2x128,2x160)")
+            q.add_argument("--sizes", nargs="+", help="model sizes LAYERSxD_MODEL (default 2x64,2x96,2x128)")
         q.add_argument("--out", help="output directory (default runs/experiment-<name>)")
         q.add_argument("--jobs", type=int, help="runs in parallel (default: one per GPU, else one per CPU core)")
         q.set_defaults(func=run_training, experiment_name=name)

@@ -16,7 +16,7 @@ from qkvlab.experiments.plan import PlannedRun, planned
 NAME = "scale"
 TASK = "shakespeare-char"
 VARIANTS = ("QKV", "Q-K=V")
-SIZES = ("2x64", "2x128", "2x160")
+SIZES = ("2x64", "2x96", "2x128")  # a 4x span of body parameters, as 300M -> 1.2B in the paper
 
 
 def parse_size(text: str) -> tuple[int, int]:
