@@ -12,6 +12,8 @@ import torch
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.gpt import GPT
 
+STOP_CHECK_EVERY = 16  # decode steps between looks at the device for finished rows (not on the CPU)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -96,7 +98,7 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # on the logits' device
 
 
 @torch.inference_mode()
@@ -108,6 +110,9 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.
+    The decoding loop never waits on the device: tokens are sampled where the model is and read
+    back once at the end. Only stop tokens need a look at the device, every step on the CPU (where
+    it is free) and every `STOP_CHECK_EVERY` steps on an accelerator.
     """
     vocab = model.config.vocab_size
     prompts = check_token_ids(prompts, vocab)
@@ -140,17 +145,20 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
             last_hidden[rows] = h[rows, last[rows] - start].to(last_hidden.dtype)
     cache.set_lengths(lengths)
     logits = model.lm_head(last_hidden.to(model.lm_head.weight.dtype))  # (B, V)
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
     stops = torch.tensor(config.stop_tokens, dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else STOP_CHECK_EVERY
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[torch.Tensor] = []
     for step in range(config.max_new_tokens):
         if allowed < vocab:  # ids the tokenizer cannot decode (vocabulary padding) are never sampled
             logits[:, allowed:] = float("-inf")
         token = sample_next(logits, config, generator)  # (B,)
-        out.append(torch.where(done, -1, token))
+        out.append(torch.where(done, -1, token) if config.stop_tokens else token)  # finished rows emit -1
         done |= torch.isin(token, stops)
-        if step + 1 == config.max_new_tokens or bool(done.all()):
+        if step + 1 == config.max_new_tokens:
+            break
+        if config.stop_tokens and (step + 1) % check_every == 0 and bool(done.all()):  # the only host read
             break
         logits = model(token[:, None], cache)[:, -1]  # (B, V)
     model.train(was_training)

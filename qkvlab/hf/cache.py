@@ -36,7 +36,7 @@ class QkvlabCache(Cache):
     def reserve(self, batch: int, n_new: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         """The KVCache, allocated or grown so that every row can take `n_new` more tokens."""
         limit = self.config.max_seq_len
-        stored = 0 if self.kv is None else int(self.kv.lengths.max())
+        stored = 0 if self.kv is None else self.kv.longest
         need = stored + n_new
         if need > limit:
             raise QkvlabError(f"sequence length {need} exceeds the model's max_seq_len {limit}")

@@ -49,12 +49,15 @@ class Backbone(nn.Module):
             k_len = cache.key_length(n_new)
             if k_len > limit:
                 raise QkvlabError(f"sequence length {k_len} exceeds the model's max_seq_len {limit}")
-            q_pos, offset = cache.positions(n_new, device), bool(cache.lengths.any())
+            q_pos, offset = cache.positions(n_new, device), cache.longest > 0
         causal = self.config.causal
         mask = None
         if causal and offset:
-            k_pos = torch.arange(k_len, device=device)
-            mask = (k_pos <= q_pos[..., None])[:, None]  # (B, 1, T, Tk)
+            if n_new == 1 and cache.uniform:
+                causal = False  # one new token per row, every stored key before it: nothing to mask
+            else:
+                k_pos = torch.arange(k_len, device=device)
+                mask = (k_pos <= q_pos[..., None])[:, None]  # (B, 1, T, Tk)
         if padding_mask is not None:
             keys = padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, Tk)
             if causal and mask is None:

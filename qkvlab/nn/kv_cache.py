@@ -87,7 +87,11 @@ class KVCache:
         self.scales = ([torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=device) for _ in range(streams)]
                        if cache_dtype in QUANT_MAX else [])
         self.max_len = max_len
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host-side tokens stored per row
+        # Tokens stored per row, twice: on the host (shapes and bounds are decided from it, so decoding
+        # never reads the device) and on the device (the positions a forward pass writes at).
+        self._host_lengths = [0] * batch_size
+        self._device_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self._steps = torch.arange(max_len, device=device)  # (max_len,) offsets of new tokens
         self._workspace: torch.Tensor | None = None
 
     @classmethod
@@ -126,16 +130,31 @@ class KVCache:
         """Bytes stored per token of one sequence, over all layers."""
         return self.nbytes // (self.batch_size * self.max_len)
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens stored per row, (B,) long on the CPU (a copy)."""
+        return torch.tensor(self._host_lengths, dtype=torch.long)
+
+    @property
+    def longest(self) -> int:
+        """Tokens stored in the longest row."""
+        return max(self._host_lengths)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every row holds the same number of tokens."""
+        return min(self._host_lengths) == max(self._host_lengths)
+
     def positions(self, n_new: int, device: torch.device | str) -> torch.Tensor:
-        """Absolute positions of `n_new` tokens appended to every row: (B, n_new)."""
-        if int(self.lengths.max()) + n_new > self.max_len:
+        """Absolute positions of `n_new` tokens appended to every row: (B, n_new), computed on the device."""
+        if self.longest + n_new > self.max_len:
             raise QkvlabError(f"the KV cache holds {self.max_len} tokens; "
-                              f"{int(self.lengths.max())} + {n_new} new would overflow it")
-        return (self.lengths[:, None] + torch.arange(n_new)).to(device)
+                              f"{self.longest} + {n_new} new would overflow it")
+        return (self._device_lengths[:, None] + self._steps[:n_new]).to(device)  # (B, n_new)
 
     def key_length(self, n_new: int) -> int:
         """How many cached positions a forward of `n_new` tokens reads."""
-        return int(self.lengths.max()) + n_new
+        return self.longest + n_new
 
     def write(self, layer: int, positions: torch.Tensor, *tensors: torch.Tensor) -> None:
         """Store new (B, H_kv, T, D) tensors of `layer` at per-row `positions` (B, T)."""
@@ -183,11 +202,19 @@ class KVCache:
         return 0 if ws is None else ws.numel() * ws.element_size()
 
     def advance(self, n_new: int) -> None:
-        self.lengths += n_new
+        self._host_lengths = [n + n_new for n in self._host_lengths]
+        self._device_lengths += n_new
 
     def set_lengths(self, lengths: torch.Tensor | list[int]) -> None:
-        """Rewind rows to their true lengths (after a right-padded batched prefill)."""
-        self.lengths = torch.as_tensor(lengths, dtype=torch.long).cpu().clone()
+        """Set each row's length (after a right-padded batched prefill, or a reordering of the rows)."""
+        values = torch.as_tensor(lengths, dtype=torch.long).cpu()  # (B,)
+        rows = values.tolist()
+        if values.dim() != 1 or len(rows) != self.batch_size or not all(0 <= n <= self.max_len for n in rows):
+            raise QkvlabError(f"cache lengths must be {self.batch_size} integers in 0..{self.max_len} "
+                              f"(one per row), got {rows}")
+        self._host_lengths = rows
+        self._device_lengths = values.to(self.buffers[0].device)
 
     def reset(self) -> None:
-        self.lengths.zero_()
+        self._host_lengths = [0] * len(self._host_lengths)
+        self._device_lengths.zero_()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate, sample_next
@@ -81,3 +82,33 @@ def test_too_long_and_bad_tokens_are_refused():
         generate(model, [[VOCAB + 1]], SamplingConfig(max_new_tokens=2))
     with pytest.raises(QkvlabError, match="top_p"):
         SamplingConfig(top_p=1.5)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for a device result (a scalar read, a data-dependent shape)."""
+
+    WAITS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.WAITS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant, positions", [("QKV", "learned"), ("Q-K=V", "rotary"), ("Q-MQA", "learned")])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, top_k=5, top_p=0.9, seed=1)])
+def test_decoding_never_waits_on_the_device(variant, positions, sampling):
+    """The host reads the device a fixed number of times per call, not once per token."""
+    model = _model(variant, positions)
+
+    def reads(n_new: int) -> int:
+        with _HostReads() as mode:
+            generate(model, PROMPTS, SamplingConfig(max_new_tokens=n_new, **sampling))
+        return mode.count
+
+    assert reads(4) == reads(24)
+
