@@ -53,7 +53,7 @@ class Backbone(nn.Module):
         causal = self.config.causal
         mask = None
         if causal and offset:
-            if n_new == 1 and cache.uniform:
+            if n_new == 1 and cache is not None and cache.uniform:
                 causal = False  # one new token per row, every stored key before it: nothing to mask
             else:
                 k_pos = torch.arange(k_len, device=device)
