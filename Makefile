@@ -47,6 +47,7 @@ wheel-check: $(STAMP)
 	"$$tmp/venv/bin/pip" install --quiet "$$tmp"/dist/qkvlab-*.whl; \
 	cd "$$tmp" && venv/bin/qkvlab variants > variants.txt && \
 	venv/bin/python -c "import qkvlab; assert '$$tmp' in qkvlab.__file__, qkvlab.__file__" && \
+	venv/bin/python -c "from qkvlab.nn.kv_decode import SOURCE; assert SOURCE.is_file(), SOURCE" && \
 	echo "wheel-check: $$(ls dist) installs and runs ($$(wc -l < variants.txt) lines from qkvlab variants)"
 
 clean:

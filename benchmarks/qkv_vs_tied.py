@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rotary-fraction", type=float, nargs="+", default=[1.0], metavar="F",
                    help="share of each head's dims that rotate (partial rotary; needs --positions rotary)")
     p.add_argument("--no-train", action="store_true", help="time the decode step only")
+    p.add_argument("--fused-rotary", action="store_true",
+                   help="also decode each rotary K = V model through the fused read (a '(fused)' row)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--context", type=int, default=2048, help="tokens already in the cache when decoding")
@@ -56,9 +58,9 @@ def train_step_fn(model, batch: int, length: int, vocab: int):
     return step
 
 
-def decode_step_fn(model, batch: int, context: int, vocab: int):
+def decode_step_fn(model, batch: int, context: int, vocab: int, fused: bool = False):
     """One new token per row on top of `context` cached tokens (the cache is rewound each call)."""
-    cache = model.make_cache(batch, max_len=context + 1)
+    cache = model.make_cache(batch, max_len=context + 1, fused_rotary=fused)
     with torch.inference_mode():
         for start in range(0, context, 512):  # fill the cache in chunks
             model(torch.randint(0, vocab, (batch, min(512, context - start))), cache)
@@ -98,11 +100,17 @@ def main() -> None:
     kinds = ("decode",) if args.no_train else ("train", "decode")
     train = {} if args.no_train else {
         v: train_step_fn(m.train(), args.train_batch, args.train_len, args.vocab) for v, m in models.items()}
-    decode, nbytes, workspace = {}, {}, {}
+    decode, nbytes, workspace, of = {}, {}, {}, {}
     for v, m in models.items():
-        decode[v], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab)
-        nbytes[v], workspace[v] = cache.nbytes, cache.workspace_nbytes
-    times: dict[tuple[str, str], list[float]] = {(kind, v): [] for kind in kinds for v in names}
+        fused = (False, True) if args.fused_rotary and args.positions == "rotary" and m.config.spec.cache_streams == 1 \
+            else (False,)
+        for f in fused:
+            name = f"{v} (fused)" if f else v
+            decode[name], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab, f)
+            decode[name]()  # the fused read compiles on its first call
+            nbytes[name], workspace[name], of[name] = cache.nbytes, cache.workspace_nbytes, v
+    rows = list(decode)
+    times: dict[tuple[str, str], list[float]] = {(kind, v): [] for kind in kinds for v in rows}
     for fn_map in (train, decode):  # warm-up
         for fn in fn_map.values():
             fn()
@@ -110,11 +118,11 @@ def main() -> None:
         for v in names if train else ():
             models[v].train()
             timed(train[v], times["train", v])
-        for v in names:
-            models[v].eval()
+        for v in rows:
+            models[of[v]].eval()
             timed(decode[v], times["decode", v])
     base = names[0]
-    width = max(10, *map(len, names))
+    width = max(10, *map(len, rows))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} layers, d_model "
           f"{args.d_model}, {args.heads} heads, {args.positions} positions; median of {args.repeats} interleaved runs")
     if train:
@@ -127,10 +135,11 @@ def main() -> None:
     head += f" {'decode ms':>10} {'ratio':>7} {'cache MiB':>10} {'ratio':>7}"
     show_ws = any(workspace.values())
     print(head + (f" {'workspace MiB':>14}" if show_ws else ""))
-    for v in names:
+    for v in rows:
         row = f"{v:<{width}}"
         if train:
-            row += f" {med['train', v]:>10.1f} {med['train', v] / med['train', base]:>7.3f}"
+            m = of[v]
+            row += f" {med['train', m]:>10.1f} {med['train', m] / med['train', base]:>7.3f}"
         row += (f" {med['decode', v]:>10.2f} {med['decode', v] / med['decode', base]:>7.3f} "
                 f"{nbytes[v] / 2**20:>10.1f} {nbytes[v] / nbytes[base]:>7.3f}")
         print(row + (f" {workspace[v] / 2**20:>14.2f}" if show_ws else ""))

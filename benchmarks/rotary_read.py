@@ -6,7 +6,8 @@ first rotary_dim dims of each key are rotated (into a workspace of that width); 
 read from the cache in place (`Attention._split_keys`). This times one layer alone (projection,
 cache write, rotation, attention, output projection), interleaved, medians, so that the rest of
 a model does not hide the read. "(concat)" rows force the other path (rotate the slice, then
-concatenate it with the unrotated dims: a copy of those dims) to show what the split read saves.
+concatenate it with the unrotated dims: a copy of those dims) to show what the split read saves;
+"(fused)" rows read through `qkvlab.nn.rotary_read` (keys rotated inside a compiled score loop, no workspace).
 
     python benchmarks/rotary_read.py                       # 8 heads of 64, batch 4, 2048 cached
     python benchmarks/rotary_read.py --variants QKV Q-K=V Q-MQA --fractions 1 0.5 0.25 --context 8192
@@ -36,11 +37,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--no-concat", action="store_true", help="skip the (concat) rows of K = V variants")
+    p.add_argument("--no-fused", action="store_true", help="skip the (fused) rows of K = V variants")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args()
 
 
-def layer_step(variant: str, fraction: float, args: argparse.Namespace, concat: bool):
+def layer_step(variant: str, fraction: float, args: argparse.Namespace, concat: bool = False, fused: bool = False):
     """A decode step of one attention layer on a cache of `args.context` random tokens; (step, cache)."""
     H, D, B, n = args.heads, args.head_dim, args.batch, args.context
     R = round(fraction * D)
@@ -48,7 +50,7 @@ def layer_step(variant: str, fraction: float, args: argparse.Namespace, concat: 
     attn = Attention(H * D, H, variant, causal=True, rotary=Rotary(D, n + 1, rotary_dim=R)).eval()
     if concat:
         attn._split_read = lambda n_queries, rotary_dim: False  # type: ignore[method-assign]
-    cache = KVCache(1, B, attn.n_kv_heads, D, n + 1, attn.spec.cache_streams)
+    cache = KVCache(1, B, attn.n_kv_heads, D, n + 1, attn.spec.cache_streams, fused_rotary=fused)
     for buffer in cache.buffers:
         buffer[:, :, :, :n].normal_()
     cache.set_lengths([n] * B)
@@ -72,8 +74,11 @@ def main() -> None:
             for concat in (False, True) if shared and f < 1 and not args.no_concat else (False,):
                 name = f"{v} @{f:g}" + (" (concat)" if concat else "")
                 steps[name], caches[name] = layer_step(v, f, args, concat)
+            if shared and not args.no_fused:
+                steps[f"{v} @{f:g} (fused)"], caches[f"{v} @{f:g} (fused)"] = layer_step(v, f, args, fused=True)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for fn in steps.values():  # warm-up
+    for fn in steps.values():  # warm-up (and the fused read's compilation)
+        fn()
         fn()
     for _ in range(args.repeats):
         for name, fn in steps.items():

@@ -103,10 +103,13 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = SamplingConfig(),
-             cache_dtype: str | torch.dtype | None = None) -> list[list[int]]:
+             cache_dtype: str | torch.dtype | None = None, fused_rotary: bool = False) -> list[list[int]]:
     """Continue each prompt (lists of token ids, any lengths); returns only the new tokens per prompt.
 
-    `cache_dtype` (default: the model's) may be "int8" or "fp8" for a quantised cache.
+    `cache_dtype` (default: the model's) may be "int8" or "fp8" for a quantised cache. `fused_rotary`:
+    a K = V model with rotary positions rotates its keys as it reads them (`qkvlab.nn.rotary_read`: a C++
+    kernel for float32 on the CPU, torch.compile elsewhere; built on first use), instead of into a workspace
+    as large as the cache.
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.
@@ -133,7 +136,12 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     for row, p in enumerate(prompts):
         idx[row, : len(p)] = torch.tensor(p)
     idx = idx.to(device)  # (B, L) right-padded
-    cache = model.make_cache(B, max_len=longest + max(config.max_new_tokens, 1), dtype=cache_dtype)
+    if fused_rotary:
+        from qkvlab.nn.rotary_read import check_available
+
+        check_available(device, model.tok_emb.weight.dtype)  # one clear line now, not an error mid-generation
+    cache = model.make_cache(B, max_len=longest + max(config.max_new_tokens, 1), dtype=cache_dtype,
+                             fused_rotary=fused_rotary)
     last = torch.tensor(lengths, device=device) - 1  # (B,) index of each row's last prompt token
     chunk = config.prefill_chunk or longest
     last_hidden = torch.empty(B, model.config.d_model, device=device)

@@ -81,6 +81,7 @@ class BenchSettings:
     max_cache_gib: float = 8.0  # skip a decode cell whose caches (all models at once) would exceed this
     seed: int = 0
     device: str = "cpu"
+    fused_rotary: bool = False  # also time rotary K = V variants through the fused read, as "(fused)" rows
 
     def __post_init__(self) -> None:
         for name in ("shapes", "peers", "phases"):
@@ -130,8 +131,9 @@ class Contender:
 
     kind = "ours"
 
-    def __init__(self, name: str, model: Any, config: ModelConfig, note: str = ""):
+    def __init__(self, name: str, model: Any, config: ModelConfig, note: str = "", fused_rotary: bool = False):
         self.name, self.model, self.config, self.note = name, model, config, note  # model: an nn.Module
+        self.fused_rotary = fused_rotary  # caches read K = V rotary keys through qkvlab.nn.rotary_read
 
     @property
     def device(self) -> torch.device:
@@ -146,13 +148,13 @@ class Contender:
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """A fresh cache filled with `idx` (B, T); the last position's logits (B, V)."""
-        cache = self.model.make_cache(idx.shape[0], idx.shape[1] + 1)
+        cache = self.model.make_cache(idx.shape[0], idx.shape[1] + 1, fused_rotary=self.fused_rotary)
         h = self.model.hidden(idx, cache)  # (B, T, C)
         return self.model.lm_head(h[:, -1])  # (B, V)
 
     def fill(self, batch: int, context: int, generator: torch.Generator) -> Any:
         """A cache holding `context` random tokens per row (room for one more)."""
-        cache = self.model.make_cache(batch, context + 1)
+        cache = self.model.make_cache(batch, context + 1, fused_rotary=self.fused_rotary)
         for idx in _chunks(batch, context, self.config.vocab_size, generator, self.device):
             self.model.hidden(idx, cache)
         return cache
@@ -278,6 +280,9 @@ def build_contenders(settings: BenchSettings, shape: str, available: dict[str, b
     device = torch.device(settings.device)
     ours = [Contender(v, build_model(settings.config(shape, v), seed=settings.seed).to(device),
                       settings.config(shape, v)) for v in SHAPES[shape][0]]
+    if settings.fused_rotary:  # the same model again, its K = V keys rotated inside the compiled score loop
+        ours += [Contender(f"{c.name} (fused)", c.model, c.config, "fused rotary read", fused_rotary=True)
+                 for c in list(ours) if c.config.positions == "rotary" and c.config.spec.cache_streams == 1]
     contenders: list[Contender] = list(ours)
     if available.get("hf"):
         contenders.append(_hf_peer(shape, ours[0]))
@@ -417,8 +422,9 @@ def _run_shape(settings: BenchSettings, shape: str, available: dict[str, bool], 
                               "note": c.note})
     echo("params: " + "; ".join(f"{m['model']} {m['params']:,}" + (f" ({m['note']})" if m["note"] else "")
                                 for m in out["models"]))
-    if "train" in settings.phases:
-        out["train"], out["matmul"] = _train_phase(settings, contenders, gen, echo)
+    if "train" in settings.phases:  # a fused row is the same model as its plain row: trained once
+        trained = [c for c in contenders if not c.fused_rotary]
+        out["train"], out["matmul"] = _train_phase(settings, trained, gen, echo)
     for c in contenders:
         c.model.eval()
     with torch.inference_mode():

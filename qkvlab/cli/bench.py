@@ -40,11 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--seed", type=int, help="weights and tokens (default 0)")
+    p.add_argument("--fused-rotary", action="store_true", default=None,
+                   help="also time rotary K = V variants (llama shape: Q-GQA-2) through the fused read "
+                        "(keys rotated while the cache is read, qkvlab.nn.rotary_read), as '(fused)' rows")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
 
 
 _FIELDS = ("shapes", "peers", "phases", "layers", "d_model", "heads", "vocab", "d_mlp", "train_batch", "train_len",
-           "prefill_len", "contexts", "batches", "repeats", "bandwidth_mib", "max_cache_gib", "device", "seed")
+           "prefill_len", "contexts", "batches", "repeats", "bandwidth_mib", "max_cache_gib", "device", "seed",
+           "fused_rotary")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dtype", default=None,
                    help="KV-cache dtype: the model's (default), fp32, bf16, fp16, or int8 / fp8 (quantised: 1 byte "
                         "per value and a bfloat16 scale per token and head); a .pt2 / .pte keeps its export's")
+    p.add_argument("--fused-rotary", action="store_true",
+                   help="K = V models with rotary positions: rotate keys while reading the cache, in one pass (a C++ "
+                        "kernel on CPU float32, torch.compile elsewhere; built on first use: needs a C++ compiler) "
+                        "instead of into a rotated copy")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if fallback:
         print(f"note: {args.model} records no tokenizer; using bytes (pass --tokenizer)", file=sys.stderr)
     start = time.perf_counter()
-    outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype)
+    outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=args.fused_rotary)
     seconds = time.perf_counter() - start
     dtype = str(cache_dtype or model.tok_emb.weight.dtype).removeprefix("torch.")
     _print(args, tok, outputs, seconds, f"{model.config.variant}, KV cache {dtype}, {torch.get_num_threads()} threads")
@@ -100,6 +104,8 @@ def _run_export(args: argparse.Namespace, tok, sampling: SamplingConfig, fmt: st
     """Generate from a .pt2 (AOTInductor) or .pte (ExecuTorch) export, one prompt at a time (batch 1)."""
     if args.cache_dtype is not None:
         raise QkvlabError(f"--cache-dtype does not apply to a .{fmt} export (its cache dtype is fixed at export)")
+    if args.fused_rotary:
+        raise QkvlabError(f"--fused-rotary does not apply to a .{fmt} export (its attention is fixed at export)")
     from qkvlab.deploy.executorch import PteRunner
     from qkvlab.deploy.pt2 import Pt2Runner, generate_with
 

@@ -35,12 +35,13 @@ class GPT(nn.Module):
         return self.backbone(self.tok_emb(idx), cache=cache)
 
     def make_cache(self, batch_size: int, max_len: int | None = None,
-                   dtype: str | torch.dtype | None = None) -> KVCache:
+                   dtype: str | torch.dtype | None = None, fused_rotary: bool = False) -> KVCache:
         """A preallocated cache on the model's device, in its dtype unless given.
 
         `dtype="int8"` (or "fp8") quantises the cache: 1 byte per value plus a bfloat16 scale per
-        token and head; reads dequantise to the model's dtype.
+        token and head; reads dequantise to the model's dtype. `fused_rotary`: K = V rotary models
+        decode through the rotate-while-reading kernel (`qkvlab.nn.rotary_read`).
         """
         param = self.tok_emb.weight
         return KVCache.for_model(self.config, batch_size, max_len, resolve_cache_dtype(dtype) or param.dtype,
-                                 param.device)
+                                 param.device, fused_rotary)

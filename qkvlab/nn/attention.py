@@ -25,6 +25,7 @@ from qkvlab.arch import check_heads, with_kv_heads
 from qkvlab.errors import check
 from qkvlab.nn.kv_cache import KVCache
 from qkvlab.nn.positions import PairBias, Rotary, apply_rotary, rotate
+from qkvlab.nn.rotary_read import decode_attention
 from qkvlab.variants import VariantSpec
 
 
@@ -54,7 +55,8 @@ class AttentionContext:
         computed once per forward pass and shared by the layers."""
         key = (id(rotary), dtype)
         if key not in self._rotations:
-            self._rotations[key] = (rotary.tables(self.q_pos, dtype), rotary.tables(self.k_pos, dtype))
+            keys = rotary.prefix(self.k_len, self.q_pos.device, dtype)  # kept across steps, not recomputed
+            self._rotations[key] = (rotary.tables(self.q_pos, dtype), keys)
         return self._rotations[key]
 
 
@@ -135,10 +137,13 @@ class Attention(nn.Module):
         split = None  # partial rotary, K = V, few queries: (rotated key dims, unrotated key dims)
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
+            if self.rotary is not None and self._fused_read(q, ctx):
+                cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
+                return self._merge(decode_attention(q, k, cos, sin, ctx.mask))
             if rotations is not None:
                 cis = rotations[1]  # (Tk, R/2)
-                workspace = None  # reused across layers when decoding with a cache
-                if ctx.cache is not None and not torch.is_grad_enabled():
+                workspace = None  # reused across layers when decoding with a cache (none kept for the fused read)
+                if ctx.cache is not None and not torch.is_grad_enabled() and not ctx.cache.fused_rotary:
                     workspace = ctx.cache.rotation_workspace(ctx.k_len, cis.dtype, pairs=cis.shape[-1])
                 rotary_dim = 2 * cis.shape[-1]
                 if rotary_dim < self.head_dim and ctx.maps is None and self._split_read(q.shape[-2], rotary_dim):
@@ -164,8 +169,18 @@ class Attention(nn.Module):
                 dropout_p=self.attn_dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (B, H, T, D)
+        return self._merge(y)
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        """Heads (B, H, T, D) -> the output projection (B, T, C)."""
         B, _, T, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+    def _fused_read(self, q: torch.Tensor, ctx: AttentionContext) -> bool:
+        """Whether this K = V rotary step reads its keys through `qkvlab.nn.rotary_read`: asked for by the
+        cache, one new token per row, no score bias, no maps kept, no gradients."""
+        return (ctx.cache is not None and ctx.cache.fused_rotary and q.shape[-2] == 1 and ctx.maps is None
+                and self.pair_bias is None and not torch.is_grad_enabled())
 
     def attention_maps(self, x: torch.Tensor, ctx: AttentionContext | None = None) -> dict[str, torch.Tensor]:
         """{"scores" (before masking), "probs"}, each (B, H, T, Tk), of this layer on x (B, T, C)."""

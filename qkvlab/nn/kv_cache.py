@@ -78,7 +78,8 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 streams: int, dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 streams: int, dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 fused_rotary: bool = False):
         if streams not in (1, 2):
             raise QkvlabError(f"a KV cache stores 1 or 2 streams, got {streams}")
         cache_dtype = resolve_cache_dtype(dtype) or torch.float32  # None only for dtype=None
@@ -93,16 +94,20 @@ class KVCache:
         self._device_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._steps = torch.arange(max_len, device=device)  # (max_len,) offsets of new tokens
         self._workspace: torch.Tensor | None = None
+        # K = V with rotary: one-token steps rotate keys while reading them (qkvlab.nn.rotary_read)
+        # instead of into the workspace.
+        self.fused_rotary = fused_rotary
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int | None = None,
-                  dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+                  dtype: str | torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  fused_rotary: bool = False) -> KVCache:
         """A cache sized for a `ModelConfig`'s attention (up to its max_seq_len by default)."""
         max_len = config.max_seq_len if max_len is None else max_len
         if not 0 < max_len <= config.max_seq_len:
             raise QkvlabError(f"cache length {max_len} must be in 1..{config.max_seq_len} (the model's max_seq_len)")
         return cls(config.n_layers, batch_size, config.n_kv_heads, config.resolved_head_dim, max_len,
-                   config.spec.cache_streams, dtype, device)
+                   config.spec.cache_streams, dtype, device, fused_rotary)
 
     @property
     def streams(self) -> int:

@@ -58,6 +58,7 @@ class Rotary(nn.Module):
         self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
         check(0 < self.rotary_dim <= head_dim and self.rotary_dim % 2 == 0,
               f"rotary_dim={self.rotary_dim} must be even and in 2..head_dim ({head_dim})")
+        self._prefixes: dict[tuple, torch.Tensor] = {}  # (kind, device, dtype) -> table of positions 0..n-1
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Unit complex rotations for `positions` (B, T) -> (B, 1, T, R/2), or (T,) -> (T, R/2) with
@@ -68,6 +69,39 @@ class Rotary(nn.Module):
         angles = positions.to(real)[..., None] * inv_freq  # (..., T, R/2)
         cis = torch.polar(torch.ones_like(angles), angles)
         return cis[:, None] if positions.dim() == 2 else cis
+
+    def prefix(self, n: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`tables(arange(n))`, (n, R/2), from a table kept across calls: decoding reads every cached
+        position at every step, and recomputing their angles costs more than reading them. The values
+        are bit-identical to `tables`'s (the same arithmetic, once)."""
+        if torch.compiler.is_compiling():
+            return self.tables(torch.arange(n, device=device), dtype)
+        return self._prefix("cis", n, device, dtype)
+
+    def read_tables(self, n: int, device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines of positions 0..n-1 per head dim, (n, D) each in `dtype`'s real type: pair i's
+        angle repeated over its two dims, and cos 1, sin 0 on the dims partial rotary leaves alone. The
+        form `qkvlab.nn.rotary_read` folds into the scores."""
+        table = self._prefix("cos_sin", n, device, dtype)  # (2, n, D)
+        return table[0], table[1]
+
+    def _prefix(self, kind: str, n: int, device, dtype: torch.dtype) -> torch.Tensor:
+        key = (kind, torch.device(device), rotation_dtype(dtype))
+        table = self._prefixes.get(key)
+        length = 0 if table is None else table.shape[-2]
+        if table is None or length < n:
+            length = max(n, min(2 * length, self.max_len))  # grow by doubling: a few builds per generation
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later in training
+                cis = self.tables(torch.arange(length, device=device), dtype)  # (n, R/2)
+                if kind == "cis":
+                    table = cis
+                else:
+                    pad = self.head_dim - self.rotary_dim
+                    cos = torch.cat([cis.real.repeat_interleave(2, -1), cis.real.new_ones(length, pad)], -1)
+                    sin = torch.cat([cis.imag.repeat_interleave(2, -1), cis.imag.new_zeros(length, pad)], -1)
+                    table = torch.stack([cos, sin])  # (2, n, D)
+            self._prefixes[key] = table
+        return table[..., :n, :]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, D) rotated to `positions` (B, T) or (T,)."""

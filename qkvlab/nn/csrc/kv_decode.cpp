@@ -1,0 +1,136 @@
+// One-token attention over a K = V cache in a single pass: keys rotated on the fly, values unrotated.
+//
+// A work item takes one range of key positions for every row and head. It streams those keys once, in
+// blocks small enough to stay in L1: for each (row, query head) in turn, the block's scores (q . rot_t(k) =
+// sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]), qs the pair-swapped query), an online softmax (running max m,
+// sum l) and the weighted sum of the same keys as values. Rows and heads are the inner loop so that each
+// block of the rotation tables is read once for all of them. Ranges (flash-decoding's split) give every
+// thread work at batch 1 and are merged by log-sum-exp. Plain C++ and OpenMP, no PyTorch headers: built at
+// first use with the system compiler and called through ctypes (qkvlab/nn/kv_decode.py).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
+
+struct Partial {  // one work item's softmax state for every (row, query head)
+  std::vector<float> m, l, acc;  // (B * H * G), (B * H * G), (B * H * G, D)
+};
+
+// Keys t0..t1 of every row: kv + b * stride_b + h * stride_h + t * stride_t is key t of head h in row b;
+// q, qs (B, H, G, D). kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime
+// trip count); 0 takes `head_dim`.
+template <int64_t kD>
+void attend_range(const float* q, const float* qs, const float* kv, int64_t stride_b, int64_t stride_h,
+                  int64_t stride_t, const float* cos, const float* sin, const bool* mask, int64_t mask_stride,
+                  int64_t B, int64_t H, int64_t G, int64_t head_dim, int64_t t0, int64_t t1, Partial& out) {
+  const int64_t D = kD > 0 ? kD : head_dim;
+  const int64_t HG = B * H * G;  // every (row, query head): the block of tables is read once for all of them
+  out.m.assign(HG, 0.f);
+  out.l.assign(HG, 0.f);
+  out.acc.assign(HG * D, 0.f);
+  std::vector<char> seen(HG, 0);
+  float scores[kBlock];
+  float probs[kBlock];
+  for (int64_t b0 = t0; b0 < t1; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, t1 - b0);
+    for (int64_t hg = 0; hg < HG; ++hg) {
+      const int64_t bh = hg / G, b = bh / H, h = bh % H;
+      const float* keys = kv + b * stride_b + h * stride_h;
+      const bool* row_mask = mask == nullptr ? nullptr : mask + b * mask_stride;
+      const float* qg = q + hg * D;
+      const float* qsg = qs + hg * D;
+      for (int64_t j = 0; j < n; ++j) {  // scores: no branches, so keys overlap in the pipeline
+        const int64_t t = b0 + j;
+        const float* k = keys + t * stride_t;
+        const float* c = cos + t * D;
+        const float* s = sin + t * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += k[d] * (c[d] * qg[d] + s[d] * qsg[d]);
+        scores[j] = dot;
+      }
+      if (row_mask != nullptr)
+        for (int64_t j = 0; j < n; ++j)
+          if (!row_mask[b0 + j]) scores[j] = -INFINITY;
+      float block_max = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, scores[j]);
+      if (block_max == -INFINITY) continue;  // every key of the block masked
+      float& m = out.m[hg];
+      float& l = out.l[hg];
+      float* acc = out.acc.data() + hg * D;
+      if (!seen[hg] || block_max > m) {
+        const float r = seen[hg] ? std::exp(m - block_max) : 0.f;
+        l *= r;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] *= r;
+        m = block_max;
+        seen[hg] = 1;
+      }
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        probs[j] = std::exp(scores[j] - m);  // masked: exp(-inf) = 0
+        sum += probs[j];
+      }
+      l += sum;
+      float local[kD > 0 ? kD : 1];  // the accumulator in registers for a fixed head size
+      float* __restrict__ a = kD > 0 ? local : acc;
+      if (kD > 0) std::copy(acc, acc + D, local);
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = probs[j];
+        const float* __restrict__ k = keys + (b0 + j) * stride_t;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] += p * k[d];
+      }
+      if (kD > 0) std::copy(local, local + D, acc);
+    }
+  }
+  for (int64_t hg = 0; hg < HG; ++hg)
+    if (!seen[hg]) out.m[hg] = -INFINITY;  // nothing attended in this range
+}
+
+}  // namespace
+
+// q, q_swap (B, H, G, D) float32 contiguous, already scaled; kv: key t of head h in row b at kv + b * sb + h * sh +
+// t * st, its D floats contiguous; cos, sin (T, D) contiguous; mask (B, T) bytes (nonzero = attend) or null;
+// splits: key ranges (work items) over `threads` OpenMP threads. Writes out (B, H, G, D).
+extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const float* kv, int64_t sb, int64_t sh,
+                                        int64_t st, const float* cos, const float* sin, const uint8_t* mask,
+                                        int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+                                        int32_t threads, float* out) {
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, (T + kBlock - 1) / kBlock));
+  const int64_t per = (T + splits - 1) / splits;
+  std::vector<Partial> parts(splits);
+  const bool* mp = reinterpret_cast<const bool*>(mask);
+  auto attend = D == 64 ? attend_range<64> : D == 128 ? attend_range<128> : D == 32 ? attend_range<32>
+                                                                           : attend_range<0>;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
+    attend(q, qs, kv, sb, sh, st, cos, sin, mp, T, B, H, G, D, t0, std::max(t0, t1), parts[s]);
+  }
+  const int64_t rows = B * H * G;  // (row, query head), in the order of `out` and of the partials
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < rows; ++i) {
+    float m = -INFINITY;
+    for (int64_t s = 0; s < splits; ++s) m = std::max(m, parts[s].m[i]);
+    float l = 0.f;
+    float* o = out + i * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t s = 0; s < splits; ++s) {
+      const Partial& p = parts[s];
+      if (p.m[i] == -INFINITY) continue;
+      const float r = std::exp(p.m[i] - m);
+      l += r * p.l[i];
+      const float* acc = p.acc.data() + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += r * acc[d];
+    }
+    const float inv = 1.f / l;  // no key attended: 0 * inf = nan, as softmax over nothing
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
+}

@@ -1,0 +1,103 @@
+"""The CPU kernel of the fused rotary read: one pass over a K = V cache (csrc/kv_decode.cpp).
+
+The compiled expression of `qkvlab.nn.rotary_read` reads the cache twice (scores, then values); this
+kernel reads it once, in blocks that stay in L1 between scoring and summing, with an online softmax
+(flash-decoding: key ranges on separate threads, merged by log-sum-exp). Float32 only; the head size is
+unrolled at compile time for 32, 64 and 128.
+
+It is plain C++ with OpenMP and no PyTorch headers, so building it takes a second or two: on first use
+the system C++ compiler (`$CXX`, else `c++`) builds a shared library into `$QKVLAB_KERNEL_DIR` (default
+`~/.cache/qkvlab/kernels`), named by a hash of the source, flags and compiler, and ctypes calls it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qkvlab.errors import QkvlabError
+
+SOURCE = Path(__file__).parent / "csrc" / "kv_decode.cpp"
+# -ffast-math lets the compiler vectorise exp and the reductions; infinities stay meaningful (masked keys).
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC",
+         "-std=c++17"]
+MIN_KEYS_PER_SPLIT = 512
+
+_i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
+_ARGTYPES: list = [_f32p, _f32p, _f32p, _i64, _i64, _i64, _f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64,
+             _i64, ctypes.c_int32, _f32p]
+
+
+def kernel_dir() -> Path:
+    return Path(os.environ.get("QKVLAB_KERNEL_DIR") or Path.home() / ".cache" / "qkvlab" / "kernels")
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise QkvlabError("the fused rotary read's CPU kernel needs a C++ compiler (set CXX, or install g++)")
+    return cxx
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The built kernel (built once per source, flags and compiler, then loaded from the cache)."""
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise QkvlabError(f"the C++ compiler {cxx!r} does not run: {e}") from None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    path = kernel_dir() / f"kv_decode-{key}.so"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half a file
+            built = Path(tmp) / path.name
+            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no output"])[0]
+                raise QkvlabError(f"building the fused rotary read's CPU kernel with {cxx} failed: {first[:200]}")
+            os.replace(built, path)
+    lib = ctypes.CDLL(str(path))
+    lib.qkvlab_kv_rotary_decode.argtypes = _ARGTYPES
+    lib.qkvlab_kv_rotary_decode.restype = None
+    return lib
+
+
+def serves(q: torch.Tensor, kv: torch.Tensor) -> bool:
+    """Whether the kernel applies: float32 tensors on the CPU, each key's dims contiguous."""
+    return (q.device.type == "cpu" and kv.device.type == "cpu" and q.dtype == kv.dtype == torch.float32
+            and kv.stride(-1) == 1)
+
+
+def splits_for(length: int) -> int:
+    """Key ranges (work items, each over every row and head): two per thread, of >= 512 keys."""
+    return max(1, min(2 * torch.get_num_threads(), length // MIN_KEYS_PER_SPLIT))
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.cast(t.data_ptr(), _f32p)
+
+
+def decode(q: torch.Tensor, q_swap: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D); cos, sin (Tk, D); mask (B, Tk) bool or None.
+    Returns (B, H_kv, G, D)."""
+    B, H, G, D = q.shape
+    Tk = kv.shape[2]
+    q, q_swap, cos, sin = (t.contiguous() for t in (q, q_swap, cos, sin))
+    flags = None if mask is None else mask.to(torch.bool).contiguous()
+    out = torch.empty(B, H, G, D)
+    library().qkvlab_kv_rotary_decode(
+        _ptr(q), _ptr(q_swap), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(cos), _ptr(sin),
+        None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk), torch.get_num_threads(),
+        _ptr(out))
+    return out

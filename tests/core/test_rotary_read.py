@@ -1,0 +1,154 @@
+"""The fused rotary read: K = V keys rotated inside the score loop equal keys rotated into a workspace."""
+
+import pytest
+import torch
+
+from qkvlab.errors import QkvlabError
+from qkvlab.generate import SamplingConfig, generate
+from qkvlab.models import build_model
+from qkvlab.nn import kv_decode, rotary_read
+from qkvlab.nn.positions import Rotary, apply_rotary
+from tests.core.helpers import ATOL, randomize_, small
+
+
+def test_pair_swap():
+    q = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert pair_list(rotary_read.pair_swap(q)) == [2.0, -1.0, 4.0, -3.0]
+
+
+def pair_list(t: torch.Tensor) -> list[float]:
+    return [float(x) for x in t]
+
+
+@pytest.mark.parametrize("rotary_dim", [8, 4])
+def test_scores_equal_queries_times_rotated_keys(rotary_dim):
+    """The folded form, eager, against rotating the keys."""
+    torch.manual_seed(0)
+    rotary = Rotary(head_dim=8, max_len=32, rotary_dim=rotary_dim)
+    q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 11, 8)  # G = 2 query heads per key head
+    cos, sin = rotary.read_tables(11, "cpu")
+    got = rotary_read.rotary_scores(q, rotary_read.pair_swap(q), k, cos, sin)
+    rotated = apply_rotary(k, rotary.tables(torch.arange(11)))  # (B, H_kv, Tk, D)
+    assert torch.allclose(got, (q @ rotated.transpose(-2, -1)).permute(3, 0, 1, 2), atol=ATOL)  # (Tk, B, H_kv, G)
+
+
+def test_tables_kept_equal_computed_ones_bit_for_bit():
+    rotary = Rotary(head_dim=8, max_len=64, rotary_dim=6)
+    for n in (5, 3, 40, 64):  # grows by doubling, serves shorter prefixes from the kept table
+        assert torch.equal(rotary.prefix(n, "cpu"), rotary.tables(torch.arange(n)))
+    cis = rotary.tables(torch.arange(9))
+    cos, sin = rotary.read_tables(9, "cpu")
+    assert torch.equal(cos[:, :6], cis.real.repeat_interleave(2, -1)) and torch.equal(cos[:, 6:], torch.ones(9, 2))
+    assert torch.equal(sin[:, :6], cis.imag.repeat_interleave(2, -1)) and torch.equal(sin[:, 6:], torch.zeros(9, 2))
+
+
+def test_tables_built_while_decoding_serve_training_later():
+    """Tables first built under inference_mode are plain tensors: a training step after generation works."""
+    model = build_model(small(variant="Q-K=V", positions="rotary"))
+    generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=2, temperature=0))
+    model.train()
+    model(torch.randint(0, 50, (2, 8))).sum().backward()
+
+
+def _model(variant: str, rotary_fraction: float = 1.0):
+    cfg = small(variant=variant, positions="rotary", rotary_fraction=rotary_fraction, n_heads=4)
+    return randomize_(build_model(cfg).eval())
+
+
+@pytest.mark.parametrize("variant, fraction", [("Q-K=V", 1.0), ("Q-MQA", 1.0), ("Q=K=V", 1.0), ("Q-K=V", 0.5)])
+def test_cached_decoding_with_the_fused_read_equals_the_full_forward(variant, fraction):
+    torch.manual_seed(1)
+    model = _model(variant, fraction)
+    x = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full = model(x)  # (B, T, V)
+        cache = model.make_cache(2, 24, fused_rotary=True)
+        model(x[:, :12], cache)
+        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(12, 20)], dim=1)
+    assert torch.allclose(steps, full[:, 12:], atol=ATOL)
+    assert cache.workspace_nbytes == 0  # no rotated copy of the cache was made
+
+
+def test_ragged_batch_generates_the_same_tokens_fused_or_not():
+    """Rows of different lengths take the masked path of the fused read."""
+    model = _model("Q-K=V")
+    prompts, sampling = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [4]], SamplingConfig(max_new_tokens=12, temperature=0)
+    assert generate(model, prompts, sampling, fused_rotary=True) == generate(model, prompts, sampling)
+
+
+def test_models_without_the_k_equals_v_rotary_read_ignore_the_option():
+    for variant, positions in (("QKV", "rotary"), ("Q-K=V", "learned")):
+        model = build_model(small(variant=variant, positions=positions)).eval()
+        sampling = SamplingConfig(max_new_tokens=4, temperature=0)
+        assert generate(model, [[1, 2]], sampling, fused_rotary=True) == generate(model, [[1, 2]], sampling)
+
+
+def _reference(q, kv, cos, sin, mask):
+    """Softmax attention of grouped queries (B, H_kv, G, D) on keys rotated explicitly: (B, H_kv, G, D)."""
+    scores = rotary_read.rotary_scores(q, rotary_read.pair_swap(q), kv, cos, sin).permute(1, 2, 3, 0)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1) @ kv
+
+
+@pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
+                                           (2, 2, 3, 65, 32), (1, 2, 2, 40, 48)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_cpu_kernel_equals_attention_on_rotated_keys(B, H, G, T, D, masked):
+    """Unrolled head sizes (32, 64, 128) and the general path; several key ranges (T >= 1024); ragged masks."""
+    g = torch.Generator().manual_seed(T)
+    q, kv = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    cos, sin = Rotary(D, T).read_tables(T, "cpu")
+    got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, cos, sin, mask)
+    assert torch.allclose(got, _reference(q, kv, cos, sin, mask), atol=ATOL)
+
+
+def test_the_cpu_kernel_reads_a_cache_slice_in_place():
+    """The cache is a view (B, H, Tk, D) of a longer buffer: strides, not a copy."""
+    buffer = torch.randn(2, 3, 50, 16)
+    kv = buffer[:, :, :37]
+    q = torch.randn(2, 3, 1, 16)
+    cos, sin = Rotary(16, 50).read_tables(37, "cpu")
+    got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, cos, sin, None)
+    assert torch.allclose(got, _reference(q, kv.contiguous(), cos, sin, None), atol=ATOL)
+
+
+def test_other_dtypes_take_the_compiled_path():
+    """float64 is not the kernel's: the torch.compile'd scores serve it, equal to the full forward."""
+    torch.manual_seed(2)
+    model = _model("Q-K=V").double()
+    x = torch.randint(0, 50, (2, 14))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(2, 16, fused_rotary=True)
+        model(x[:, :10], cache)
+        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(10, 14)], dim=1)
+    assert torch.allclose(steps, full[:, 10:], atol=1e-10)
+
+
+def test_a_missing_compiler_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("QKVLAB_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(QkvlabError, match="C\\+\\+ compiler .*no-such-compiler.* does not run"):
+        kv_decode.library.__wrapped__()
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_failed_build_is_one_clear_error_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("QKVLAB_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kv_decode, "FLAGS", [*kv_decode.FLAGS, "--no-such-flag"])
+    with pytest.raises(QkvlabError, match="building the fused rotary read's CPU kernel with .* failed"):
+        kv_decode.library.__wrapped__()
+    assert not any((tmp_path / "kernels").iterdir())  # the temporary build directory is gone
+
+
+def test_generate_reports_an_unavailable_fused_read_in_one_line(monkeypatch):
+    def broken():
+        raise QkvlabError("building the fused rotary read's CPU kernel with c++ failed: error")
+
+    monkeypatch.setattr(kv_decode, "library", broken)
+    with pytest.raises(QkvlabError, match="fused rotary read's CPU kernel"):
+        generate(_model("Q-K=V"), [[1, 2]], SamplingConfig(max_new_tokens=2), fused_rotary=True)
