@@ -50,6 +50,19 @@ def test_generate_greedy_from_a_saved_model(saved, capsys):
     assert json.loads(capsys.readouterr().out)["outputs"] == out["outputs"]
 
 
+def test_generate_with_the_fused_rotary_read_gives_the_same_tokens(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="Q-K=V", n_layers=2, d_model=32, n_heads=4, max_seq_len=64,
+                                    positions="rotary"))
+    path = save_model(model, tmp_path / "model")
+    argv = ["generate", str(path), "--prompt", "ab", "--prompt", "hello", "--max-new-tokens", "6",
+            "--temperature", "0", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["outputs"]
+    assert main([*argv, "--fused-rotary"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"] == plain
+
+
 def test_convert_writes_the_target_variant(saved, tmp_path, capsys):
     _, path = saved
     assert main(["convert", str(path), "--variant", "tied-kv", "--out", str(tmp_path / "kv")]) == 0
