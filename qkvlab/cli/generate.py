@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="K = V models with rotary positions: rotate keys while reading the cache, in one pass (a C++ "
                         "kernel on CPU float32, torch.compile elsewhere; built on first use: needs a C++ compiler) "
                         "instead of into a rotated copy")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd step over a static cache (CPU, batch 1 per prompt; "
+                        "compiles for tens of seconds first, then each token is one compiled graph)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -83,11 +86,29 @@ def run(args: argparse.Namespace) -> int:
     if fallback:
         print(f"note: {args.model} records no tokenizer; using bytes (pass --tokenizer)", file=sys.stderr)
     start = time.perf_counter()
-    outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=args.fused_rotary)
+    if args.compile:
+        outputs = _compiled(args, model, prompts, sampling, cache_dtype)
+    else:
+        outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=args.fused_rotary)
     seconds = time.perf_counter() - start
     dtype = str(cache_dtype or model.tok_emb.weight.dtype).removeprefix("torch.")
     _print(args, tok, outputs, seconds, f"{model.config.variant}, KV cache {dtype}, {torch.get_num_threads()} threads")
     return 0
+
+
+def _compiled(args: argparse.Namespace, model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
+              cache_dtype) -> list[list[int]]:
+    """`--compile`: `qkvlab.deploy.compiled.CompiledDecoder` over a cache of the longest prompt + new tokens."""
+    from qkvlab.deploy.compiled import CompiledDecoder
+
+    if args.fused_rotary:
+        raise QkvlabError("--compile and --fused-rotary are two decode paths; choose one")
+    longest = max((len(p) for p in prompts), default=0)
+    context = longest + sampling.max_new_tokens
+    if context > model.config.max_seq_len:
+        raise QkvlabError(f"prompt of {longest} tokens + {sampling.max_new_tokens} new tokens exceeds the model's "
+                          f"max_seq_len {model.config.max_seq_len}")
+    return CompiledDecoder(model, max(context, 2), cache_dtype).generate(prompts, sampling)
 
 
 def _tokenizer(args: argparse.Namespace):
@@ -104,8 +125,9 @@ def _run_export(args: argparse.Namespace, tok, sampling: SamplingConfig, fmt: st
     """Generate from a .pt2 (AOTInductor) or .pte (ExecuTorch) export, one prompt at a time (batch 1)."""
     if args.cache_dtype is not None:
         raise QkvlabError(f"--cache-dtype does not apply to a .{fmt} export (its cache dtype is fixed at export)")
-    if args.fused_rotary:
-        raise QkvlabError(f"--fused-rotary does not apply to a .{fmt} export (its attention is fixed at export)")
+    if args.fused_rotary or args.compile:
+        flag = "--fused-rotary" if args.fused_rotary else "--compile"
+        raise QkvlabError(f"{flag} does not apply to a .{fmt} export (it is compiled at export)")
     from qkvlab.deploy.executorch import PteRunner
     from qkvlab.deploy.pt2 import Pt2Runner, generate_with
 
