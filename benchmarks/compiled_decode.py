@@ -66,15 +66,15 @@ def main() -> None:
                 compiled.static(prompt, start, *static)  # the prompt, eager, into the static cache
                 compiled.step(token, at, *static)  # compile
 
-            def compiled_step(compiled=compiled, static=static, at=at):
+            def compiled_step(compiled=compiled, static=static, at=at, token=token):
                 with torch.no_grad():
                     compiled.step(token, at, *static)  # writes slot `context` again every time
 
-            def eager_step(cache=eager_cache, context=context):
+            def eager_step(cache=eager_cache, context=context, ours=ours, token=token):
                 with torch.inference_mode():
                     ours.step(cache, token, context)
 
-            def hf_step(cache=hf_cache, context=context):
+            def hf_step(cache=hf_cache, context=context, hf=hf, token=token):
                 with torch.inference_mode():
                     hf.step(cache, token, context)
 
