@@ -43,6 +43,7 @@ class CompiledDecoder:
 
     def generate(self, prompts: list[list[int]], config) -> list[list[int]]:
         """The new tokens of each prompt (a `SamplingConfig`), as `qkvlab.generate.generate` returns them."""
-        self.warm_up()
+        if config.max_new_tokens > 0:
+            self.warm_up()
         return [generate_with(self.static, self.step, self.static.empty_cache(), ids, config, self.max_context,
                               self.vocab_size) for ids in prompts]

@@ -58,14 +58,18 @@ def library() -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
     path = kernel_dir() / f"kv_decode-{key}.so"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half a file
-            built = Path(tmp) / path.name
-            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if done.returncode != 0:
-                first = (done.stderr.strip().splitlines() or ["no output"])[0]
-                raise QkvlabError(f"building the fused rotary read's CPU kernel with {cxx} failed: {first[:200]}")
-            os.replace(built, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half a file
+                built = Path(tmp) / path.name
+                done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    first = (done.stderr.strip().splitlines() or ["no output"])[0]
+                    raise QkvlabError(f"building the fused rotary read's CPU kernel with {cxx} failed: {first[:200]}")
+                os.replace(built, path)
+        except OSError as e:
+            raise QkvlabError(f"cannot write the fused rotary read's CPU kernel into {path.parent} ({e.strerror}); "
+                              "set QKVLAB_KERNEL_DIR to a writable directory") from None
     lib = ctypes.CDLL(str(path))
     lib.qkvlab_kv_rotary_decode.argtypes = _ARGTYPES
     lib.qkvlab_kv_rotary_decode.restype = None

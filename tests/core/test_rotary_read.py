@@ -137,6 +137,15 @@ def test_a_missing_compiler_is_one_clear_error(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_an_unwritable_kernel_directory_is_one_clear_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("QKVLAB_KERNEL_DIR", str(blocker / "kernels"))
+    with pytest.raises(QkvlabError, match="cannot write the fused rotary read's CPU kernel into .*QKVLAB_KERNEL_DIR"):
+        kv_decode.library.__wrapped__()
+    assert blocker.read_text() == "not a directory"
+
+
 def test_a_failed_build_is_one_clear_error_and_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("QKVLAB_KERNEL_DIR", str(tmp_path / "kernels"))
     monkeypatch.setattr(kv_decode, "FLAGS", [*kv_decode.FLAGS, "--no-such-flag"])
