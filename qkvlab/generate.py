@@ -136,7 +136,7 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     for row, p in enumerate(prompts):
         idx[row, : len(p)] = torch.tensor(p)
     idx = idx.to(device)  # (B, L) right-padded
-    if fused_rotary:
+    if fused_rotary and model.config.positions == "rotary" and model.config.spec.cache_streams == 1:
         from qkvlab.nn.rotary_read import check_available
 
         check_available(device, model.tok_emb.weight.dtype)  # one clear line now, not an error mid-generation
