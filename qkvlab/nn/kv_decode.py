@@ -7,7 +7,8 @@ unrolled at compile time for 32, 64 and 128.
 
 It is plain C++ with OpenMP and no PyTorch headers, so building it takes a second or two: on first use
 the system C++ compiler (`$CXX`, else `c++`) builds a shared library into `$QKVLAB_KERNEL_DIR` (default
-`~/.cache/qkvlab/kernels`), named by a hash of the source, flags and compiler, and ctypes calls it.
+`~/.cache/qkvlab/kernels`), named by a hash of the source, flags, compiler and CPU features (it is built
+with -march=native), and ctypes calls it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -47,6 +49,19 @@ def _compiler() -> str:
     return cxx
 
 
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's feature flags (Linux), else the platform's names. Part of
+    the library's name, so a home directory shared by different machines never loads a foreign build."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     """The built kernel (built once per source, flags and compiler, then loaded from the cache)."""
@@ -55,7 +70,7 @@ def library() -> ctypes.CDLL:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise QkvlabError(f"the C++ compiler {cxx!r} does not run: {e}") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
     path = kernel_dir() / f"kv_decode-{key}.so"
     if not path.is_file():
         try:
