@@ -24,8 +24,10 @@ class ViT(nn.Module):
         self.head = nn.Linear(config.d_model, out, bias=config.bias)
         init_weights(self, config, seed)
 
-    def forward(self, images: torch.Tensor, return_attention: bool = False):
-        """images (B, C, H, W) -> logits (B, n_classes), or (B, n_classes, H, W) with a dense head."""
+    def forward(self, images: torch.Tensor, return_attention: bool = False, per_patch: bool = False):
+        """images (B, C, H, W) -> logits (B, n_classes), or (B, n_classes, H, W) with a dense head; with
+        `per_patch`, a dense head's logits stay in patch order, (B, N, n_classes, p*p) (see `patch_order`),
+        which a per-pixel loss reads without the strided copy back to image layout."""
         B, _, H, W = images.shape
         p = self.config.patch_size
         gh, gw = H // p, W // p
@@ -36,9 +38,20 @@ class ViT(nn.Module):
         out = self.backbone(h, need_weights=return_attention)
         h, weights = out if return_attention else (out, None)
         if self.config.dense_head:
-            per_patch = self.head(h[:, 1:])  # (B, N, n_classes*p*p)
-            logits = (per_patch.reshape(B, gh, gw, -1, p, p).permute(0, 3, 1, 4, 2, 5)
-                      .reshape(B, -1, H, W))  # (B, K, H, W): each patch's p*p pixels in place
+            patch_logits = self.head(h[:, 1:])  # (B, N, n_classes*p*p)
+            if per_patch:
+                logits = patch_logits.view(B, gh * gw, -1, p * p)  # (B, N, K, p*p)
+            else:
+                logits = (patch_logits.reshape(B, gh, gw, -1, p, p).permute(0, 3, 1, 4, 2, 5)
+                          .reshape(B, -1, H, W))  # (B, K, H, W): each patch's p*p pixels in place
         else:
             logits = self.head(h[:, 0])  # (B, n_classes)
         return (logits, weights) if return_attention else logits
+
+
+def patch_order(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-pixel values (B, H, W) -> (B, N, p*p) in the order of `ViT(..., per_patch=True)`'s logits:
+    patches row by row, each patch's pixels row by row."""
+    B, H, W = pixels.shape
+    p = patch_size
+    return pixels.view(B, H // p, p, W // p, p).permute(0, 1, 3, 2, 4).reshape(B, -1, p * p)

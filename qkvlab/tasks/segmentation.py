@@ -18,6 +18,7 @@ from torch import nn
 from qkvlab.data.images import ImageSet
 from qkvlab.errors import QkvlabError
 from qkvlab.models.config import ModelConfig
+from qkvlab.models.vit import patch_order
 from qkvlab.tasks.base import Batch, Budget, Task
 from qkvlab.tasks.common import FixedEvalSet, device_of, eval_counts, evaluating, rng
 
@@ -109,7 +110,9 @@ class SegmentationTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         device = device_of(model)
-        return F.cross_entropy(model(batch["images"].to(device)), batch["labels"].to(device))  # (B, 11, S, S)
+        logits = model(batch["images"].to(device), per_patch=True)  # (B, N, 11, p*p)
+        labels = patch_order(batch["labels"].to(device), self.patch_size)  # (B, N, p*p)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1))  # mean over every pixel
 
     def evaluate(self, model: nn.Module, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
         device = device_of(model)

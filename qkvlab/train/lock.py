@@ -139,10 +139,15 @@ def child_preexec():
     return preexec
 
 
+_watching = False
+
+
 def watch_parent(interval: float = 0.5) -> None:
     """When `PARENT_ENV` is set: terminate this process (SIGTERM) soon after its parent dies."""
-    if os.environ.get(PARENT_ENV) != "1":
-        return
+    global _watching
+    if os.environ.get(PARENT_ENV) != "1" or _watching:
+        return  # one watcher per process (a sweep worker trains many runs)
+    _watching = True
     parent = os.getppid()
 
     def poll() -> None:

@@ -1,15 +1,18 @@
-"""Sweeps: every (task, variant, seed) as its own `qkvlab train` process, several at once.
+"""Sweeps: every (task, variant, seed) trained as `qkvlab train` would, several at once.
 
 Finished runs (a summary with status done or diverged) are skipped when their stored, resolved
 config equals the request resolved the way `qkvlab train` resolves it; interrupted runs resume
-from their last checkpoint, because `qkvlab train` always does. Each run writes its output to
-``<run_dir>/train.log``; runs end when the sweep process dies (even by `kill -9`).
+from their last checkpoint, because `qkvlab train` always does. Each job slot trains its runs in one
+worker process (`qkvlab.train.worker`: PyTorch starts once per slot, not once per run). Each run writes
+its output to ``<run_dir>/train.log``; runs end when the sweep process dies (even by `kill -9`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -196,20 +199,90 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Slot:
+    """One job slot: trains one run at a time, in a fresh `command` process per run."""
+
+    def __init__(self, command: list[str], env: dict[str, str], preexec) -> None:
+        self.command, self.env, self.preexec = command, env, preexec
+        self.proc: subprocess.Popen | None = None
+        self.log: TextIO | None = None
+
+    def start(self, args: list[str], log_path: Path) -> None:
+        self.log = open(log_path, "a", encoding="utf-8")
+        self.log.write(f"$ {' '.join([*self.command, *args])}\n")
+        self.log.flush()
+        self.proc = subprocess.Popen([*self.command, *args], stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     preexec_fn=self.preexec)
+
+    def poll(self) -> int | None:
+        """The run's exit code once it has ended, else None."""
+        assert self.proc is not None and self.log is not None
+        code = self.proc.poll()
+        if code is not None:
+            self.log.close()
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+
+
+class _WorkerSlot(_Slot):
+    """One job slot served by a long-lived `qkvlab.train.worker` process (started again if it dies)."""
+
+    def start(self, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"$ qkvlab train {' '.join(args)}\n")
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-m", "qkvlab.train.worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env=self.env, preexec_fn=self.preexec, text=True,
+                                         bufsize=1)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"args": args, "log": str(log_path)}) + "\n")
+        self.proc.stdin.flush()
+
+    def poll(self) -> int | None:
+        assert self.proc is not None and self.proc.stdout is not None
+        if select.select([self.proc.stdout], [], [], 0)[0]:
+            line = self.proc.stdout.readline()
+            if line:
+                return int(json.loads(line)["rc"])
+        code = self.proc.poll()
+        if code is None:
+            return None
+        self.proc = None  # died holding the run: the next run gets a new worker
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"qkvlab: error: the worker process training this run {how} (out of memory?)\n")
+        return code if code != 0 else 1
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.terminate()
+            self.proc.wait()
+
+
 @dataclass
 class _Launched:
     run: SweepRun
-    proc: subprocess.Popen
+    slot: _Slot
     started: float
-    log: TextIO
-    slot: int
+    returncode: int | None = None
 
 
 def _outcome(job: _Launched) -> SweepResult:
     run, seconds = job.run, time.time() - job.started
     summary = read_summary(run.run_dir) or {}
     fresh = _written_since(run.run_dir / SUMMARY, job.started)
-    ok = job.proc.returncode == 0 or (job.proc.returncode == 2 and fresh and summary.get("status") == "diverged")
+    ok = job.returncode == 0 or (job.returncode == 2 and fresh and summary.get("status") == "diverged")
     if ok and summary.get("status") in FINISHED:
         return SweepResult(run, summary["status"], seconds, summary.get("error", ""), summary)
     return SweepResult(run, "failed", seconds, f"{_last_error(run.run_dir / LOG)} (see {run.run_dir / LOG})")
@@ -217,12 +290,13 @@ def _outcome(job: _Launched) -> SweepResult:
 
 def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, progress: bool = True,
               env: dict[str, str] | None = None, command: list[str] | None = None) -> list[SweepResult]:
-    """Run every unfinished run, `jobs` processes at a time with `threads` torch threads each.
+    """Run every unfinished run, `jobs` at a time with `threads` torch threads each.
 
-    With several jobs and CUDA devices, job slot i sees only device i (mod the device count).
-    `command` launches one training run (default ``python -m qkvlab train``); the run's arguments follow it.
+    Each job slot keeps one worker process (`qkvlab.train.worker`) that trains its runs one after another,
+    so PyTorch starts once per slot; `command` instead launches a fresh process per run (e.g. a wrapper
+    around ``python -m qkvlab train``), the run's arguments following it. With several jobs and CUDA
+    devices, job slot i sees only device i (mod the device count).
     """
-    command = command or [sys.executable, "-m", "qkvlab", "train"]
     check(jobs >= 1, f"--jobs must be at least 1, got {jobs}")
     check(threads is None or threads >= 1, f"--threads must be at least 1, got {threads}")
     for run in runs:  # every run's config is valid before any starts
@@ -244,32 +318,33 @@ def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, p
             pending.append(run)
     bar = tqdm(total=len(runs), initial=len(results), unit="run", desc="sweep", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
-    running: list[_Launched] = []
     preexec = child_preexec() if os.name == "posix" else None
-
-    def launch(run: SweepRun, slot: int) -> _Launched:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(run.run_dir / LOG, "a", encoding="utf-8")
-        cmd = [*command, *run.train_args(), f"train.threads={threads}"]
-        child_env = dict(base_env)
+    slots: list[_Slot] = []
+    for i in range(min(jobs, len(pending))):
+        slot_env = dict(base_env)
         if gpus:
-            child_env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, preexec_fn=preexec)
-        return _Launched(run, proc, time.time(), log, slot)
+            slot_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        slots.append(_Slot(command, slot_env, preexec) if command else _WorkerSlot([], slot_env, preexec))
+    running: list[_Launched] = []
+
+    def launch(run: SweepRun, slot: _Slot) -> _Launched:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        slot.start([*run.train_args(), f"train.threads={threads}"], run.run_dir / LOG)
+        return _Launched(run, slot, time.time())
 
     try:
         with _sigterm_unwinds():
             while pending or running:
-                busy = {job.slot for job in running}
-                for slot in range(jobs):
-                    if pending and slot not in busy:
+                busy = [job.slot for job in running]
+                for slot in slots:
+                    if pending and not any(slot is b for b in busy):
                         running.append(launch(pending.pop(0), slot))
                 time.sleep(0.05)
-                for job in [j for j in running if j.proc.poll() is not None]:
+                for job in list(running):
+                    job.returncode = job.slot.poll()
+                    if job.returncode is None:
+                        continue
                     running.remove(job)
-                    job.log.close()
                     result = _outcome(job)
                     results.append(result)
                     if progress:
@@ -278,10 +353,7 @@ def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, p
                         print(_describe(result), flush=True)
                     bar.update(1)
     finally:
-        for job in running:
-            job.proc.terminate()
-        for job in running:
-            job.proc.wait()
-            job.log.close()
+        for slot in slots:
+            slot.stop()
         bar.close()
     return results

@@ -44,6 +44,29 @@ def test_vit_dense_head_shape_and_pixel_layout(variant):
             assert_close(block, per_patch[:, 3 * pr + pc].view(2, 5, 4, 4))
 
 
+def test_vit_per_patch_logits_give_the_same_pixel_loss_and_gradients():
+    """The segmentation loss reads logits in patch order (no strided copy); it is the image-order loss."""
+    import torch.nn.functional as F
+
+    from qkvlab.models.vit import patch_order
+
+    config = small(kind="vit", variant="Q-K=V", in_channels=1, image_size=12, patch_size=4, max_seq_len=10,
+                   n_classes=5, dense_head=True)
+    model = make(config).double()
+    images, labels = torch.randn(3, 1, 12, 12).double(), torch.randint(0, 5, (3, 12, 12))
+    image_loss = F.cross_entropy(model(images), labels)
+    image_grads = torch.autograd.grad(image_loss, list(model.parameters()))
+    logits = model(images, per_patch=True)
+    assert logits.shape == (3, 9, 5, 16)
+    patch_loss = F.cross_entropy(logits.flatten(0, 1), patch_order(labels, 4).flatten(0, 1))
+    patch_grads = torch.autograd.grad(patch_loss, list(model.parameters()))
+    assert_close(patch_loss, image_loss, atol=1e-12)
+    for a, b in zip(patch_grads, image_grads, strict=True):
+        assert_close(a, b, atol=1e-12)
+    assert patch_order(torch.arange(16).view(1, 4, 4), 2).tolist() == [[[0, 1, 4, 5], [2, 3, 6, 7],
+                                                                         [8, 9, 12, 13], [10, 11, 14, 15]]]
+
+
 def test_build_model_returns_the_kind():
     assert isinstance(build_model(small(kind="decoder")), GPT)
     assert isinstance(build_model(small(kind="encoder")), Encoder)

@@ -7,6 +7,7 @@ it has every parameter kind the optimizer groups and a tied weight the checkpoin
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -98,3 +99,12 @@ class NanToyTask(ToyTask):
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return super().loss(model, batch) * batch["scale"].mean()
+
+
+class CrashingToyTask(ToyTask):
+    """ToyTask whose process dies at its third step (as under the out-of-memory killer): no Python cleanup."""
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> dict:
+        if step == 2:
+            os._exit(9)
+        return super().train_batch(step, batch_size, seed)
