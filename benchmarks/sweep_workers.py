@@ -1,5 +1,5 @@
 """A sweep's fixed cost per run: one worker process per job slot (the default) against a fresh
-`python -m qkvlab train` process per run (what sweeps did before `qkvlab.train.worker`).
+`python -m qkvlab train` process per run (what sweeps did before `qkvlab.cli.worker`).
 
 Both sides train the same short runs (quick-preset tasks cut to a few steps, so start-up is most of a run),
 into fresh directories, alternating side by side; prints each side's median wall time per run and the

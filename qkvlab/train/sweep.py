@@ -3,7 +3,7 @@
 Finished runs (a summary with status done or diverged) are skipped when their stored, resolved
 config equals the request resolved the way `qkvlab train` resolves it; interrupted runs resume
 from their last checkpoint, because `qkvlab train` always does. Each job slot trains its runs in one
-worker process (`qkvlab.train.worker`: PyTorch starts once per slot, not once per run). Each run writes
+worker process (`qkvlab.cli.worker`: PyTorch starts once per slot, not once per run). Each run writes
 its output to ``<run_dir>/train.log``; runs end when the sweep process dies (even by `kill -9`).
 """
 
@@ -231,14 +231,14 @@ class _Slot:
 
 
 class _WorkerSlot(_Slot):
-    """One job slot served by a long-lived `qkvlab.train.worker` process (started again if it dies)."""
+    """One job slot served by a long-lived `qkvlab.cli.worker` process (started again if it dies)."""
 
     def start(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"$ qkvlab train {' '.join(args)}\n")
         if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen([sys.executable, "-m", "qkvlab.train.worker"], stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([sys.executable, "-m", "qkvlab.cli.worker"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, env=self.env, preexec_fn=self.preexec, text=True,
                                          bufsize=1)
         assert self.proc.stdin is not None
@@ -292,7 +292,7 @@ def run_sweep(runs: list[SweepRun], jobs: int = 1, threads: int | None = None, p
               env: dict[str, str] | None = None, command: list[str] | None = None) -> list[SweepResult]:
     """Run every unfinished run, `jobs` at a time with `threads` torch threads each.
 
-    Each job slot keeps one worker process (`qkvlab.train.worker`) that trains its runs one after another,
+    Each job slot keeps one worker process (`qkvlab.cli.worker`) that trains its runs one after another,
     so PyTorch starts once per slot; `command` instead launches a fresh process per run (e.g. a wrapper
     around ``python -m qkvlab train``), the run's arguments following it. With several jobs and CUDA
     devices, job slot i sees only device i (mod the device count).

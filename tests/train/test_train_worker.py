@@ -1,4 +1,4 @@
-"""Sweep workers (qkvlab.train.worker): a run trained in a worker after other runs equals a fresh
+"""Sweep workers (qkvlab.cli.worker): a run trained in a worker after other runs equals a fresh
 `qkvlab train` of it; a worker that dies fails only its run; a bad run is reported and the worker goes on."""
 
 from __future__ import annotations

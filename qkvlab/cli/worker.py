@@ -1,5 +1,8 @@
 """A sweep's worker process: trains runs one after another, as `qkvlab train` would, in one interpreter.
 
+It lives in `cli` because it runs the command line itself (`qkvlab.cli.main`); a sweep (layer `train`)
+only starts it by name, never imports it.
+
 Starting a process costs a training run about 5 s on a CPU (importing PyTorch and TorchDynamo, which the
 optimizers import, and loading the task's data); a quick sweep of 29 short runs paid it 29 times. A
 sweep (`qkvlab.train.sweep`) keeps one worker per job slot instead and hands it runs over stdin, one
@@ -9,7 +12,7 @@ and answers on its original stdout with {"rc": exit code}. A run's result does n
 worker ran before (every run re-seeds its generators and sets its threads; tested). A worker that dies
 (a crash, the out-of-memory killer) fails only the run it held; the sweep starts a new one.
 
-    python -m qkvlab.train.worker   # not for users: `qkvlab sweep` and `qkvlab reproduce` start it
+    python -m qkvlab.cli.worker   # not for users: `qkvlab sweep` and `qkvlab reproduce` start it
 """
 
 from __future__ import annotations
