@@ -35,7 +35,8 @@ def parse_args() -> argparse.Namespace:
                    help="share of each head's dims that rotate (partial rotary; needs --positions rotary)")
     p.add_argument("--no-train", action="store_true", help="time the decode step only")
     p.add_argument("--fused-rotary", action="store_true",
-                   help="also decode each rotary K = V model through the fused read (a '(fused)' row)")
+                   help="also decode each K = V model the fused read serves (rotary; learned with grouped heads) "
+                        "through it (a '(fused)' row)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--context", type=int, default=2048, help="tokens already in the cache when decoding")
@@ -102,8 +103,9 @@ def main() -> None:
         v: train_step_fn(m.train(), args.train_batch, args.train_len, args.vocab) for v, m in models.items()}
     decode, nbytes, workspace, of = {}, {}, {}, {}
     for v, m in models.items():
-        fused = (False, True) if args.fused_rotary and args.positions == "rotary" and m.config.spec.cache_streams == 1 \
-            else (False,)
+        grouped = m.config.n_kv_heads < m.config.n_heads  # with learned positions the read helps grouped heads only
+        fused = (False, True) if args.fused_rotary and m.config.spec.cache_streams == 1 \
+            and (args.positions == "rotary" or grouped) else (False,)
         for f in fused:
             name = f"{v} (fused)" if f else v
             decode[name], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab, f)

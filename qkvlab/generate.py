@@ -109,7 +109,8 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     `cache_dtype` (default: the model's) may be "int8" or "fp8" for a quantised cache. `fused_rotary`:
     a K = V model with rotary positions rotates its keys as it reads them (`qkvlab.nn.rotary_read`: a C++
     kernel for float32 on the CPU, torch.compile elsewhere; built on first use), instead of into a workspace
-    as large as the cache.
+    as large as the cache; with learned positions, K = V models with grouped heads (Q-GQA, Q-MQA) read each
+    cached key once for all its query heads through the same kernel.
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.
@@ -136,7 +137,9 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     for row, p in enumerate(prompts):
         idx[row, : len(p)] = torch.tensor(p)
     idx = idx.to(device)  # (B, L) right-padded
-    if fused_rotary and model.config.positions == "rotary" and model.config.spec.cache_streams == 1:
+    spec = model.config.spec
+    grouped = model.config.n_kv_heads < model.config.n_heads
+    if fused_rotary and spec.cache_streams == 1 and (model.config.positions == "rotary" or grouped):
         from qkvlab.nn.rotary_read import check_available
 
         check_available(device, model.tok_emb.weight.dtype)  # one clear line now, not an error mid-generation

@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fused-rotary", action="store_true",
                    help="K = V models with rotary positions: rotate keys while reading the cache, in one pass (a C++ "
                         "kernel on CPU float32, torch.compile elsewhere; built on first use: needs a C++ compiler) "
-                        "instead of into a rotated copy")
+                        "instead of into a rotated copy; with learned positions, grouped K = V heads (Q-GQA, "
+                        "Q-MQA) read each key once for all their query heads")
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd step over a static cache (CPU, batch 1 per prompt; "
                         "compiles for tens of seconds first, then each token is one compiled graph)")

@@ -137,9 +137,12 @@ class Attention(nn.Module):
         split = None  # partial rotary, K = V, few queries: (rotated key dims, unrotated key dims)
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
-            if self.rotary is not None and self._fused_read(q, ctx):
-                cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
-                return self._merge(decode_attention(q, k, cos, sin, ctx.mask))
+            if self._fused_read(q, ctx):
+                if self.rotary is not None:
+                    cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
+                    return self._merge(decode_attention(q, k, cos, sin, ctx.mask))
+                if self.n_kv_heads < self.n_heads:  # learned positions: one read of a key for its whole group
+                    return self._merge(decode_attention(q, k, None, None, ctx.mask))
             if rotations is not None:
                 cis = rotations[1]  # (Tk, R/2)
                 workspace = None  # reused across layers when decoding with a cache (none kept for the fused read)
@@ -177,8 +180,9 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
     def _fused_read(self, q: torch.Tensor, ctx: AttentionContext) -> bool:
-        """Whether this K = V rotary step reads its keys through `qkvlab.nn.rotary_read`: asked for by the
-        cache, one new token per row, no score bias, no maps kept, no gradients."""
+        """Whether this K = V step reads its keys through `qkvlab.nn.rotary_read` (rotary keys rotated on the
+        fly; unrotated keys when their heads are grouped): asked for by the cache (`fused_rotary`), one new
+        token per row, no score bias, no maps kept, no gradients."""
         return (ctx.cache is not None and ctx.cache.fused_rotary and q.shape[-2] == 1 and ctx.maps is None
                 and self.pair_bias is None and not torch.is_grad_enabled())
 

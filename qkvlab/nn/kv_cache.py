@@ -94,8 +94,8 @@ class KVCache:
         self._device_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._steps = torch.arange(max_len, device=device)  # (max_len,) offsets of new tokens
         self._workspace: torch.Tensor | None = None
-        # K = V with rotary: one-token steps rotate keys while reading them (qkvlab.nn.rotary_read)
-        # instead of into the workspace.
+        # K = V: one-token steps read the shared tensor once (qkvlab.nn.rotary_read), rotating rotary keys
+        # while reading them instead of into the workspace, and grouped heads' keys once per group.
         self.fused_rotary = fused_rotary
 
     @classmethod

@@ -106,17 +106,22 @@ def _ptr(t: torch.Tensor):
     return ctypes.cast(t.data_ptr(), _f32p)
 
 
-def decode(q: torch.Tensor, q_swap: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           mask: torch.Tensor | None) -> torch.Tensor:
-    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D); cos, sin (Tk, D); mask (B, Tk) bool or None.
-    Returns (B, H_kv, G, D)."""
+def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: torch.Tensor | None,
+           sin: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D); cos, sin (Tk, D), or all three None for keys
+    read as stored (learned positions); mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
     B, H, G, D = q.shape
     Tk = kv.shape[2]
+    rotate = cos is not None
+    if not rotate:
+        q_swap = cos = sin = q  # unread by the kernel; passed as null
+    assert q_swap is not None and cos is not None and sin is not None
     q, q_swap, cos, sin = (t.contiguous() for t in (q, q_swap, cos, sin))
     flags = None if mask is None else mask.to(torch.bool).contiguous()
     out = torch.empty(B, H, G, D)
     library().qkvlab_kv_rotary_decode(
-        _ptr(q), _ptr(q_swap), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(cos), _ptr(sin),
+        _ptr(q), _ptr(q_swap), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(cos) if rotate else None,
+        _ptr(sin) if rotate else None,
         None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk), torch.get_num_threads(),
         _ptr(out))
     return out

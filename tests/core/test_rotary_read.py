@@ -165,3 +165,42 @@ def test_generate_reports_an_unavailable_fused_read_in_one_line(monkeypatch):
     monkeypatch.setattr(kv_decode, "library", broken)
     with pytest.raises(QkvlabError, match="fused rotary read's CPU kernel"):
         generate(_model("Q-K=V"), [[1, 2]], SamplingConfig(max_new_tokens=2), fused_rotary=True)
+
+
+@pytest.mark.parametrize("B, H, G, T, D", [(2, 1, 6, 2100, 64), (1, 2, 4, 70, 32), (3, 1, 2, 1500, 128),
+                                           (2, 2, 3, 40, 16)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_cpu_kernel_without_tables_equals_plain_attention(B, H, G, T, D, masked):
+    """No cos/sin: keys read as stored (learned positions), for every query head of a group."""
+    g = torch.Generator().manual_seed(T + G)
+    q, kv = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    scores = q @ kv.transpose(-2, -1)  # (B, H, G, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    got = kv_decode.decode(q, None, kv, None, None, mask)
+    assert torch.allclose(got, scores.softmax(-1) @ kv, atol=ATOL)
+
+
+@pytest.mark.parametrize("variant", ["Q-MQA", "Q-GQA-2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_learned_grouped_k_equals_v_reads_once_and_equals_the_full_forward(variant, dtype, monkeypatch):
+    """Learned positions, grouped K = V heads: one-token steps go through the one-pass read (the kernel in
+    float32, plain matmuls otherwise) and equal the full forward, ragged rows included."""
+    calls = []
+    real = kv_decode.decode
+    monkeypatch.setattr(kv_decode, "decode", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(3)
+    model = randomize_(build_model(small(variant=variant, positions="learned", n_heads=4)).eval()).to(dtype)
+    x = torch.randint(0, 50, (2, 18))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(2, 20, fused_rotary=True)
+        model(x[:, :10], cache)
+        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(10, 18)], dim=1)
+    assert torch.allclose(steps, full[:, 10:], atol=ATOL)
+    assert (len(calls) > 0) == (dtype == torch.float32)
+    prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
+    assert generate(model, prompts, sampling, fused_rotary=True) == generate(model, prompts, sampling)

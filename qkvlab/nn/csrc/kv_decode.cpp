@@ -23,8 +23,8 @@ struct Partial {  // one work item's softmax state for every (row, query head)
 
 // Keys t0..t1 of every row: kv + b * stride_b + h * stride_h + t * stride_t is key t of head h in row b;
 // q, qs (B, H, G, D). kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime
-// trip count); 0 takes `head_dim`.
-template <int64_t kD>
+// trip count); 0 takes `head_dim`. kRotate false: plain scores q . k (learned positions; cos, sin, qs unread).
+template <int64_t kD, bool kRotate>
 void attend_range(const float* q, const float* qs, const float* kv, int64_t stride_b, int64_t stride_h,
                   int64_t stride_t, const float* cos, const float* sin, const bool* mask, int64_t mask_stride,
                   int64_t B, int64_t H, int64_t G, int64_t head_dim, int64_t t0, int64_t t1, Partial& out) {
@@ -47,11 +47,16 @@ void attend_range(const float* q, const float* qs, const float* kv, int64_t stri
       for (int64_t j = 0; j < n; ++j) {  // scores: no branches, so keys overlap in the pipeline
         const int64_t t = b0 + j;
         const float* k = keys + t * stride_t;
-        const float* c = cos + t * D;
-        const float* s = sin + t * D;
         float dot = 0.f;
+        if constexpr (kRotate) {
+          const float* c = cos + t * D;
+          const float* s = sin + t * D;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += k[d] * (c[d] * qg[d] + s[d] * qsg[d]);
+          for (int64_t d = 0; d < D; ++d) dot += k[d] * (c[d] * qg[d] + s[d] * qsg[d]);
+        } else {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += k[d] * qg[d];
+        }
         scores[j] = dot;
       }
       if (row_mask != nullptr)
@@ -97,7 +102,7 @@ void attend_range(const float* q, const float* qs, const float* kv, int64_t stri
 }  // namespace
 
 // q, q_swap (B, H, G, D) float32 contiguous, already scaled; kv: key t of head h in row b at kv + b * sb + h * sh +
-// t * st, its D floats contiguous; cos, sin (T, D) contiguous; mask (B, T) bytes (nonzero = attend) or null;
+// t * st, its D floats contiguous; cos, sin (T, D) contiguous, or both null for unrotated keys (q_swap unread); mask (B, T) bytes (nonzero = attend) or null;
 // splits: key ranges (work items) over `threads` OpenMP threads. Writes out (B, H, G, D).
 extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const float* kv, int64_t sb, int64_t sh,
                                         int64_t st, const float* cos, const float* sin, const uint8_t* mask,
@@ -107,8 +112,11 @@ extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const f
   const int64_t per = (T + splits - 1) / splits;
   std::vector<Partial> parts(splits);
   const bool* mp = reinterpret_cast<const bool*>(mask);
-  auto attend = D == 64 ? attend_range<64> : D == 128 ? attend_range<128> : D == 32 ? attend_range<32>
-                                                                           : attend_range<0>;
+  const bool rotate = cos != nullptr;
+  auto attend = rotate ? (D == 64 ? attend_range<64, true> : D == 128 ? attend_range<128, true>
+                          : D == 32 ? attend_range<32, true> : attend_range<0, true>)
+                       : (D == 64 ? attend_range<64, false> : D == 128 ? attend_range<128, false>
+                          : D == 32 ? attend_range<32, false> : attend_range<0, false>);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t s = 0; s < splits; ++s) {
     const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
