@@ -6,7 +6,7 @@ import torch
 from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models import build_model
-from qkvlab.nn import kv_decode, rotary_read
+from qkvlab.nn import attention, kv_decode, rotary_read
 from qkvlab.nn.positions import Rotary, apply_rotary
 from tests.core.helpers import ATOL, randomize_, small
 
@@ -189,6 +189,7 @@ def test_the_cpu_kernel_without_tables_equals_plain_attention(B, H, G, T, D, mas
 def test_learned_grouped_k_equals_v_reads_once_and_equals_the_full_forward(variant, dtype, monkeypatch):
     """Learned positions, grouped K = V heads: one-token steps go through the one-pass read (the kernel in
     float32, plain matmuls otherwise) and equal the full forward, ragged rows included."""
+    monkeypatch.setattr(attention, "GROUPED_READ_MIN_BYTES", 0)  # the test's caches are tiny
     calls = []
     real = kv_decode.decode
     monkeypatch.setattr(kv_decode, "decode", lambda *a: calls.append(1) or real(*a))
@@ -204,3 +205,11 @@ def test_learned_grouped_k_equals_v_reads_once_and_equals_the_full_forward(varia
     assert (len(calls) > 0) == (dtype == torch.float32)
     prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
     assert generate(model, prompts, sampling, fused_rotary=True) == generate(model, prompts, sampling)
+
+
+def test_small_learned_grouped_caches_keep_sdpa(monkeypatch):
+    """Below GROUPED_READ_MIN_BYTES a layer's keys stay in the CPU's cache: the fused read is not asked for."""
+    monkeypatch.setattr(kv_decode, "decode", lambda *a: pytest.fail("the fused read ran on a tiny cache"))
+    model = build_model(small(variant="Q-MQA", positions="learned", n_heads=4)).eval()
+    sampling = SamplingConfig(max_new_tokens=4, temperature=0)
+    assert generate(model, [[1, 2, 3]], sampling, fused_rotary=True) == generate(model, [[1, 2, 3]], sampling)
