@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fused-rotary", action="store_true",
                    help="also decode each K = V model the fused read serves (rotary; learned with grouped heads) "
                         "through it (a '(fused)' row)")
+    p.add_argument("--cache-dtypes", nargs="+", default=["fp32"], metavar="DTYPE",
+                   help="decode with each of these cache dtypes (fp32, bf16, int8, fp8; rows named by dtype)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--context", type=int, default=2048, help="tokens already in the cache when decoding")
@@ -59,9 +61,9 @@ def train_step_fn(model, batch: int, length: int, vocab: int):
     return step
 
 
-def decode_step_fn(model, batch: int, context: int, vocab: int, fused: bool = False):
+def decode_step_fn(model, batch: int, context: int, vocab: int, fused: bool = False, dtype: str | None = None):
     """One new token per row on top of `context` cached tokens (the cache is rewound each call)."""
-    cache = model.make_cache(batch, max_len=context + 1, fused_rotary=fused)
+    cache = model.make_cache(batch, max_len=context + 1, dtype=dtype, fused_rotary=fused)
     with torch.inference_mode():
         for start in range(0, context, 512):  # fill the cache in chunks
             model(torch.randint(0, vocab, (batch, min(512, context - start))), cache)
@@ -104,13 +106,14 @@ def main() -> None:
     decode, nbytes, workspace, of = {}, {}, {}, {}
     for v, m in models.items():
         grouped = m.config.n_kv_heads < m.config.n_heads  # with learned positions the read helps grouped heads only
-        fused = (False, True) if args.fused_rotary and m.config.spec.cache_streams == 1 \
-            and (args.positions == "rotary" or grouped) else (False,)
-        for f in fused:
-            name = f"{v} (fused)" if f else v
-            decode[name], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab, f)
-            decode[name]()  # the fused read compiles on its first call
-            nbytes[name], workspace[name], of[name] = cache.nbytes, cache.workspace_nbytes, v
+        for dtype in args.cache_dtypes:
+            fused = (False, True) if args.fused_rotary and m.config.spec.cache_streams == 1 \
+                and (args.positions == "rotary" or grouped or dtype == "int8") else (False,)
+            for f in fused:
+                name = v + (f" {dtype}" if args.cache_dtypes != ["fp32"] else "") + (" (fused)" if f else "")
+                decode[name], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab, f, dtype)
+                decode[name]()  # the fused read compiles on its first call
+                nbytes[name], workspace[name], of[name] = cache.nbytes, cache.workspace_nbytes, v
     rows = list(decode)
     times: dict[tuple[str, str], list[float]] = {(kind, v): [] for kind in kinds for v in rows}
     for fn_map in (train, decode):  # warm-up
@@ -142,8 +145,8 @@ def main() -> None:
         if train:
             m = of[v]
             row += f" {med['train', m]:>10.1f} {med['train', m] / med['train', base]:>7.3f}"
-        row += (f" {med['decode', v]:>10.2f} {med['decode', v] / med['decode', base]:>7.3f} "
-                f"{nbytes[v] / 2**20:>10.1f} {nbytes[v] / nbytes[base]:>7.3f}")
+        row += (f" {med['decode', v]:>10.2f} {med['decode', v] / med['decode', rows[0]]:>7.3f} "
+                f"{nbytes[v] / 2**20:>10.1f} {nbytes[v] / nbytes[rows[0]]:>7.3f}")
         print(row + (f" {workspace[v] / 2**20:>14.2f}" if show_ws else ""))
 
 

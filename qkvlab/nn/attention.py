@@ -136,6 +136,8 @@ class Attention(nn.Module):
                 k = apply_rotary(k, rotations[0])
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
+            if v is None and self._fused_read(q, ctx) and ctx.cache.buffers[0].dtype == torch.int8:
+                return self._merge(self._int8_read(q, ctx))
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
@@ -183,6 +185,13 @@ class Attention(nn.Module):
         """Heads (B, H, T, D) -> the output projection (B, T, C)."""
         B, _, T, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+    def _int8_read(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """One-token K = V attention over an int8 cache, dequantised (and rotated) while read: (B, H, 1, D)."""
+        assert ctx.cache is not None
+        (values,), (scales,) = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk)
+        cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype) if self.rotary is not None else (None, None)
+        return decode_attention(q, values, cos, sin, ctx.mask, scales=scales)
 
     def _fused_read(self, q: torch.Tensor, ctx: AttentionContext) -> bool:
         """Whether this K = V step reads its keys through `qkvlab.nn.rotary_read` (rotary keys rotated on the

@@ -193,6 +193,12 @@ class KVCache:
         return [dequantize(buffer[layer, :, :, :length], scales[layer, :, :, :length], dtype or torch.float32)
                 for buffer, scales in zip(self.buffers, self.scales, strict=True)]
 
+    def stored(self, layer: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The streams of `layer` for positions 0..length-1 as stored, (B, H_kv, length, D) views each, and
+        their scales (B, H_kv, length) when quantised (else an empty list): for readers that dequantise."""
+        return ([buffer[layer, :, :, :length] for buffer in self.buffers],
+                [scales[layer, :, :, :length] for scales in self.scales])
+
     def rotation_workspace(self, length: int, dtype: torch.dtype = torch.complex64,
                            pairs: int | None = None) -> torch.Tensor:
         """Scratch for one layer's rotated keys, (B, H_kv, length, pairs) complex, reused by every layer.

@@ -2,8 +2,9 @@
 
 The compiled expression of `qkvlab.nn.rotary_read` reads the cache twice (scores, then values); this
 kernel reads it once, in blocks that stay in L1 between scoring and summing, with an online softmax
-(flash-decoding: key ranges on separate threads, merged by log-sum-exp). Float32 only; the head size is
-unrolled at compile time for 32, 64 and 128.
+(flash-decoding: key ranges on separate threads, merged by log-sum-exp). Float32 queries over a float32
+cache, or over an int8 cache dequantised as it is read (one bfloat16 scale per row, head and token); the
+head size is unrolled at compile time for 32, 64 and 128.
 
 It is plain C++ with OpenMP and no PyTorch headers, so building it takes a second or two: on first use
 the system C++ compiler (`$CXX`, else `c++`) builds a shared library into `$QKVLAB_KERNEL_DIR` (default
@@ -34,8 +35,9 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopen
 MIN_KEYS_PER_SPLIT = 512
 
 _i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
-_ARGTYPES: list = [_f32p, _f32p, _f32p, _i64, _i64, _i64, _f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64,
-             _i64, ctypes.c_int32, _f32p]
+_TAIL: list = [_f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int32, _f32p]
+_ARGTYPES: list = [_f32p, _f32p, _f32p, _i64, _i64, _i64, *_TAIL]
+_ARGTYPES_INT8: list = [_f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, ctypes.c_void_p, _i64, _i64, *_TAIL]
 
 
 def kernel_dir() -> Path:
@@ -88,13 +90,16 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.qkvlab_kv_rotary_decode.argtypes = _ARGTYPES
     lib.qkvlab_kv_rotary_decode.restype = None
+    lib.qkvlab_kv_rotary_decode_int8.argtypes = _ARGTYPES_INT8
+    lib.qkvlab_kv_rotary_decode_int8.restype = None
     return lib
 
 
 def serves(q: torch.Tensor, kv: torch.Tensor) -> bool:
-    """Whether the kernel applies: float32 tensors on the CPU, each key's dims contiguous."""
-    return (q.device.type == "cpu" and kv.device.type == "cpu" and q.dtype == kv.dtype == torch.float32
-            and kv.stride(-1) == 1)
+    """Whether the kernel applies: float32 queries on the CPU over a float32 or int8 cache, each key's dims
+    contiguous."""
+    return (q.device.type == "cpu" and kv.device.type == "cpu" and q.dtype == torch.float32
+            and kv.dtype in (torch.float32, torch.int8) and kv.stride(-1) == 1)
 
 
 def splits_for(length: int) -> int:
@@ -107,9 +112,12 @@ def _ptr(t: torch.Tensor):
 
 
 def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: torch.Tensor | None,
-           sin: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D); cos, sin (Tk, D), or all three None for keys
-    read as stored (learned positions); mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
+           sin: torch.Tensor | None, mask: torch.Tensor | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) float32, or int8 with `scales` (B, H_kv, Tk)
+    bfloat16 (a key is its values times its scale); cos, sin (Tk, D), or all three None for keys read as
+    stored (learned positions); mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
+    if (kv.dtype == torch.int8) != (scales is not None):
+        raise QkvlabError("the fused read takes scales with an int8 cache and only then")
     B, H, G, D = q.shape
     Tk = kv.shape[2]
     rotate = cos is not None
@@ -119,9 +127,14 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: 
     q, q_swap, cos, sin = (t.contiguous() for t in (q, q_swap, cos, sin))
     flags = None if mask is None else mask.to(torch.bool).contiguous()
     out = torch.empty(B, H, G, D)
-    library().qkvlab_kv_rotary_decode(
-        _ptr(q), _ptr(q_swap), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(cos) if rotate else None,
-        _ptr(sin) if rotate else None,
-        None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk), torch.get_num_threads(),
-        _ptr(out))
+    tail = (_ptr(cos) if rotate else None, _ptr(sin) if rotate else None, None if flags is None else flags.data_ptr(),
+            B, H, G, D, Tk, splits_for(Tk), torch.get_num_threads(), _ptr(out))
+    strides = (kv.stride(0), kv.stride(1), kv.stride(2))
+    if scales is None:
+        library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(q_swap), _ptr(kv), *strides, *tail)
+    else:
+        if scales.dtype != torch.bfloat16 or scales.stride(-1) != 1:
+            raise QkvlabError("the fused read's int8 scales must be bfloat16, one per token, contiguous over tokens")
+        library().qkvlab_kv_rotary_decode_int8(_ptr(q), _ptr(q_swap), kv.data_ptr(), *strides, scales.data_ptr(),
+                                               scales.stride(0), scales.stride(1), *tail)
     return out

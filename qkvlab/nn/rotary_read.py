@@ -22,6 +22,7 @@ import torch
 
 from qkvlab.errors import QkvlabError
 from qkvlab.nn import kv_decode
+from qkvlab.nn.kv_cache import dequantize
 
 
 def pair_swap(q: torch.Tensor) -> torch.Tensor:
@@ -70,13 +71,14 @@ def check_available(device: torch.device | str = "cpu", dtype: torch.dtype = tor
 
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row over a K = V cache read once.
 
     q (B, H, 1, D) rotated to its own position; kv (B, H_kv, Tk, D) the stored shared tensor; cos, sin
     (Tk, D) from `Rotary.read_tables`, or both None for keys read as stored (learned positions: the gain is
     that each key is read once for every query head of its group); mask None or bool broadcastable to
-    (B, 1, 1, Tk), True = attend. Returns (B, H, 1, D).
+    (B, 1, 1, Tk), True = attend; scales (B, H_kv, Tk) with an int8 `kv` (the kernel dequantises while it
+    reads; other paths dequantise first). Returns (B, H, 1, D).
     """
     B, H, T, D = q.shape
     H_kv, Tk = kv.shape[1], kv.shape[2]
@@ -86,7 +88,9 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None
     if kv_decode.serves(qg, kv):  # float32 on the CPU: one pass over the cache
         flags = None if mask is None else mask.reshape(-1, Tk).expand(B, Tk)  # (B, Tk)
         swapped = None if cos is None else pair_swap(qg)
-        return kv_decode.decode(qg, swapped, kv, cos, sin, flags).reshape(B, H, 1, D)
+        return kv_decode.decode(qg, swapped, kv, cos, sin, flags, scales).reshape(B, H, 1, D)
+    if scales is not None:
+        kv = dequantize(kv, scales, q.dtype)  # (B, H_kv, Tk, D)
     if cos is None or sin is None:
         scores = qg @ kv.transpose(-2, -1)  # (B, H_kv, G, Tk)
     else:

@@ -7,6 +7,7 @@ from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models import build_model
 from qkvlab.nn import attention, kv_decode, rotary_read
+from qkvlab.nn.kv_cache import dequantize, quantize
 from qkvlab.nn.positions import Rotary, apply_rotary
 from tests.core.helpers import ATOL, randomize_, small
 
@@ -213,3 +214,42 @@ def test_small_learned_grouped_caches_keep_sdpa(monkeypatch):
     model = build_model(small(variant="Q-MQA", positions="learned", n_heads=4)).eval()
     sampling = SamplingConfig(max_new_tokens=4, temperature=0)
     assert generate(model, [[1, 2, 3]], sampling, fused_rotary=True) == generate(model, [[1, 2, 3]], sampling)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
+                                           (2, 2, 3, 65, 32)])
+def test_the_cpu_kernel_dequantises_an_int8_cache_as_it_reads(B, H, G, T, D, rotate):
+    """int8 values and bfloat16 scales read in place give what the dequantised float cache gives."""
+    g = torch.Generator().manual_seed(T + D)
+    q, x = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T + 3, D, generator=g)
+    values, scales = quantize(x, torch.int8)
+    values, scales = values[:, :, :T], scales[:, :, :T]  # views of a longer cache, as the model reads them
+    cos, sin = Rotary(D, T).read_tables(T, "cpu") if rotate else (None, None)
+    swapped = rotary_read.pair_swap(q) if rotate else None
+    want = kv_decode.decode(q, swapped, dequantize(values, scales), cos, sin, None)
+    assert torch.allclose(kv_decode.decode(q, swapped, values, cos, sin, None, scales), want, atol=ATOL)
+
+
+@pytest.mark.parametrize("variant, positions", [("Q-K=V", "learned"), ("Q-K=V", "rotary"), ("Q-MQA", "learned"),
+                                                ("Q=K=V", "rotary")])
+def test_int8_k_equals_v_cache_read_in_one_pass_generates_the_same_tokens(variant, positions, monkeypatch):
+    """With the fused read an int8 K = V cache is dequantised inside the kernel: the same logits (to float
+    rounding) and greedy tokens as dequantising the whole cache first, ragged rows included."""
+    calls = []
+    real = kv_decode.decode
+    monkeypatch.setattr(kv_decode, "decode", lambda *a: calls.append(a[2].dtype) or real(*a))
+    torch.manual_seed(4)
+    model = randomize_(build_model(small(variant=variant, positions=positions, n_heads=4)).eval())
+    prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
+    fused = generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=True)
+    assert torch.int8 in calls
+    assert fused == generate(model, prompts, sampling, cache_dtype="int8")
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        logits = []
+        for fused_read in (False, True):
+            cache = model.make_cache(2, 12, dtype="int8", fused_rotary=fused_read)
+            model(x[:, :6], cache)
+            logits.append(torch.cat([model(x[:, i:i + 1], cache) for i in range(6, 12)], dim=1))
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)

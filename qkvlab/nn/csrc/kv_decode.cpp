@@ -1,4 +1,5 @@
 // One-token attention over a K = V cache in a single pass: keys rotated on the fly, values unrotated.
+// The cache may be float32 or int8 with one bfloat16 scale per (row, head, token), dequantised as it is read.
 //
 // A work item takes one range of key positions for every row and head. It streams those keys once, in
 // blocks small enough to stay in L1: for each (row, query head) in turn, the block's scores (q . rot_t(k) =
@@ -11,23 +12,41 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
 
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
 struct Partial {  // one work item's softmax state for every (row, query head)
   std::vector<float> m, l, acc;  // (B * H * G), (B * H * G), (B * H * G, D)
+};
+
+// Where an int8 cache's scales are: scale of key t of head h in row b at scales + b * sb + h * sh + t.
+struct Scales {
+  const uint16_t* data;  // bfloat16 bits; null for a float32 cache
+  int64_t sb, sh;
 };
 
 // Keys t0..t1 of every row: kv + b * stride_b + h * stride_h + t * stride_t is key t of head h in row b;
 // q, qs (B, H, G, D). kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime
 // trip count); 0 takes `head_dim`. kRotate false: plain scores q . k (learned positions; cos, sin, qs unread).
-template <int64_t kD, bool kRotate>
-void attend_range(const float* q, const float* qs, const float* kv, int64_t stride_b, int64_t stride_h,
-                  int64_t stride_t, const float* cos, const float* sin, const bool* mask, int64_t mask_stride,
-                  int64_t B, int64_t H, int64_t G, int64_t head_dim, int64_t t0, int64_t t1, Partial& out) {
+// V: float, or int8_t with `scales` (a key is its int8 values times its scale).
+template <typename V, int64_t kD, bool kRotate>
+void attend_range(const float* q, const float* qs, const V* kv, int64_t stride_b, int64_t stride_h,
+                  int64_t stride_t, Scales scales, const float* cos, const float* sin, const bool* mask,
+                  int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t head_dim, int64_t t0, int64_t t1,
+                  Partial& out) {
+  constexpr bool kQuantized = !std::is_same_v<V, float>;
   const int64_t D = kD > 0 ? kD : head_dim;
   const int64_t HG = B * H * G;  // every (row, query head): the block of tables is read once for all of them
   out.m.assign(HG, 0.f);
@@ -40,24 +59,25 @@ void attend_range(const float* q, const float* qs, const float* kv, int64_t stri
     const int64_t n = std::min(kBlock, t1 - b0);
     for (int64_t hg = 0; hg < HG; ++hg) {
       const int64_t bh = hg / G, b = bh / H, h = bh % H;
-      const float* keys = kv + b * stride_b + h * stride_h;
+      const V* keys = kv + b * stride_b + h * stride_h;
+      const uint16_t* key_scales = kQuantized ? scales.data + b * scales.sb + h * scales.sh : nullptr;
       const bool* row_mask = mask == nullptr ? nullptr : mask + b * mask_stride;
       const float* qg = q + hg * D;
       const float* qsg = qs + hg * D;
       for (int64_t j = 0; j < n; ++j) {  // scores: no branches, so keys overlap in the pipeline
         const int64_t t = b0 + j;
-        const float* k = keys + t * stride_t;
+        const V* k = keys + t * stride_t;
         float dot = 0.f;
         if constexpr (kRotate) {
           const float* c = cos + t * D;
           const float* s = sin + t * D;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += k[d] * (c[d] * qg[d] + s[d] * qsg[d]);
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(k[d]) * (c[d] * qg[d] + s[d] * qsg[d]);
         } else {
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += k[d] * qg[d];
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(k[d]) * qg[d];
         }
-        scores[j] = dot;
+        scores[j] = kQuantized ? dot * bf16_to_float(key_scales[t]) : dot;
       }
       if (row_mask != nullptr)
         for (int64_t j = 0; j < n; ++j)
@@ -87,10 +107,10 @@ void attend_range(const float* q, const float* qs, const float* kv, int64_t stri
       float* __restrict__ a = kD > 0 ? local : acc;
       if (kD > 0) std::copy(acc, acc + D, local);
       for (int64_t j = 0; j < n; ++j) {
-        const float p = probs[j];
-        const float* __restrict__ k = keys + (b0 + j) * stride_t;
+        const float p = kQuantized ? probs[j] * bf16_to_float(key_scales[b0 + j]) : probs[j];
+        const V* __restrict__ k = keys + (b0 + j) * stride_t;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * k[d];
+        for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(k[d]);
       }
       if (kD > 0) std::copy(local, local + D, acc);
     }
@@ -99,28 +119,27 @@ void attend_range(const float* q, const float* qs, const float* kv, int64_t stri
     if (!seen[hg]) out.m[hg] = -INFINITY;  // nothing attended in this range
 }
 
-}  // namespace
-
 // q, q_swap (B, H, G, D) float32 contiguous, already scaled; kv: key t of head h in row b at kv + b * sb + h * sh +
-// t * st, its D floats contiguous; cos, sin (T, D) contiguous, or both null for unrotated keys (q_swap unread); mask (B, T) bytes (nonzero = attend) or null;
-// splits: key ranges (work items) over `threads` OpenMP threads. Writes out (B, H, G, D).
-extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const float* kv, int64_t sb, int64_t sh,
-                                        int64_t st, const float* cos, const float* sin, const uint8_t* mask,
-                                        int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
-                                        int32_t threads, float* out) {
+// t * st, its D values contiguous; cos, sin (T, D) contiguous, or both null for unrotated keys (q_swap unread); mask
+// (B, T) bytes (nonzero = attend) or null; splits: key ranges (work items) over `threads` OpenMP threads. Writes
+// out (B, H, G, D).
+template <typename V>
+void decode(const float* q, const float* qs, const V* kv, int64_t sb, int64_t sh, int64_t st, Scales scales,
+            const float* cos, const float* sin, const uint8_t* mask, int64_t B, int64_t H, int64_t G, int64_t D,
+            int64_t T, int64_t splits, int32_t threads, float* out) {
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, (T + kBlock - 1) / kBlock));
   const int64_t per = (T + splits - 1) / splits;
   std::vector<Partial> parts(splits);
   const bool* mp = reinterpret_cast<const bool*>(mask);
   const bool rotate = cos != nullptr;
-  auto attend = rotate ? (D == 64 ? attend_range<64, true> : D == 128 ? attend_range<128, true>
-                          : D == 32 ? attend_range<32, true> : attend_range<0, true>)
-                       : (D == 64 ? attend_range<64, false> : D == 128 ? attend_range<128, false>
-                          : D == 32 ? attend_range<32, false> : attend_range<0, false>);
+  auto attend = rotate ? (D == 64 ? attend_range<V, 64, true> : D == 128 ? attend_range<V, 128, true>
+                          : D == 32 ? attend_range<V, 32, true> : attend_range<V, 0, true>)
+                       : (D == 64 ? attend_range<V, 64, false> : D == 128 ? attend_range<V, 128, false>
+                          : D == 32 ? attend_range<V, 32, false> : attend_range<V, 0, false>);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t s = 0; s < splits; ++s) {
     const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
-    attend(q, qs, kv, sb, sh, st, cos, sin, mp, T, B, H, G, D, t0, std::max(t0, t1), parts[s]);
+    attend(q, qs, kv, sb, sh, st, scales, cos, sin, mp, T, B, H, G, D, t0, std::max(t0, t1), parts[s]);
   }
   const int64_t rows = B * H * G;  // (row, query head), in the order of `out` and of the partials
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -141,4 +160,23 @@ extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const f
     const float inv = 1.f / l;  // no key attended: 0 * inf = nan, as softmax over nothing
     for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
+}
+
+}  // namespace
+
+extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const float* kv, int64_t sb, int64_t sh,
+                                        int64_t st, const float* cos, const float* sin, const uint8_t* mask,
+                                        int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+                                        int32_t threads, float* out) {
+  decode<float>(q, qs, kv, sb, sh, st, Scales{nullptr, 0, 0}, cos, sin, mask, B, H, G, D, T, splits, threads, out);
+}
+
+// The same over an int8 cache: scales (bfloat16 bits) of key t of head h in row b at scales + b * ssb + h * ssh + t.
+extern "C" void qkvlab_kv_rotary_decode_int8(const float* q, const float* qs, const int8_t* kv, int64_t sb,
+                                             int64_t sh, int64_t st, const uint16_t* scales, int64_t ssb,
+                                             int64_t ssh, const float* cos, const float* sin, const uint8_t* mask,
+                                             int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+                                             int32_t threads, float* out) {
+  decode<int8_t>(q, qs, kv, sb, sh, st, Scales{scales, ssb, ssh}, cos, sin, mask, B, H, G, D, T, splits, threads,
+                 out);
 }
