@@ -111,8 +111,8 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     a K = V model with rotary positions rotates its keys as it reads them (`qkvlab.nn.rotary_read`: a C++
     kernel for float32 on the CPU, torch.compile elsewhere; built on first use), instead of into a workspace
     as large as the cache; with learned positions, K = V models with grouped heads (Q-GQA, Q-MQA) read each
-    cached key once for all its query heads through the same kernel, and an int8 K = V cache is dequantised
-    while it is read instead of into a float copy of every layer's cache at every step.
+    cached key once for all its query heads through the same kernel, and an int8 cache (any variant) is
+    dequantised while it is read instead of into a float copy of every layer's cache at every step.
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.
@@ -142,7 +142,7 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     spec = model.config.spec
     grouped = model.config.n_kv_heads < model.config.n_heads
     int8 = resolve_cache_dtype(cache_dtype) == torch.int8
-    if fused_rotary and spec.cache_streams == 1 and (model.config.positions == "rotary" or grouped or int8):
+    if fused_rotary and (int8 or spec.cache_streams == 1 and (model.config.positions == "rotary" or grouped)):
         from qkvlab.nn.rotary_read import check_available
 
         check_available(device, model.tok_emb.weight.dtype)  # one clear line now, not an error mid-generation

@@ -136,7 +136,7 @@ class Attention(nn.Module):
                 k = apply_rotary(k, rotations[0])
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
-            if v is None and self._fused_read(q, ctx) and ctx.cache.buffers[0].dtype == torch.int8:
+            if ctx.cache.buffers[0].dtype == torch.int8 and self._fused_read(q, ctx):
                 return self._merge(self._int8_read(q, ctx))
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
@@ -187,16 +187,23 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
     def _int8_read(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """One-token K = V attention over an int8 cache, dequantised (and rotated) while read: (B, H, 1, D)."""
+        """One-token attention over an int8 cache, dequantised while read (K = V rotary keys rotated too; separate
+        keys are stored rotated): (B, H, 1, D)."""
         assert ctx.cache is not None
-        (values,), (scales,) = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk)
-        cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype) if self.rotary is not None else (None, None)
-        return decode_attention(q, values, cos, sin, ctx.mask, scales=scales)
+        streams, scales = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk) each
+        if len(streams) == 2:  # separate K and V
+            return decode_attention(q, streams[0], None, None, ctx.mask, scales=scales[0], values=streams[1],
+                                    value_scales=scales[1])
+        if self.rotary is None:
+            return decode_attention(q, streams[0], None, None, ctx.mask, scales=scales[0])
+        cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
+        return decode_attention(q, streams[0], cos, sin, ctx.mask, scales=scales[0])
 
     def _fused_read(self, q: torch.Tensor, ctx: AttentionContext) -> bool:
-        """Whether this K = V step reads its keys through `qkvlab.nn.rotary_read` (rotary keys rotated on the
-        fly; unrotated keys when their heads are grouped): asked for by the cache (`fused_rotary`), one new
-        token per row, no score bias, no maps kept, no gradients."""
+        """Whether this step reads its cache through `qkvlab.nn.rotary_read` (K = V: rotary keys rotated on the
+        fly, unrotated keys when their heads are grouped; int8 caches of any variant, dequantised while read):
+        asked for by the cache (`fused_rotary`), one new token per row, no score bias, no maps kept, no
+        gradients."""
         return (ctx.cache is not None and ctx.cache.fused_rotary and q.shape[-2] == 1 and ctx.maps is None
                 and self.pair_bias is None and not torch.is_grad_enabled())
 

@@ -37,7 +37,8 @@ MIN_KEYS_PER_SPLIT = 512
 _i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
 _TAIL: list = [_f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int32, _f32p]
 _ARGTYPES: list = [_f32p, _f32p, _f32p, _i64, _i64, _i64, *_TAIL]
-_ARGTYPES_INT8: list = [_f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, ctypes.c_void_p, _i64, _i64, *_TAIL]
+_STREAM_INT8: list = [ctypes.c_void_p, _i64, _i64, _i64, ctypes.c_void_p, _i64, _i64]  # values, strides, scales
+_ARGTYPES_INT8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, *_TAIL]
 
 
 def kernel_dir() -> Path:
@@ -112,12 +113,16 @@ def _ptr(t: torch.Tensor):
 
 
 def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: torch.Tensor | None,
-           sin: torch.Tensor | None, mask: torch.Tensor | None, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) float32, or int8 with `scales` (B, H_kv, Tk)
-    bfloat16 (a key is its values times its scale); cos, sin (Tk, D), or all three None for keys read as
-    stored (learned positions); mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
-    if (kv.dtype == torch.int8) != (scales is not None):
+           sin: torch.Tensor | None, mask: torch.Tensor | None, scales: torch.Tensor | None = None,
+           values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) the keys, float32 (and the values: K = V), or
+    int8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); an int8 cache with
+    separate values gives them as `values` and `value_scales`. cos, sin (Tk, D), or all three None for keys
+    read as stored; mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
+    if (kv.dtype == torch.int8) != (scales is not None) or (values is None) != (value_scales is None):
         raise QkvlabError("the fused read takes scales with an int8 cache and only then")
+    if values is not None and kv.dtype != torch.int8:
+        raise QkvlabError("the fused read takes separate values only from an int8 cache")
     B, H, G, D = q.shape
     Tk = kv.shape[2]
     rotate = cos is not None
@@ -129,12 +134,19 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: 
     out = torch.empty(B, H, G, D)
     tail = (_ptr(cos) if rotate else None, _ptr(sin) if rotate else None, None if flags is None else flags.data_ptr(),
             B, H, G, D, Tk, splits_for(Tk), torch.get_num_threads(), _ptr(out))
-    strides = (kv.stride(0), kv.stride(1), kv.stride(2))
     if scales is None:
-        library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(q_swap), _ptr(kv), *strides, *tail)
-    else:
-        if scales.dtype != torch.bfloat16 or scales.stride(-1) != 1:
-            raise QkvlabError("the fused read's int8 scales must be bfloat16, one per token, contiguous over tokens")
-        library().qkvlab_kv_rotary_decode_int8(_ptr(q), _ptr(q_swap), kv.data_ptr(), *strides, scales.data_ptr(),
-                                               scales.stride(0), scales.stride(1), *tail)
+        library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(q_swap), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2),
+                                          *tail)
+        return out
+    key = _int8_stream(kv, scales)
+    val = key if values is None else _int8_stream(values, value_scales)
+    library().qkvlab_kv_rotary_decode_int8(_ptr(q), _ptr(q_swap), *key, *val, *tail)
     return out
+
+
+def _int8_stream(values: torch.Tensor, scales: torch.Tensor | None) -> tuple:
+    """The kernel's arguments for one int8 stream (B, H_kv, Tk, D) and its scales (B, H_kv, Tk)."""
+    if values.stride(-1) != 1 or scales is None or scales.dtype != torch.bfloat16 or scales.stride(-1) != 1:
+        raise QkvlabError("the fused read's int8 streams need contiguous vectors and bfloat16 scales, one per token")
+    return (values.data_ptr(), values.stride(0), values.stride(1), values.stride(2), scales.data_ptr(),
+            scales.stride(0), scales.stride(1))

@@ -71,26 +71,29 @@ def check_available(device: torch.device | str = "cpu", dtype: torch.dtype = tor
 
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                     mask: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                     values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row over a K = V cache read once.
 
     q (B, H, 1, D) rotated to its own position; kv (B, H_kv, Tk, D) the stored shared tensor; cos, sin
     (Tk, D) from `Rotary.read_tables`, or both None for keys read as stored (learned positions: the gain is
     that each key is read once for every query head of its group); mask None or bool broadcastable to
     (B, 1, 1, Tk), True = attend; scales (B, H_kv, Tk) with an int8 `kv` (the kernel dequantises while it
-    reads; other paths dequantise first). Returns (B, H, 1, D).
+    reads; other paths dequantise first); `values` and `value_scales`: an int8 cache's separate values (QKV,
+    GQA: keys stored rotated, so no tables). Returns (B, H, 1, D).
     """
     B, H, T, D = q.shape
     H_kv, Tk = kv.shape[1], kv.shape[2]
     if T != 1:
-        raise QkvlabError(f"the fused K = V read is for one new token per row, got {T}")
+        raise QkvlabError(f"the fused cache read is for one new token per row, got {T}")
     qg = (q * D ** -0.5).reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, G, D): query heads grouped by key head
     if kv_decode.serves(qg, kv):  # float32 on the CPU: one pass over the cache
         flags = None if mask is None else mask.reshape(-1, Tk).expand(B, Tk)  # (B, Tk)
         swapped = None if cos is None else pair_swap(qg)
-        return kv_decode.decode(qg, swapped, kv, cos, sin, flags, scales).reshape(B, H, 1, D)
+        return kv_decode.decode(qg, swapped, kv, cos, sin, flags, scales, values, value_scales).reshape(B, H, 1, D)
     if scales is not None:
         kv = dequantize(kv, scales, q.dtype)  # (B, H_kv, Tk, D)
+    vals = kv if values is None else values if value_scales is None else dequantize(values, value_scales, q.dtype)
     if cos is None or sin is None:
         scores = qg @ kv.transpose(-2, -1)  # (B, H_kv, G, Tk)
     else:
@@ -99,4 +102,4 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(-1, 1, 1, Tk), float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.promote_types(kv.dtype, torch.float32)).to(kv.dtype)  # (B, H_kv, G, Tk)
-    return (probs @ kv).reshape(B, H, 1, D)  # (B, H, 1, D)
+    return (probs @ vals).reshape(B, H, 1, D)  # (B, H, 1, D)

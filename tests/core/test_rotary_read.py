@@ -231,11 +231,31 @@ def test_the_cpu_kernel_dequantises_an_int8_cache_as_it_reads(B, H, G, T, D, rot
     assert torch.allclose(kv_decode.decode(q, swapped, values, cos, sin, None, scales), want, atol=ATOL)
 
 
+@pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 2, 3, 2100, 64), (2, 1, 4, 65, 32)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_cpu_kernel_reads_separate_int8_keys_and_values(B, H, G, T, D, masked):
+    """QKV / GQA int8 caches: keys and values from their own streams and scales, against softmax attention
+    on the dequantised tensors."""
+    g = torch.Generator().manual_seed(T * G)
+    q = torch.randn(B, H, G, D, generator=g)
+    (k8, ks), (v8, vs) = (quantize(torch.randn(B, H, T, D, generator=g), torch.int8) for _ in range(2))
+    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    scores = q @ dequantize(k8, ks).transpose(-2, -1)  # (B, H, G, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    want = scores.softmax(-1) @ dequantize(v8, vs)
+    got = kv_decode.decode(q, None, k8, None, None, mask, ks, v8, vs)
+    assert torch.allclose(got, want, atol=ATOL)
+
+
 @pytest.mark.parametrize("variant, positions", [("Q-K=V", "learned"), ("Q-K=V", "rotary"), ("Q-MQA", "learned"),
-                                                ("Q=K=V", "rotary")])
-def test_int8_k_equals_v_cache_read_in_one_pass_generates_the_same_tokens(variant, positions, monkeypatch):
-    """With the fused read an int8 K = V cache is dequantised inside the kernel: the same logits (to float
-    rounding) and greedy tokens as dequantising the whole cache first, ragged rows included."""
+                                                ("Q=K=V", "rotary"), ("QKV", "learned"), ("QKV", "rotary"),
+                                                ("GQA-2", "rotary"), ("Q=K-V", "rotary"), ("Q=X", "learned")])
+def test_int8_cache_read_in_one_pass_generates_the_same_tokens(variant, positions, monkeypatch):
+    """With the fused read an int8 cache (one stream or two) is dequantised inside the kernel: the same logits
+    (to float rounding) and greedy tokens as dequantising the whole cache first, ragged rows included."""
     calls = []
     real = kv_decode.decode
     monkeypatch.setattr(kv_decode, "decode", lambda *a: calls.append(a[2].dtype) or real(*a))

@@ -1,5 +1,6 @@
 // One-token attention over a K = V cache in a single pass: keys rotated on the fly, values unrotated.
-// The cache may be float32 or int8 with one bfloat16 scale per (row, head, token), dequantised as it is read.
+// The cache may be float32 or int8 with one bfloat16 scale per (row, head, token), dequantised as it is read;
+// an int8 cache with separate keys and values (QKV, GQA) is read the same way, values from their own stream.
 //
 // A work item takes one range of key positions for every row and head. It streams those keys once, in
 // blocks small enough to stay in L1: for each (row, query head) in turn, the block's scores (q . rot_t(k) =
@@ -37,15 +38,21 @@ struct Scales {
   int64_t sb, sh;
 };
 
-// Keys t0..t1 of every row: kv + b * stride_b + h * stride_h + t * stride_t is key t of head h in row b;
-// q, qs (B, H, G, D). kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime
+// One stored stream: vector t of head h in row b at data + b * sb + h * sh + t * st (its D values contiguous).
+template <typename V>
+struct Stream {
+  const V* data;
+  int64_t sb, sh, st;
+  Scales scales;
+};
+
+// Keys t0..t1 of every row from `key`, values from `val` (the same stream when K = V); q, qs (B, H, G, D). kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime
 // trip count); 0 takes `head_dim`. kRotate false: plain scores q . k (learned positions; cos, sin, qs unread).
 // V: float, or int8_t with `scales` (a key is its int8 values times its scale).
 template <typename V, int64_t kD, bool kRotate>
-void attend_range(const float* q, const float* qs, const V* kv, int64_t stride_b, int64_t stride_h,
-                  int64_t stride_t, Scales scales, const float* cos, const float* sin, const bool* mask,
-                  int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t head_dim, int64_t t0, int64_t t1,
-                  Partial& out) {
+void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* cos,
+                  const float* sin, const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G,
+                  int64_t head_dim, int64_t t0, int64_t t1, Partial& out) {
   constexpr bool kQuantized = !std::is_same_v<V, float>;
   const int64_t D = kD > 0 ? kD : head_dim;
   const int64_t HG = B * H * G;  // every (row, query head): the block of tables is read once for all of them
@@ -59,14 +66,16 @@ void attend_range(const float* q, const float* qs, const V* kv, int64_t stride_b
     const int64_t n = std::min(kBlock, t1 - b0);
     for (int64_t hg = 0; hg < HG; ++hg) {
       const int64_t bh = hg / G, b = bh / H, h = bh % H;
-      const V* keys = kv + b * stride_b + h * stride_h;
-      const uint16_t* key_scales = kQuantized ? scales.data + b * scales.sb + h * scales.sh : nullptr;
+      const V* keys = key.data + b * key.sb + h * key.sh;
+      const V* vals = val.data + b * val.sb + h * val.sh;
+      const uint16_t* key_scales = kQuantized ? key.scales.data + b * key.scales.sb + h * key.scales.sh : nullptr;
+      const uint16_t* val_scales = kQuantized ? val.scales.data + b * val.scales.sb + h * val.scales.sh : nullptr;
       const bool* row_mask = mask == nullptr ? nullptr : mask + b * mask_stride;
       const float* qg = q + hg * D;
       const float* qsg = qs + hg * D;
       for (int64_t j = 0; j < n; ++j) {  // scores: no branches, so keys overlap in the pipeline
         const int64_t t = b0 + j;
-        const V* k = keys + t * stride_t;
+        const V* k = keys + t * key.st;
         float dot = 0.f;
         if constexpr (kRotate) {
           const float* c = cos + t * D;
@@ -107,8 +116,8 @@ void attend_range(const float* q, const float* qs, const V* kv, int64_t stride_b
       float* __restrict__ a = kD > 0 ? local : acc;
       if (kD > 0) std::copy(acc, acc + D, local);
       for (int64_t j = 0; j < n; ++j) {
-        const float p = kQuantized ? probs[j] * bf16_to_float(key_scales[b0 + j]) : probs[j];
-        const V* __restrict__ k = keys + (b0 + j) * stride_t;
+        const float p = kQuantized ? probs[j] * bf16_to_float(val_scales[b0 + j]) : probs[j];
+        const V* __restrict__ k = vals + (b0 + j) * val.st;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(k[d]);
       }
@@ -119,14 +128,13 @@ void attend_range(const float* q, const float* qs, const V* kv, int64_t stride_b
     if (!seen[hg]) out.m[hg] = -INFINITY;  // nothing attended in this range
 }
 
-// q, q_swap (B, H, G, D) float32 contiguous, already scaled; kv: key t of head h in row b at kv + b * sb + h * sh +
-// t * st, its D values contiguous; cos, sin (T, D) contiguous, or both null for unrotated keys (q_swap unread); mask
-// (B, T) bytes (nonzero = attend) or null; splits: key ranges (work items) over `threads` OpenMP threads. Writes
-// out (B, H, G, D).
+// q, q_swap (B, H, G, D) float32 contiguous, already scaled; key, val: the streams (the same one for K = V); cos,
+// sin (T, D) contiguous, or both null for unrotated keys (q_swap unread); mask (B, T) bytes (nonzero = attend) or
+// null; splits: key ranges (work items) over `threads` OpenMP threads. Writes out (B, H, G, D).
 template <typename V>
-void decode(const float* q, const float* qs, const V* kv, int64_t sb, int64_t sh, int64_t st, Scales scales,
-            const float* cos, const float* sin, const uint8_t* mask, int64_t B, int64_t H, int64_t G, int64_t D,
-            int64_t T, int64_t splits, int32_t threads, float* out) {
+void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* cos, const float* sin,
+            const uint8_t* mask, int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+            int32_t threads, float* out) {
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, (T + kBlock - 1) / kBlock));
   const int64_t per = (T + splits - 1) / splits;
   std::vector<Partial> parts(splits);
@@ -139,7 +147,7 @@ void decode(const float* q, const float* qs, const V* kv, int64_t sb, int64_t sh
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t s = 0; s < splits; ++s) {
     const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
-    attend(q, qs, kv, sb, sh, st, scales, cos, sin, mp, T, B, H, G, D, t0, std::max(t0, t1), parts[s]);
+    attend(q, qs, key, val, cos, sin, mp, T, B, H, G, D, t0, std::max(t0, t1), parts[s]);
   }
   const int64_t rows = B * H * G;  // (row, query head), in the order of `out` and of the partials
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -168,15 +176,19 @@ extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const f
                                         int64_t st, const float* cos, const float* sin, const uint8_t* mask,
                                         int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
                                         int32_t threads, float* out) {
-  decode<float>(q, qs, kv, sb, sh, st, Scales{nullptr, 0, 0}, cos, sin, mask, B, H, G, D, T, splits, threads, out);
+  const Stream<float> shared{kv, sb, sh, st, Scales{nullptr, 0, 0}};
+  decode<float>(q, qs, shared, shared, cos, sin, mask, B, H, G, D, T, splits, threads, out);
 }
 
-// The same over an int8 cache: scales (bfloat16 bits) of key t of head h in row b at scales + b * ssb + h * ssh + t.
-extern "C" void qkvlab_kv_rotary_decode_int8(const float* q, const float* qs, const int8_t* kv, int64_t sb,
-                                             int64_t sh, int64_t st, const uint16_t* scales, int64_t ssb,
-                                             int64_t ssh, const float* cos, const float* sin, const uint8_t* mask,
-                                             int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
-                                             int32_t threads, float* out) {
-  decode<int8_t>(q, qs, kv, sb, sh, st, Scales{scales, ssb, ssh}, cos, sin, mask, B, H, G, D, T, splits, threads,
-                 out);
+// Over an int8 cache: keys k (scales ks: bfloat16 bits, key t of head h in row b at ks + b * ksb + h * ksh + t) and
+// values v (scales vs), which are the keys again (same pointers and strides) when K = V.
+extern "C" void qkvlab_kv_rotary_decode_int8(const float* q, const float* qs, const int8_t* k, int64_t ksb,
+                                             int64_t ksh, int64_t kst, const uint16_t* ks, int64_t kssb,
+                                             int64_t kssh, const int8_t* v, int64_t vsb, int64_t vsh, int64_t vst,
+                                             const uint16_t* vs, int64_t vssb, int64_t vssh, const float* cos,
+                                             const float* sin, const uint8_t* mask, int64_t B, int64_t H, int64_t G,
+                                             int64_t D, int64_t T, int64_t splits, int32_t threads, float* out) {
+  const Stream<int8_t> key{k, ksb, ksh, kst, Scales{ks, kssb, kssh}};
+  const Stream<int8_t> val{v, vsb, vsh, vst, Scales{vs, vssb, vssh}};
+  decode<int8_t>(q, qs, key, val, cos, sin, mask, B, H, G, D, T, splits, threads, out);
 }
