@@ -35,8 +35,8 @@ def parse_args() -> argparse.Namespace:
                    help="share of each head's dims that rotate (partial rotary; needs --positions rotary)")
     p.add_argument("--no-train", action="store_true", help="time the decode step only")
     p.add_argument("--fused-rotary", action="store_true",
-                   help="also decode each K = V model the fused read serves (rotary; learned with grouped heads) "
-                        "through it (a '(fused)' row)")
+                   help="also decode each model the fused read serves (K = V rotary; K = V learned with grouped "
+                        "heads; every int8 cache) through it (a '(fused)' row)")
     p.add_argument("--cache-dtypes", nargs="+", default=["fp32"], metavar="DTYPE",
                    help="decode with each of these cache dtypes (fp32, bf16, int8, fp8; rows named by dtype)")
     p.add_argument("--train-batch", type=int, default=8)
@@ -107,8 +107,8 @@ def main() -> None:
     for v, m in models.items():
         grouped = m.config.n_kv_heads < m.config.n_heads  # with learned positions the read helps grouped heads only
         for dtype in args.cache_dtypes:
-            fused = (False, True) if args.fused_rotary and m.config.spec.cache_streams == 1 \
-                and (args.positions == "rotary" or grouped or dtype == "int8") else (False,)
+            fused = (False, True) if args.fused_rotary and (dtype == "int8" or m.config.spec.cache_streams == 1
+                                                            and (args.positions == "rotary" or grouped)) else (False,)
             for f in fused:
                 name = v + (f" {dtype}" if args.cache_dtypes != ["fp32"] else "") + (" (fused)" if f else "")
                 decode[name], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab, f, dtype)

@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="K = V models with rotary positions: rotate keys while reading the cache, in one pass (a C++ "
                         "kernel on CPU float32, torch.compile elsewhere; built on first use: needs a C++ compiler) "
                         "instead of into a rotated copy; with learned positions, grouped K = V heads (Q-GQA, "
-                        "Q-MQA) read each key once for all their query heads; an int8 K = V cache is dequantised "
-                        "while read")
+                        "Q-MQA) read each key once for all their query heads; an int8 cache is dequantised while "
+                        "read")
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd step over a static cache (CPU, batch 1 per prompt; "
                         "compiles for tens of seconds first, then each token is one compiled graph)")
