@@ -11,7 +11,7 @@ import torch
 
 from qkvlab.data.tokenizer import load_tokenizer
 from qkvlab.errors import QkvlabError
-from qkvlab.generate import SamplingConfig, generate
+from qkvlab.generate import SamplingConfig, fused_read_unavailable, generate
 from qkvlab.models.gpt import GPT
 from qkvlab.models.io import load_model
 from qkvlab.nn.kv_cache import resolve_cache_dtype
@@ -39,12 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dtype", default=None,
                    help="KV-cache dtype: the model's (default), fp32, bf16, fp16, or int8 / fp8 (quantised: 1 byte "
                         "per value and a bfloat16 scale per token and head); a .pt2 / .pte keeps its export's")
-    p.add_argument("--fused-rotary", action="store_true",
+    p.add_argument("--fused-rotary", action=argparse.BooleanOptionalAction, default=None,
                    help="K = V models with rotary positions: rotate keys while reading the cache, in one pass (a C++ "
                         "kernel on CPU float32, torch.compile elsewhere; built on first use: needs a C++ compiler) "
                         "instead of into a rotated copy; with learned positions, grouped K = V heads (Q-GQA, "
                         "Q-MQA) read each key once for all their query heads; an int8 cache is dequantised while "
-                        "read")
+                        "read. Default: on for int8 caches when the kernel builds here; --no-fused-rotary: off")
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd step over a static cache (CPU, batch 1 per prompt; "
                         "compiles for tens of seconds first, then each token is one compiled graph)")
@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         outputs = _compiled(args, model, prompts, sampling, cache_dtype)
     else:
+        if args.fused_rotary is None and cache_dtype == torch.int8:
+            why = fused_read_unavailable(model.tok_emb.weight.device, model.tok_emb.weight.dtype)
+            if why is not None:
+                print(f"note: int8 cache dequantised per step, slowly ({why})", file=sys.stderr)
         outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=args.fused_rotary)
     seconds = time.perf_counter() - start
     dtype = str(cache_dtype or model.tok_emb.weight.dtype).removeprefix("torch.")

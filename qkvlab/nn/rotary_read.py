@@ -70,6 +70,15 @@ def check_available(device: torch.device | str = "cpu", dtype: torch.dtype = tor
                           f"{first[:200]}") from None
 
 
+def unavailable(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the fused read cannot run here (`check_available`'s one line), or None when it can."""
+    try:
+        check_available(device, dtype)
+    except QkvlabError as e:
+        return str(e)
+    return None
+
+
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                      mask: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                      values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:

@@ -63,6 +63,33 @@ def test_generate_with_the_fused_rotary_read_gives_the_same_tokens(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["outputs"] == plain
 
 
+def test_generate_with_an_int8_cache_reads_it_in_one_pass_unless_told_not_to(saved, capsys, monkeypatch):
+    """int8: the fused read by default, --no-fused-rotary the per-step dequantisation; the same tokens. Without
+    a compiler the default falls back with a one-line note; asking for it is a one-line error (exit 2)."""
+    from qkvlab.nn import kv_decode
+
+    _, path = saved
+    argv = ["generate", str(path), "--prompt", "ab", "--prompt", "hello", "--max-new-tokens", "6",
+            "--temperature", "0", "--json", "--cache-dtype", "int8"]
+    assert main([*argv, "--no-fused-rotary"]) == 0
+    plain = json.loads(capsys.readouterr().out)["outputs"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"] == plain
+
+    def no_compiler():
+        raise QkvlabError("the fused rotary read's CPU kernel needs a C++ compiler (set CXX, or install g++)")
+
+    monkeypatch.setattr(kv_decode, "library", no_compiler)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["outputs"] == plain
+    assert "note: int8 cache dequantised per step, slowly (the fused rotary read's CPU kernel needs" in captured.err
+    assert main([*argv, "--fused-rotary"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:")]
+    assert errors == ["qkvlab: error: the fused rotary read's CPU kernel needs a C++ compiler (set CXX, or "
+                      "install g++)"]
+
+
 def test_convert_writes_the_target_variant(saved, tmp_path, capsys):
     _, path = saved
     assert main(["convert", str(path), "--variant", "tied-kv", "--out", str(tmp_path / "kv")]) == 0

@@ -264,7 +264,7 @@ def test_int8_cache_read_in_one_pass_generates_the_same_tokens(variant, position
     prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
     fused = generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=True)
     assert torch.int8 in calls
-    assert fused == generate(model, prompts, sampling, cache_dtype="int8")
+    assert fused == generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=False)
     x = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         logits = []
@@ -273,3 +273,27 @@ def test_int8_cache_read_in_one_pass_generates_the_same_tokens(variant, position
             model(x[:, :6], cache)
             logits.append(torch.cat([model(x[:, i:i + 1], cache) for i in range(6, 12)], dim=1))
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_int8_generation_reads_in_one_pass_by_default_and_falls_back_without_a_kernel(monkeypatch):
+    """fused_rotary=None (the default): int8 caches use the kernel when it can be built here, and decode the
+    old way (same tokens) when it cannot; float caches are untouched."""
+    calls = []
+    real = kv_decode.decode
+    monkeypatch.setattr(kv_decode, "decode", lambda *a: calls.append(1) or real(*a))
+    model = randomize_(build_model(small(variant="QKV", positions="learned", n_heads=4)).eval())
+    prompts, sampling = [[1, 2, 3], [4]], SamplingConfig(max_new_tokens=6, temperature=0)
+    slow = generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=False)
+    assert not calls
+    generate(model, prompts, sampling)  # float32 cache: not the kernel's unless asked
+    assert not calls
+    assert generate(model, prompts, sampling, cache_dtype="int8") == slow and calls
+
+    def no_compiler():
+        raise QkvlabError("the fused rotary read's CPU kernel needs a C++ compiler (set CXX, or install g++)")
+
+    calls.clear()
+    monkeypatch.setattr(kv_decode, "library", no_compiler)
+    assert generate(model, prompts, sampling, cache_dtype="int8") == slow and not calls
+    with pytest.raises(QkvlabError, match="C\\+\\+ compiler"):
+        generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=True)  # asked for: one clear error
