@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-train", action="store_true", help="time the decode step only")
     p.add_argument("--fused-rotary", action="store_true",
                    help="also decode each model the fused read serves (K = V rotary; K = V learned with grouped "
-                        "heads; every int8 cache) through it (a '(fused)' row)")
+                        "heads; every int8 or fp8 cache) through it (a '(fused)' row)")
     p.add_argument("--cache-dtypes", nargs="+", default=["fp32"], metavar="DTYPE",
                    help="decode with each of these cache dtypes (fp32, bf16, int8, fp8; rows named by dtype)")
     p.add_argument("--train-batch", type=int, default=8)
@@ -107,8 +107,9 @@ def main() -> None:
     for v, m in models.items():
         grouped = m.config.n_kv_heads < m.config.n_heads  # with learned positions the read helps grouped heads only
         for dtype in args.cache_dtypes:
-            fused = (False, True) if args.fused_rotary and (dtype == "int8" or m.config.spec.cache_streams == 1
-                                                            and (args.positions == "rotary" or grouped)) else (False,)
+            served = dtype in ("int8", "fp8") or m.config.spec.cache_streams == 1 and (
+                args.positions == "rotary" or grouped)
+            fused = (False, True) if args.fused_rotary and served else (False,)
             for f in fused:
                 name = v + (f" {dtype}" if args.cache_dtypes != ["fp32"] else "") + (" (fused)" if f else "")
                 decode[name], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab, f, dtype)

@@ -11,7 +11,7 @@ import torch
 
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.gpt import GPT
-from qkvlab.nn.kv_cache import resolve_cache_dtype
+from qkvlab.nn.kv_cache import QUANT_MAX, resolve_cache_dtype
 
 STOP_CHECK_EVERY = 16  # decode steps between looks at the device for finished rows (not on the CPU)
 
@@ -118,9 +118,10 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     a K = V model with rotary positions rotates its keys as it reads them (`qkvlab.nn.rotary_read`: a C++
     kernel for float32 on the CPU, torch.compile elsewhere; built on first use), instead of into a workspace
     as large as the cache; with learned positions, K = V models with grouped heads (Q-GQA, Q-MQA) read each
-    cached key once for all its query heads through the same kernel, and an int8 cache (any variant) is
+    cached key once for all its query heads through the same kernel, and an int8 / fp8 cache (any variant) is
     dequantised while it is read instead of into a float copy of every layer's cache at every step. None (the
-    default): on for int8 caches when the kernel can be built here (the other path is 5-10x slower), else off.
+    default): on for quantised caches when the kernel can be built here (the other path is 5-10x slower for
+    int8), else off.
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.
@@ -149,10 +150,10 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     idx = idx.to(device)  # (B, L) right-padded
     spec = model.config.spec
     grouped = model.config.n_kv_heads < model.config.n_heads
-    int8 = resolve_cache_dtype(cache_dtype) == torch.int8
+    quantized = resolve_cache_dtype(cache_dtype) in QUANT_MAX
     if fused_rotary is None:
-        fused_rotary = int8 and fused_read_unavailable(device, model.tok_emb.weight.dtype) is None
-    elif fused_rotary and (int8 or spec.cache_streams == 1 and (model.config.positions == "rotary" or grouped)):
+        fused_rotary = quantized and fused_read_unavailable(device, model.tok_emb.weight.dtype) is None
+    elif fused_rotary and (quantized or spec.cache_streams == 1 and (model.config.positions == "rotary" or grouped)):
         from qkvlab.nn.rotary_read import check_available
 
         check_available(device, model.tok_emb.weight.dtype)  # one clear line now, not an error mid-generation

@@ -14,7 +14,7 @@ from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, fused_read_unavailable, generate
 from qkvlab.models.gpt import GPT
 from qkvlab.models.io import load_model
-from qkvlab.nn.kv_cache import resolve_cache_dtype
+from qkvlab.nn.kv_cache import QUANT_MAX, resolve_cache_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="K = V models with rotary positions: rotate keys while reading the cache, in one pass (a C++ "
                         "kernel on CPU float32, torch.compile elsewhere; built on first use: needs a C++ compiler) "
                         "instead of into a rotated copy; with learned positions, grouped K = V heads (Q-GQA, "
-                        "Q-MQA) read each key once for all their query heads; an int8 cache is dequantised while "
-                        "read. Default: on for int8 caches when the kernel builds here; --no-fused-rotary: off")
+                        "Q-MQA) read each key once for all their query heads; an int8 / fp8 cache is dequantised while "
+                        "read. Default: on for int8 / fp8 caches when the kernel builds here; --no-fused-rotary: off")
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd step over a static cache (CPU, batch 1 per prompt; "
                         "compiles for tens of seconds first, then each token is one compiled graph)")
@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         outputs = _compiled(args, model, prompts, sampling, cache_dtype)
     else:
-        if args.fused_rotary is None and cache_dtype == torch.int8:
+        if args.fused_rotary is None and cache_dtype in QUANT_MAX:
             why = fused_read_unavailable(model.tok_emb.weight.device, model.tok_emb.weight.dtype)
             if why is not None:
-                print(f"note: int8 cache dequantised per step, slowly ({why})", file=sys.stderr)
+                print(f"note: {args.cache_dtype} cache dequantised per step, slowly ({why})", file=sys.stderr)
         outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=args.fused_rotary)
     seconds = time.perf_counter() - start
     dtype = str(cache_dtype or model.tok_emb.weight.dtype).removeprefix("torch.")

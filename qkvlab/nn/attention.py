@@ -136,8 +136,8 @@ class Attention(nn.Module):
                 k = apply_rotary(k, rotations[0])
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
-            if ctx.cache.buffers[0].dtype == torch.int8 and self._fused_read(q, ctx):
-                return self._merge(self._int8_read(q, ctx))
+            if ctx.cache.quantized and self._fused_read(q, ctx):
+                return self._merge(self._quantized_read(q, ctx))
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
@@ -186,9 +186,9 @@ class Attention(nn.Module):
         B, _, T, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
-    def _int8_read(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """One-token attention over an int8 cache, dequantised while read (K = V rotary keys rotated too; separate
-        keys are stored rotated): (B, H, 1, D)."""
+    def _quantized_read(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """One-token attention over an int8 / float8 cache, dequantised while read (K = V rotary keys rotated
+        too; separate keys are stored rotated): (B, H, 1, D)."""
         assert ctx.cache is not None
         streams, scales = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk) each
         if len(streams) == 2:  # separate K and V
@@ -201,7 +201,7 @@ class Attention(nn.Module):
 
     def _fused_read(self, q: torch.Tensor, ctx: AttentionContext) -> bool:
         """Whether this step reads its cache through `qkvlab.nn.rotary_read` (K = V: rotary keys rotated on the
-        fly, unrotated keys when their heads are grouped; int8 caches of any variant, dequantised while read):
+        fly, unrotated keys when their heads are grouped; int8 / float8 caches of any variant, dequantised while read):
         asked for by the cache (`fused_rotary`), one new token per row, no score bias, no maps kept, no
         gradients."""
         return (ctx.cache is not None and ctx.cache.fused_rotary and q.shape[-2] == 1 and ctx.maps is None

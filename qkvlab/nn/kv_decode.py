@@ -3,8 +3,9 @@
 The compiled expression of `qkvlab.nn.rotary_read` reads the cache twice (scores, then values); this
 kernel reads it once, in blocks that stay in L1 between scoring and summing, with an online softmax
 (flash-decoding: key ranges on separate threads, merged by log-sum-exp). Float32 queries over a float32
-cache, or over an int8 cache dequantised as it is read (one bfloat16 scale per row, head and token); the
-head size is unrolled at compile time for 32, 64 and 128.
+cache, or over an int8 or float8 cache dequantised as it is read (one bfloat16 scale per row, head and
+token; float8 codes through a 256-entry table PyTorch fills); the head size is unrolled at compile time for
+32, 64 and 128.
 
 It is plain C++ with OpenMP and no PyTorch headers, so building it takes a second or two: on first use
 the system C++ compiler (`$CXX`, else `c++`) builds a shared library into `$QKVLAB_KERNEL_DIR` (default
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from qkvlab.errors import QkvlabError
+from qkvlab.nn.kv_cache import QUANT_MAX
 
 SOURCE = Path(__file__).parent / "csrc" / "kv_decode.cpp"
 # -ffast-math lets the compiler vectorise exp and the reductions; infinities stay meaningful (masked keys).
@@ -39,6 +41,7 @@ _TAIL: list = [_f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, _i64
 _ARGTYPES: list = [_f32p, _f32p, _f32p, _i64, _i64, _i64, *_TAIL]
 _STREAM_INT8: list = [ctypes.c_void_p, _i64, _i64, _i64, ctypes.c_void_p, _i64, _i64]  # values, strides, scales
 _ARGTYPES_INT8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, *_TAIL]
+_ARGTYPES_FP8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, _f32p, *_TAIL]  # + the codes' table
 
 
 def kernel_dir() -> Path:
@@ -93,14 +96,22 @@ def library() -> ctypes.CDLL:
     lib.qkvlab_kv_rotary_decode.restype = None
     lib.qkvlab_kv_rotary_decode_int8.argtypes = _ARGTYPES_INT8
     lib.qkvlab_kv_rotary_decode_int8.restype = None
+    lib.qkvlab_kv_rotary_decode_fp8.argtypes = _ARGTYPES_FP8
+    lib.qkvlab_kv_rotary_decode_fp8.restype = None
     return lib
+
+
+@functools.cache
+def code_table(dtype: torch.dtype) -> torch.Tensor:
+    """(256,) float32: the value of each one-byte code of a float8 `dtype`, as PyTorch converts it."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float().contiguous()
 
 
 def serves(q: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether the kernel applies: float32 queries on the CPU over a float32 or int8 cache, each key's dims
     contiguous."""
     return (q.device.type == "cpu" and kv.device.type == "cpu" and q.dtype == torch.float32
-            and kv.dtype in (torch.float32, torch.int8) and kv.stride(-1) == 1)
+            and (kv.dtype == torch.float32 or kv.dtype in QUANT_MAX) and kv.stride(-1) == 1)
 
 
 def splits_for(length: int) -> int:
@@ -116,13 +127,14 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: 
            sin: torch.Tensor | None, mask: torch.Tensor | None, scales: torch.Tensor | None = None,
            values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) the keys, float32 (and the values: K = V), or
-    int8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); an int8 cache with
-    separate values gives them as `values` and `value_scales`. cos, sin (Tk, D), or all three None for keys
-    read as stored; mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
-    if (kv.dtype == torch.int8) != (scales is not None) or (values is None) != (value_scales is None):
-        raise QkvlabError("the fused read takes scales with an int8 cache and only then")
-    if values is not None and kv.dtype != torch.int8:
-        raise QkvlabError("the fused read takes separate values only from an int8 cache")
+    int8 / float8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); a quantised
+    cache with separate values gives them as `values` and `value_scales`. cos, sin (Tk, D), or all three None
+    for keys read as stored; mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
+    quantized = kv.dtype in QUANT_MAX
+    if quantized != (scales is not None) or (values is None) != (value_scales is None):
+        raise QkvlabError("the fused read takes scales with a quantised cache and only then")
+    if values is not None and (not quantized or values.dtype != kv.dtype):
+        raise QkvlabError("the fused read takes separate values only from a quantised cache, in the keys' dtype")
     B, H, G, D = q.shape
     Tk = kv.shape[2]
     rotate = cos is not None
@@ -138,15 +150,19 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: 
         library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(q_swap), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2),
                                           *tail)
         return out
-    key = _int8_stream(kv, scales)
-    val = key if values is None else _int8_stream(values, value_scales)
-    library().qkvlab_kv_rotary_decode_int8(_ptr(q), _ptr(q_swap), *key, *val, *tail)
+    key = _quantized_stream(kv, scales)
+    val = key if values is None else _quantized_stream(values, value_scales)
+    if kv.dtype == torch.int8:
+        library().qkvlab_kv_rotary_decode_int8(_ptr(q), _ptr(q_swap), *key, *val, *tail)
+    else:
+        library().qkvlab_kv_rotary_decode_fp8(_ptr(q), _ptr(q_swap), *key, *val, _ptr(code_table(kv.dtype)), *tail)
     return out
 
 
-def _int8_stream(values: torch.Tensor, scales: torch.Tensor | None) -> tuple:
-    """The kernel's arguments for one int8 stream (B, H_kv, Tk, D) and its scales (B, H_kv, Tk)."""
+def _quantized_stream(values: torch.Tensor, scales: torch.Tensor | None) -> tuple:
+    """The kernel's arguments for one one-byte stream (B, H_kv, Tk, D) and its scales (B, H_kv, Tk)."""
     if values.stride(-1) != 1 or scales is None or scales.dtype != torch.bfloat16 or scales.stride(-1) != 1:
-        raise QkvlabError("the fused read's int8 streams need contiguous vectors and bfloat16 scales, one per token")
+        raise QkvlabError("the fused read's quantised streams need contiguous vectors and bfloat16 scales, one per "
+                          "token")
     return (values.data_ptr(), values.stride(0), values.stride(1), values.stride(2), scales.data_ptr(),
             scales.stride(0), scales.stride(1))

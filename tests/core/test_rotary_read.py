@@ -7,9 +7,12 @@ from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models import build_model
 from qkvlab.nn import attention, kv_decode, rotary_read
-from qkvlab.nn.kv_cache import dequantize, quantize
+from qkvlab.nn.kv_cache import QUANT_MAX, dequantize, quantize
 from qkvlab.nn.positions import Rotary, apply_rotary
 from tests.core.helpers import ATOL, randomize_, small
+
+
+QUANTIZED = list(QUANT_MAX)  # int8 and the float8 dtypes this PyTorch has
 
 
 def test_pair_swap():
@@ -219,11 +222,12 @@ def test_small_learned_grouped_caches_keep_sdpa(monkeypatch):
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
                                            (2, 2, 3, 65, 32)])
-def test_the_cpu_kernel_dequantises_an_int8_cache_as_it_reads(B, H, G, T, D, rotate):
-    """int8 values and bfloat16 scales read in place give what the dequantised float cache gives."""
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_the_cpu_kernel_dequantises_a_quantised_cache_as_it_reads(B, H, G, T, D, rotate, dtype):
+    """int8 / float8 values and bfloat16 scales read in place give what the dequantised float cache gives."""
     g = torch.Generator().manual_seed(T + D)
     q, x = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T + 3, D, generator=g)
-    values, scales = quantize(x, torch.int8)
+    values, scales = quantize(x, dtype)
     values, scales = values[:, :, :T], scales[:, :, :T]  # views of a longer cache, as the model reads them
     cos, sin = Rotary(D, T).read_tables(T, "cpu") if rotate else (None, None)
     swapped = rotary_read.pair_swap(q) if rotate else None
@@ -253,7 +257,8 @@ def test_the_cpu_kernel_reads_separate_int8_keys_and_values(B, H, G, T, D, maske
 @pytest.mark.parametrize("variant, positions", [("Q-K=V", "learned"), ("Q-K=V", "rotary"), ("Q-MQA", "learned"),
                                                 ("Q=K=V", "rotary"), ("QKV", "learned"), ("QKV", "rotary"),
                                                 ("GQA-2", "rotary"), ("Q=K-V", "rotary"), ("Q=X", "learned")])
-def test_int8_cache_read_in_one_pass_generates_the_same_tokens(variant, positions, monkeypatch):
+@pytest.mark.parametrize("cache_dtype", ["int8", "fp8"])
+def test_quantised_cache_read_in_one_pass_generates_the_same_tokens(variant, positions, cache_dtype, monkeypatch):
     """With the fused read an int8 cache (one stream or two) is dequantised inside the kernel: the same logits
     (to float rounding) and greedy tokens as dequantising the whole cache first, ragged rows included."""
     calls = []
@@ -262,14 +267,14 @@ def test_int8_cache_read_in_one_pass_generates_the_same_tokens(variant, position
     torch.manual_seed(4)
     model = randomize_(build_model(small(variant=variant, positions=positions, n_heads=4)).eval())
     prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
-    fused = generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=True)
-    assert torch.int8 in calls
-    assert fused == generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=False)
+    fused = generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=True)
+    assert calls and calls[0] in QUANT_MAX
+    assert fused == generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=False)
     x = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         logits = []
         for fused_read in (False, True):
-            cache = model.make_cache(2, 12, dtype="int8", fused_rotary=fused_read)
+            cache = model.make_cache(2, 12, dtype=cache_dtype, fused_rotary=fused_read)
             model(x[:, :6], cache)
             logits.append(torch.cat([model(x[:, i:i + 1], cache) for i in range(6, 12)], dim=1))
     assert torch.allclose(logits[0], logits[1], atol=1e-4)

@@ -1,5 +1,6 @@
 // One-token attention over a K = V cache in a single pass: keys rotated on the fly, values unrotated.
-// The cache may be float32 or int8 with one bfloat16 scale per (row, head, token), dequantised as it is read;
+// The cache may be float32, or int8 or float8 (read through a 256-entry table) with one bfloat16 scale per (row,
+// head, token), dequantised as it is read;
 // an int8 cache with separate keys and values (QKV, GQA) is read the same way, values from their own stream.
 //
 // A work item takes one range of key positions for every row and head. It streams those keys once, in
@@ -44,7 +45,14 @@ struct Stream {
   const V* data;
   int64_t sb, sh, st;
   Scales scales;
+  const float* lut;  // uint8_t streams (float8 bits): the float of each of the 256 codes
 };
+
+template <typename V>
+inline float load(V x, const float* lut) {
+  if constexpr (std::is_same_v<V, uint8_t>) return lut[x];
+  else return static_cast<float>(x);
+}
 
 // Keys t0..t1 of every row from `key`, values from `val` (the same stream when K = V); q, qs (B, H, G, D). kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime
 // trip count); 0 takes `head_dim`. kRotate false: plain scores q . k (learned positions; cos, sin, qs unread).
@@ -81,10 +89,10 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
           const float* c = cos + t * D;
           const float* s = sin + t * D;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(k[d]) * (c[d] * qg[d] + s[d] * qsg[d]);
+          for (int64_t d = 0; d < D; ++d) dot += load(k[d], key.lut) * (c[d] * qg[d] + s[d] * qsg[d]);
         } else {
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(k[d]) * qg[d];
+          for (int64_t d = 0; d < D; ++d) dot += load(k[d], key.lut) * qg[d];
         }
         scores[j] = kQuantized ? dot * bf16_to_float(key_scales[t]) : dot;
       }
@@ -119,7 +127,7 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
         const float p = kQuantized ? probs[j] * bf16_to_float(val_scales[b0 + j]) : probs[j];
         const V* __restrict__ k = vals + (b0 + j) * val.st;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(k[d]);
+        for (int64_t d = 0; d < D; ++d) a[d] += p * load(k[d], val.lut);
       }
       if (kD > 0) std::copy(local, local + D, acc);
     }
@@ -176,7 +184,7 @@ extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const f
                                         int64_t st, const float* cos, const float* sin, const uint8_t* mask,
                                         int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
                                         int32_t threads, float* out) {
-  const Stream<float> shared{kv, sb, sh, st, Scales{nullptr, 0, 0}};
+  const Stream<float> shared{kv, sb, sh, st, Scales{nullptr, 0, 0}, nullptr};
   decode<float>(q, qs, shared, shared, cos, sin, mask, B, H, G, D, T, splits, threads, out);
 }
 
@@ -188,7 +196,20 @@ extern "C" void qkvlab_kv_rotary_decode_int8(const float* q, const float* qs, co
                                              const uint16_t* vs, int64_t vssb, int64_t vssh, const float* cos,
                                              const float* sin, const uint8_t* mask, int64_t B, int64_t H, int64_t G,
                                              int64_t D, int64_t T, int64_t splits, int32_t threads, float* out) {
-  const Stream<int8_t> key{k, ksb, ksh, kst, Scales{ks, kssb, kssh}};
-  const Stream<int8_t> val{v, vsb, vsh, vst, Scales{vs, vssb, vssh}};
+  const Stream<int8_t> key{k, ksb, ksh, kst, Scales{ks, kssb, kssh}, nullptr};
+  const Stream<int8_t> val{v, vsb, vsh, vst, Scales{vs, vssb, vssh}, nullptr};
   decode<int8_t>(q, qs, key, val, cos, sin, mask, B, H, G, D, T, splits, threads, out);
+}
+
+// The same over a float8 cache, its codes as bytes: lut (256 floats) gives each code's value.
+extern "C" void qkvlab_kv_rotary_decode_fp8(const float* q, const float* qs, const uint8_t* k, int64_t ksb,
+                                            int64_t ksh, int64_t kst, const uint16_t* ks, int64_t kssb,
+                                            int64_t kssh, const uint8_t* v, int64_t vsb, int64_t vsh, int64_t vst,
+                                            const uint16_t* vs, int64_t vssb, int64_t vssh, const float* lut,
+                                            const float* cos, const float* sin, const uint8_t* mask, int64_t B,
+                                            int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+                                            int32_t threads, float* out) {
+  const Stream<uint8_t> key{k, ksb, ksh, kst, Scales{ks, kssb, kssh}, lut};
+  const Stream<uint8_t> val{v, vsb, vsh, vst, Scales{vs, vssb, vssh}, lut};
+  decode<uint8_t>(q, qs, key, val, cos, sin, mask, B, H, G, D, T, splits, threads, out);
 }
