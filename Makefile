@@ -23,9 +23,10 @@ reproduce: $(STAMP)
 	$(BIN)/qkvlab data fetch quick
 	$(BIN)/qkvlab reproduce
 
-# Ruff (pycodestyle, pyflakes, import order, bugbear, pyupgrade) and mypy on the package; config in pyproject.toml.
+# Ruff (pycodestyle, pyflakes, import order, bugbear, pyupgrade) on the package and benchmarks, mypy on the
+# package; config in pyproject.toml.
 lint: $(STAMP)
-	$(BIN)/ruff check qkvlab
+	$(BIN)/ruff check qkvlab benchmarks
 	$(BIN)/mypy
 
 data-test: $(STAMP)

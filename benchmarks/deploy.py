@@ -30,7 +30,8 @@ def measure(package: str, prompt: int, new: int, repeats: int) -> dict:
     from qkvlab.generate import SamplingConfig
 
     runner = Pt2Runner(package)
-    tokens = [int(t) for t in torch.randint(0, runner.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0))]
+    gen = torch.Generator().manual_seed(0)
+    tokens = [int(t) for t in torch.randint(0, runner.vocab_size, (prompt,), generator=gen)]
     sampling = SamplingConfig(max_new_tokens=new, temperature=0)
     generate_with(runner.prefill, runner.decode, runner.empty_cache(), tokens, sampling, runner.max_context,
                   runner.vocab_size)  # warm-up
@@ -93,8 +94,8 @@ def main() -> None:
         for dtype in args.dtypes:
             package = out / f"{config.variant.replace('=', '_')}-{dtype}.pt2"
             info = export_pt2(run, package, config.max_seq_len, dtype, force=True)
-            child = subprocess.run([sys.executable, __file__, "--runs", run, "--out", args.out, "--measure", str(package),
-                                    "--prompt", str(args.prompt), "--new", str(args.new),
+            child = subprocess.run([sys.executable, __file__, "--runs", run, "--out", args.out,
+                                    "--measure", str(package), "--prompt", str(args.prompt), "--new", str(args.new),
                                     "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
             m = json.loads(child.stdout.strip().splitlines()[-1])
             row = {"variant": config.variant, "cache": dtype, "file_bytes": info["bytes"],
