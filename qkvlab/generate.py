@@ -12,6 +12,7 @@ import torch
 from qkvlab.errors import QkvlabError, check
 from qkvlab.models.gpt import GPT
 from qkvlab.nn.kv_cache import QUANT_MAX, resolve_cache_dtype
+from qkvlab.nn.rotary_read import check_available, unavailable
 
 STOP_CHECK_EVERY = 16  # decode steps between looks at the device for finished rows (not on the CPU)
 
@@ -102,13 +103,6 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # on the logits' device
 
 
-def fused_read_unavailable(device: torch.device | str, dtype: torch.dtype) -> str | None:
-    """Why the one-pass cache read (`qkvlab.nn.rotary_read`) cannot run here, or None when it can."""
-    from qkvlab.nn.rotary_read import unavailable
-
-    return unavailable(device, dtype)
-
-
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = SamplingConfig(),
              cache_dtype: str | torch.dtype | None = None, fused_rotary: bool | None = None) -> list[list[int]]:
@@ -152,10 +146,8 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     grouped = model.config.n_kv_heads < model.config.n_heads
     quantized = resolve_cache_dtype(cache_dtype) in QUANT_MAX
     if fused_rotary is None:
-        fused_rotary = quantized and fused_read_unavailable(device, model.tok_emb.weight.dtype) is None
+        fused_rotary = quantized and unavailable(device, model.tok_emb.weight.dtype) is None
     elif fused_rotary and (quantized or spec.cache_streams == 1 and (model.config.positions == "rotary" or grouped)):
-        from qkvlab.nn.rotary_read import check_available
-
         check_available(device, model.tok_emb.weight.dtype)  # one clear line now, not an error mid-generation
     cache = model.make_cache(B, max_len=longest + max(config.max_new_tokens, 1), dtype=cache_dtype,
                              fused_rotary=fused_rotary)

@@ -11,10 +11,11 @@ import torch
 
 from qkvlab.data.tokenizer import load_tokenizer
 from qkvlab.errors import QkvlabError
-from qkvlab.generate import SamplingConfig, fused_read_unavailable, generate
+from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models.gpt import GPT
 from qkvlab.models.io import load_model
 from qkvlab.nn.kv_cache import QUANT_MAX, resolve_cache_dtype
+from qkvlab.nn.rotary_read import unavailable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         outputs = _compiled(args, model, prompts, sampling, cache_dtype)
     else:
         if args.fused_rotary is None and cache_dtype in QUANT_MAX:
-            why = fused_read_unavailable(model.tok_emb.weight.device, model.tok_emb.weight.dtype)
+            why = unavailable(model.tok_emb.weight.device, model.tok_emb.weight.dtype)
             if why is not None:
                 print(f"note: {args.cache_dtype} cache dequantised per step, slowly ({why})", file=sys.stderr)
         outputs = generate(model, prompts, sampling, cache_dtype=cache_dtype, fused_rotary=args.fused_rotary)

@@ -191,18 +191,17 @@ class Attention(nn.Module):
         too; separate keys are stored rotated): (B, H, 1, D)."""
         assert ctx.cache is not None
         streams, scales = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk) each
-        if len(streams) == 2:  # separate K and V
-            return decode_attention(q, streams[0], None, None, ctx.mask, scales=scales[0], values=streams[1],
-                                    value_scales=scales[1])
-        if self.rotary is None:
-            return decode_attention(q, streams[0], None, None, ctx.mask, scales=scales[0])
-        cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
-        return decode_attention(q, streams[0], cos, sin, ctx.mask, scales=scales[0])
+        separate = len(streams) == 2  # K and V stored apart (keys stored rotated)
+        cos = sin = None
+        if self.rotary is not None and not separate:
+            cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
+        return decode_attention(q, streams[0], cos, sin, ctx.mask, scales=scales[0],
+                                values=streams[1] if separate else None, value_scales=scales[1] if separate else None)
 
     def _fused_read(self, q: torch.Tensor, ctx: AttentionContext) -> bool:
         """Whether this step reads its cache through `qkvlab.nn.rotary_read` (K = V: rotary keys rotated on the
-        fly, unrotated keys when their heads are grouped; int8 / float8 caches of any variant, dequantised while read):
-        asked for by the cache (`fused_rotary`), one new token per row, no score bias, no maps kept, no
+        fly, unrotated keys when their heads are grouped; int8 / float8 caches of any variant, dequantised while
+        read): asked for by the cache (`fused_rotary`), one new token per row, no score bias, no maps kept, no
         gradients."""
         return (ctx.cache is not None and ctx.cache.fused_rotary and q.shape[-2] == 1 and ctx.maps is None
                 and self.pair_bias is None and not torch.is_grad_enabled())

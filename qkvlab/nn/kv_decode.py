@@ -108,8 +108,8 @@ def code_table(dtype: torch.dtype) -> torch.Tensor:
 
 
 def serves(q: torch.Tensor, kv: torch.Tensor) -> bool:
-    """Whether the kernel applies: float32 queries on the CPU over a float32 or int8 cache, each key's dims
-    contiguous."""
+    """Whether the kernel applies: float32 queries on the CPU over a float32, int8 or float8 cache, each key's
+    dims contiguous."""
     return (q.device.type == "cpu" and kv.device.type == "cpu" and q.dtype == torch.float32
             and (kv.dtype == torch.float32 or kv.dtype in QUANT_MAX) and kv.stride(-1) == 1)
 
@@ -137,25 +137,26 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: 
         raise QkvlabError("the fused read takes separate values only from a quantised cache, in the keys' dtype")
     B, H, G, D = q.shape
     Tk = kv.shape[2]
-    rotate = cos is not None
-    if not rotate:
-        q_swap = cos = sin = q  # unread by the kernel; passed as null
-    assert q_swap is not None and cos is not None and sin is not None
-    q, q_swap, cos, sin = (t.contiguous() for t in (q, q_swap, cos, sin))
+    q = q.contiguous()
+    if cos is None or sin is None or q_swap is None:  # keys read as stored: the kernel reads no tables
+        swapped, tables = q, (None, None)
+    else:
+        swapped, cos, sin = q_swap.contiguous(), cos.contiguous(), sin.contiguous()
+        tables = (_ptr(cos), _ptr(sin))
     flags = None if mask is None else mask.to(torch.bool).contiguous()
     out = torch.empty(B, H, G, D)
-    tail = (_ptr(cos) if rotate else None, _ptr(sin) if rotate else None, None if flags is None else flags.data_ptr(),
-            B, H, G, D, Tk, splits_for(Tk), torch.get_num_threads(), _ptr(out))
+    tail = (*tables, None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk),
+            torch.get_num_threads(), _ptr(out))
     if scales is None:
-        library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(q_swap), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2),
-                                          *tail)
+        library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(swapped), _ptr(kv), kv.stride(0), kv.stride(1),
+                                          kv.stride(2), *tail)
         return out
     key = _quantized_stream(kv, scales)
     val = key if values is None else _quantized_stream(values, value_scales)
     if kv.dtype == torch.int8:
-        library().qkvlab_kv_rotary_decode_int8(_ptr(q), _ptr(q_swap), *key, *val, *tail)
+        library().qkvlab_kv_rotary_decode_int8(_ptr(q), _ptr(swapped), *key, *val, *tail)
     else:
-        library().qkvlab_kv_rotary_decode_fp8(_ptr(q), _ptr(q_swap), *key, *val, _ptr(code_table(kv.dtype)), *tail)
+        library().qkvlab_kv_rotary_decode_fp8(_ptr(q), _ptr(swapped), *key, *val, _ptr(code_table(kv.dtype)), *tail)
     return out
 
 

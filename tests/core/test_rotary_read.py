@@ -11,7 +11,6 @@ from qkvlab.nn.kv_cache import QUANT_MAX, dequantize, quantize
 from qkvlab.nn.positions import Rotary, apply_rotary
 from tests.core.helpers import ATOL, randomize_, small
 
-
 QUANTIZED = list(QUANT_MAX)  # int8 and the float8 dtypes this PyTorch has
 
 
@@ -91,6 +90,13 @@ def test_models_without_the_k_equals_v_rotary_read_ignore_the_option(monkeypatch
         assert generate(model, [[1, 2]], sampling, fused_rotary=True) == generate(model, [[1, 2]], sampling)
 
 
+def _ragged_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
+    """(B, T) bool: about 70 % of keys attended per row, always the first."""
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    return mask
+
+
 def _reference(q, kv, cos, sin, mask):
     """Softmax attention of grouped queries (B, H_kv, G, D) on keys rotated explicitly: (B, H_kv, G, D)."""
     scores = rotary_read.rotary_scores(q, rotary_read.pair_swap(q), kv, cos, sin).permute(1, 2, 3, 0)
@@ -106,9 +112,7 @@ def test_the_cpu_kernel_equals_attention_on_rotated_keys(B, H, G, T, D, masked):
     """Unrolled head sizes (32, 64, 128) and the general path; several key ranges (T >= 1024); ragged masks."""
     g = torch.Generator().manual_seed(T)
     q, kv = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T, D, generator=g)
-    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
-    if mask is not None:
-        mask[:, 0] = True
+    mask = _ragged_mask(B, T, g) if masked else None
     cos, sin = Rotary(D, T).read_tables(T, "cpu")
     got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, cos, sin, mask)
     assert torch.allclose(got, _reference(q, kv, cos, sin, mask), atol=ATOL)
@@ -178,9 +182,7 @@ def test_the_cpu_kernel_without_tables_equals_plain_attention(B, H, G, T, D, mas
     """No cos/sin: keys read as stored (learned positions), for every query head of a group."""
     g = torch.Generator().manual_seed(T + G)
     q, kv = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T, D, generator=g)
-    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
-    if mask is not None:
-        mask[:, 0] = True
+    mask = _ragged_mask(B, T, g) if masked else None
     scores = q @ kv.transpose(-2, -1)  # (B, H, G, T)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
@@ -243,9 +245,7 @@ def test_the_cpu_kernel_reads_separate_int8_keys_and_values(B, H, G, T, D, maske
     g = torch.Generator().manual_seed(T * G)
     q = torch.randn(B, H, G, D, generator=g)
     (k8, ks), (v8, vs) = (quantize(torch.randn(B, H, T, D, generator=g), torch.int8) for _ in range(2))
-    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
-    if mask is not None:
-        mask[:, 0] = True
+    mask = _ragged_mask(B, T, g) if masked else None
     scores = q @ dequantize(k8, ks).transpose(-2, -1)  # (B, H, G, T)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))

@@ -1,7 +1,7 @@
-// One-token attention over a K = V cache in a single pass: keys rotated on the fly, values unrotated.
-// The cache may be float32, or int8 or float8 (read through a 256-entry table) with one bfloat16 scale per (row,
-// head, token), dequantised as it is read;
-// an int8 cache with separate keys and values (QKV, GQA) is read the same way, values from their own stream.
+// One-token attention over a KV cache in a single pass. K = V: keys rotated on the fly (or read as stored),
+// values the same unrotated vectors. A quantised cache (int8, or float8 codes read through a 256-entry table)
+// with one bfloat16 scale per (row, head, token) is dequantised as it is read, with keys and values from one
+// stream (K = V) or from their own streams (QKV, GQA).
 //
 // A work item takes one range of key positions for every row and head. It streams those keys once, in
 // blocks small enough to stay in L1: for each (row, query head) in turn, the block's scores (q . rot_t(k) =
@@ -33,7 +33,7 @@ struct Partial {  // one work item's softmax state for every (row, query head)
   std::vector<float> m, l, acc;  // (B * H * G), (B * H * G), (B * H * G, D)
 };
 
-// Where an int8 cache's scales are: scale of key t of head h in row b at scales + b * sb + h * sh + t.
+// Where a quantised cache's scales are: scale of vector t of head h in row b at data + b * sb + h * sh + t.
 struct Scales {
   const uint16_t* data;  // bfloat16 bits; null for a float32 cache
   int64_t sb, sh;
@@ -54,9 +54,10 @@ inline float load(V x, const float* lut) {
   else return static_cast<float>(x);
 }
 
-// Keys t0..t1 of every row from `key`, values from `val` (the same stream when K = V); q, qs (B, H, G, D). kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime
-// trip count); 0 takes `head_dim`. kRotate false: plain scores q . k (learned positions; cos, sin, qs unread).
-// V: float, or int8_t with `scales` (a key is its int8 values times its scale).
+// Keys t0..t1 of every row from `key`, values from `val` (the same stream when K = V); q, qs (B, H, G, D).
+// kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime trip count); 0 takes
+// `head_dim`. kRotate false: plain scores q . k (cos, sin, qs unread). V: float, or int8_t / uint8_t (float8
+// codes) with scales (a vector is its decoded values times its scale).
 template <typename V, int64_t kD, bool kRotate>
 void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* cos,
                   const float* sin, const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G,
@@ -188,7 +189,7 @@ extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const f
   decode<float>(q, qs, shared, shared, cos, sin, mask, B, H, G, D, T, splits, threads, out);
 }
 
-// Over an int8 cache: keys k (scales ks: bfloat16 bits, key t of head h in row b at ks + b * ksb + h * ksh + t) and
+// Over an int8 cache: keys k (scales ks: bfloat16 bits, key t of head h in row b at ks + b * kssb + h * kssh + t) and
 // values v (scales vs), which are the keys again (same pointers and strides) when K = V.
 extern "C" void qkvlab_kv_rotary_decode_int8(const float* q, const float* qs, const int8_t* k, int64_t ksb,
                                              int64_t ksh, int64_t kst, const uint16_t* ks, int64_t kssb,
