@@ -35,8 +35,8 @@ def parse_args() -> argparse.Namespace:
                    help="share of each head's dims that rotate (partial rotary; needs --positions rotary)")
     p.add_argument("--no-train", action="store_true", help="time the decode step only")
     p.add_argument("--fused-rotary", action="store_true",
-                   help="also decode each model the fused read serves (K = V rotary; K = V learned with grouped "
-                        "heads; every int8 or fp8 cache) through it (a '(fused)' row)")
+                   help="also decode each model through the one-pass cache read (a '(fused)' row; a layer's "
+                        "unrotated float keys take it from 4 MiB, grouped ones from 1 MiB)")
     p.add_argument("--cache-dtypes", nargs="+", default=["fp32"], metavar="DTYPE",
                    help="decode with each of these cache dtypes (fp32, bf16, int8, fp8; rows named by dtype)")
     p.add_argument("--train-batch", type=int, default=8)
@@ -105,11 +105,8 @@ def main() -> None:
         v: train_step_fn(m.train(), args.train_batch, args.train_len, args.vocab) for v, m in models.items()}
     decode, nbytes, workspace, of = {}, {}, {}, {}
     for v, m in models.items():
-        grouped = m.config.n_kv_heads < m.config.n_heads  # with learned positions the read helps grouped heads only
-        for dtype in args.cache_dtypes:
-            served = dtype in ("int8", "fp8") or m.config.spec.cache_streams == 1 and (
-                args.positions == "rotary" or grouped)
-            fused = (False, True) if args.fused_rotary and served else (False,)
+        for dtype in args.cache_dtypes:  # every model's cache takes the read (small unrotated ones keep SDPA)
+            fused = (False, True) if args.fused_rotary else (False,)
             for f in fused:
                 name = v + (f" {dtype}" if args.cache_dtypes != ["fp32"] else "") + (" (fused)" if f else "")
                 decode[name], cache = decode_step_fn(m.eval(), args.decode_batch, args.context, args.vocab, f, dtype)

@@ -113,9 +113,10 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     kernel for float32 on the CPU, torch.compile elsewhere; built on first use), instead of into a workspace
     as large as the cache; with learned positions, K = V models with grouped heads (Q-GQA, Q-MQA) read each
     cached key once for all its query heads through the same kernel, and an int8 / fp8 cache (any variant) is
-    dequantised while it is read instead of into a float copy of every layer's cache at every step. None (the
-    default): on for quantised caches when the kernel can be built here (the other path is 5-10x slower for
-    int8), else off.
+    dequantised while it is read instead of into a float copy of every layer's cache at every step; the
+    unrotated keys of a large float cache (any variant: from 4 MiB a layer, grouped from 1 MiB) are read once
+    too. None (the default): on the CPU where the kernel builds, and for quantised caches wherever the read can
+    run (torch.compile off the CPU); else off (int8 then dequantises per step, 5-10x slower).
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.
@@ -142,13 +143,12 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     for row, p in enumerate(prompts):
         idx[row, : len(p)] = torch.tensor(p)
     idx = idx.to(device)  # (B, L) right-padded
-    spec = model.config.spec
-    grouped = model.config.n_kv_heads < model.config.n_heads
     quantized = resolve_cache_dtype(cache_dtype) in QUANT_MAX
-    if fused_rotary is None:
-        fused_rotary = quantized and unavailable(device, model.tok_emb.weight.dtype) is None
-    elif fused_rotary and (quantized or spec.cache_streams == 1 and (model.config.positions == "rotary" or grouped)):
-        check_available(device, model.tok_emb.weight.dtype)  # one clear line now, not an error mid-generation
+    if fused_rotary is None:  # small unrotated float caches keep SDPA inside it
+        fused_rotary = (torch.device(device).type == "cpu" or quantized) and unavailable(
+            device, model.tok_emb.weight.dtype) is None
+    elif fused_rotary:  # any model's cache may take the read: one clear line now, not an error mid-generation
+        check_available(device, model.tok_emb.weight.dtype)
     cache = model.make_cache(B, max_len=longest + max(config.max_new_tokens, 1), dtype=cache_dtype,
                              fused_rotary=fused_rotary)
     last = torch.tensor(lengths, device=device) - 1  # (B,) index of each row's last prompt token

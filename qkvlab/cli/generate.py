@@ -41,11 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV-cache dtype: the model's (default), fp32, bf16, fp16, or int8 / fp8 (quantised: 1 byte "
                         "per value and a bfloat16 scale per token and head); a .pt2 / .pte keeps its export's")
     p.add_argument("--fused-rotary", action=argparse.BooleanOptionalAction, default=None,
-                   help="K = V models with rotary positions: rotate keys while reading the cache, in one pass (a C++ "
-                        "kernel on CPU float32, torch.compile elsewhere; built on first use: needs a C++ compiler) "
-                        "instead of into a rotated copy; with learned positions, grouped K = V heads (Q-GQA, "
-                        "Q-MQA) read each key once for all their query heads; an int8 / fp8 cache is dequantised while "
-                        "read. Default: on for int8 / fp8 caches when the kernel builds here; --no-fused-rotary: off")
+                   help="read the KV cache in one pass (a C++ kernel on CPU float32, built on first use: needs a "
+                        "C++ compiler; torch.compile elsewhere): K = V rotary keys rotated while read instead of "
+                        "into a rotated copy, the keys of large caches read once (grouped heads once per group), "
+                        "int8 / fp8 caches dequantised while read. Default: on on the CPU when the kernel builds "
+                        "(and for int8 / fp8 caches elsewhere); --no-fused-rotary: off")
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd step over a static cache (CPU, batch 1 per prompt; "
                         "compiles for tens of seconds first, then each token is one compiled graph)")

@@ -9,6 +9,7 @@ from qkvlab.arch import ModelConfig
 from qkvlab.models.backbone import Backbone
 from qkvlab.models.init import draw_seed, init_weights
 from qkvlab.nn.kv_cache import KVCache, resolve_cache_dtype
+from qkvlab.nn.linear import Linear
 
 
 class GPT(nn.Module):
@@ -18,7 +19,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.backbone = Backbone(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self, config, seed)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

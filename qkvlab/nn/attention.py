@@ -24,13 +24,19 @@ from torch import nn
 from qkvlab.arch import check_heads, with_kv_heads
 from qkvlab.errors import check
 from qkvlab.nn.kv_cache import KVCache
+from qkvlab.nn.linear import Linear
 from qkvlab.nn.positions import PairBias, Rotary, apply_rotary, rotate
 from qkvlab.nn.rotary_read import decode_attention
 from qkvlab.variants import VariantSpec
 
-# Learned-position K = V with grouped heads reads its keys once per group through the fused read only from
-# this many cached bytes per layer: below it SDPA's second read of the keys hits the CPU's cache anyway
-# (measured, Q-MQA, 6 heads of 64, batch 4: equal at 0.5 MiB a layer, fused 7 % faster at 2 MiB, 30 % at 8 MiB).
+# Caches whose keys need no rotation when read (learned positions, or keys stored rotated beside their values)
+# go through the fused read only from this many bytes of keys per layer: below it the kernel's fixed cost per
+# call is more than SDPA's second pass costs, which hits the CPU's cache anyway (measured, 6 heads of 64:
+# SDPA faster up to 1.5 MiB, equal at 6 MiB, the fused read 1.1-1.3x from 6 MiB; see docs/PERFORMANCE.md).
+STORED_READ_MIN_BYTES = 4 << 20
+# With grouped heads SDPA expands the keys to every query head, so the read that takes each key once per group
+# pays earlier (measured, Q-MQA, 6 heads of 64, batch 4: equal at 0.5 MiB a layer, fused 7 % faster at 2 MiB,
+# 30 % at 8 MiB).
 GROUPED_READ_MIN_BYTES = 1 << 20
 
 
@@ -93,8 +99,8 @@ class Attention(nn.Module):
             "k": kv_width,
             "v": kv_width if spec.has_v_proj else 0,
         }
-        self.qkv = nn.Linear(d_model, sum(self.widths.values()), bias=bias)
-        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.qkv = Linear(d_model, sum(self.widths.values()), bias=bias)
+        self.proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.rotary = rotary
         self.pair_bias = pair_bias
         self.attn_dropout = dropout
@@ -141,6 +147,8 @@ class Attention(nn.Module):
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
+            if v is not None and self._fused_read(q, ctx) and self._large(k):  # keys stored rotated: no tables
+                return self._merge(decode_attention(q, k, None, None, ctx.mask, values=v))
         split = None  # partial rotary, K = V, few queries: (rotated key dims, unrotated key dims)
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
@@ -148,8 +156,8 @@ class Attention(nn.Module):
                 if self.rotary is not None:
                     cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
                     return self._merge(decode_attention(q, k, cos, sin, ctx.mask))
-                if self.n_kv_heads < self.n_heads and k.numel() * k.element_size() >= GROUPED_READ_MIN_BYTES:
-                    return self._merge(decode_attention(q, k, None, None, ctx.mask))  # one read per key group
+                if self._large(k):
+                    return self._merge(decode_attention(q, k, None, None, ctx.mask))  # one read of each key
             if rotations is not None:
                 cis = rotations[1]  # (Tk, R/2)
                 workspace = None  # reused across layers when decoding with a cache (none kept for the fused read)
@@ -198,11 +206,16 @@ class Attention(nn.Module):
         return decode_attention(q, streams[0], cos, sin, ctx.mask, scales=scales[0],
                                 values=streams[1] if separate else None, value_scales=scales[1] if separate else None)
 
+    def _large(self, k: torch.Tensor) -> bool:
+        """Whether unrotated keys (B, H_kv, Tk, D) are many enough for the fused read to beat SDPA."""
+        least = GROUPED_READ_MIN_BYTES if self.n_kv_heads < self.n_heads else STORED_READ_MIN_BYTES
+        return k.device.type == "cpu" and k.numel() * k.element_size() >= least  # the kernel's case only
+
     def _fused_read(self, q: torch.Tensor, ctx: AttentionContext) -> bool:
         """Whether this step reads its cache through `qkvlab.nn.rotary_read` (K = V: rotary keys rotated on the
-        fly, unrotated keys when their heads are grouped; int8 / float8 caches of any variant, dequantised while
-        read): asked for by the cache (`fused_rotary`), one new token per row, no score bias, no maps kept, no
-        gradients."""
+        fly; unrotated or separately stored keys from `STORED_READ_MIN_BYTES` a layer; int8 / float8 caches of
+        any variant, dequantised while read): asked for by the cache (`fused_rotary`), one new token per row, no
+        score bias, no maps kept, no gradients."""
         return (ctx.cache is not None and ctx.cache.fused_rotary and q.shape[-2] == 1 and ctx.maps is None
                 and self.pair_bias is None and not torch.is_grad_enabled())
 

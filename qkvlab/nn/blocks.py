@@ -8,6 +8,7 @@ from torch import nn
 
 from qkvlab.arch import ModelConfig
 from qkvlab.nn.attention import Attention, AttentionContext
+from qkvlab.nn.linear import Linear
 from qkvlab.nn.positions import PairBias, Rotary
 
 
@@ -25,8 +26,8 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         hidden = config.resolved_d_mlp
-        self.fc = nn.Linear(config.d_model, (2 if self.swiglu else 1) * hidden, bias=config.bias)
-        self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.fc = Linear(config.d_model, (2 if self.swiglu else 1) * hidden, bias=config.bias)
+        self.proj = Linear(hidden, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, hidden or 2*hidden)

@@ -1,4 +1,5 @@
-"""The CPU kernel of the fused rotary read: one pass over a K = V cache (csrc/kv_decode.cpp).
+"""The CPU decoding kernels: the fused read's one pass over a KV cache (csrc/kv_decode.cpp), and the few-row
+linear layer `qkvlab.nn.linear` uses (csrc/small_linear.cpp), built into one library.
 
 The compiled expression of `qkvlab.nn.rotary_read` reads the cache twice (scores, then values); this
 kernel reads it once, in blocks that stay in L1 between scoring and summing, with an online softmax
@@ -30,7 +31,8 @@ import torch
 from qkvlab.errors import QkvlabError
 from qkvlab.nn.kv_cache import QUANT_MAX
 
-SOURCE = Path(__file__).parent / "csrc" / "kv_decode.cpp"
+# The CPU decoding kernels, built into one library: the one-pass cache read and the few-row linear layer.
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kv_decode.cpp", "small_linear.cpp")]
 # -ffast-math lets the compiler vectorise exp and the reductions; infinities stay meaningful (masked keys).
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC",
          "-std=c++17"]
@@ -39,6 +41,7 @@ MIN_KEYS_PER_SPLIT = 512
 _i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
 _TAIL: list = [_f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int32, _f32p]
 _ARGTYPES: list = [_f32p, _f32p, _f32p, _i64, _i64, _i64, *_TAIL]
+_ARGTYPES_PAIR: list = [_f32p, _f32p, _i64, _i64, _i64, _f32p, _i64, _i64, _i64, *_TAIL[2:]]  # no tables
 _STREAM_INT8: list = [ctypes.c_void_p, _i64, _i64, _i64, ctypes.c_void_p, _i64, _i64]  # values, strides, scales
 _ARGTYPES_INT8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, *_TAIL]
 _ARGTYPES_FP8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, _f32p, *_TAIL]  # + the codes' table
@@ -76,14 +79,16 @@ def library() -> ctypes.CDLL:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise QkvlabError(f"the C++ compiler {cxx!r} does not run: {e}") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
     path = kernel_dir() / f"kv_decode-{key}.so"
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half a file
                 built = Path(tmp) / path.name
-                done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+                done = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True,
+                                      text=True)
                 if done.returncode != 0:
                     first = (done.stderr.strip().splitlines() or ["no output"])[0]
                     raise QkvlabError(f"building the fused rotary read's CPU kernel with {cxx} failed: {first[:200]}")
@@ -94,10 +99,14 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.qkvlab_kv_rotary_decode.argtypes = _ARGTYPES
     lib.qkvlab_kv_rotary_decode.restype = None
+    lib.qkvlab_kv_decode_pair.argtypes = _ARGTYPES_PAIR
+    lib.qkvlab_kv_decode_pair.restype = None
     lib.qkvlab_kv_rotary_decode_int8.argtypes = _ARGTYPES_INT8
     lib.qkvlab_kv_rotary_decode_int8.restype = None
     lib.qkvlab_kv_rotary_decode_fp8.argtypes = _ARGTYPES_FP8
     lib.qkvlab_kv_rotary_decode_fp8.restype = None
+    lib.qkvlab_small_linear.argtypes = [_f32p, _f32p, _f32p, _f32p, _i64, _i64, _i64, ctypes.c_int32]
+    lib.qkvlab_small_linear.restype = None
     return lib
 
 
@@ -127,14 +136,16 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: 
            sin: torch.Tensor | None, mask: torch.Tensor | None, scales: torch.Tensor | None = None,
            values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) the keys, float32 (and the values: K = V), or
-    int8 / float8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); a quantised
-    cache with separate values gives them as `values` and `value_scales`. cos, sin (Tk, D), or all three None
+    int8 / float8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); a cache with
+    separate values gives them as `values` (and, quantised, `value_scales`). cos, sin (Tk, D), or all three None
     for keys read as stored; mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
     quantized = kv.dtype in QUANT_MAX
-    if quantized != (scales is not None) or (values is None) != (value_scales is None):
+    if quantized != (scales is not None) or (value_scales is not None and values is None) or (
+            values is not None and quantized != (value_scales is not None)):
         raise QkvlabError("the fused read takes scales with a quantised cache and only then")
-    if values is not None and (not quantized or values.dtype != kv.dtype):
-        raise QkvlabError("the fused read takes separate values only from a quantised cache, in the keys' dtype")
+    if values is not None and (values.dtype != kv.dtype or values.stride(-1) != 1 or cos is not None):
+        raise QkvlabError("the fused read takes separate values in the keys' dtype, each vector contiguous, and "
+                          "then no rotation tables (keys are stored rotated)")
     B, H, G, D = q.shape
     Tk = kv.shape[2]
     q = q.contiguous()
@@ -147,6 +158,10 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: 
     out = torch.empty(B, H, G, D)
     tail = (*tables, None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk),
             torch.get_num_threads(), _ptr(out))
+    if scales is None and values is not None:  # float keys and values, two streams
+        library().qkvlab_kv_decode_pair(_ptr(q), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(values),
+                                        values.stride(0), values.stride(1), values.stride(2), *tail[2:])
+        return out
     if scales is None:
         library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(swapped), _ptr(kv), kv.stride(0), kv.stride(1),
                                           kv.stride(2), *tail)

@@ -79,15 +79,18 @@ def test_ragged_batch_generates_the_same_tokens_fused_or_not():
     assert generate(model, prompts, sampling, fused_rotary=True) == generate(model, prompts, sampling)
 
 
-def test_models_without_the_k_equals_v_rotary_read_ignore_the_option(monkeypatch):
+def test_asking_for_the_fused_read_without_a_compiler_is_one_clear_error_for_every_model(monkeypatch):
+    """Every model's large float cache may take the read, so an explicit request checks for it up front."""
     def no_compiler():
         raise QkvlabError("no C++ compiler")
 
-    monkeypatch.setattr(kv_decode, "library", no_compiler)  # not needed, so not asked for
+    monkeypatch.setattr(kv_decode, "library", no_compiler)
     for variant, positions in (("QKV", "rotary"), ("Q-K=V", "learned")):
         model = build_model(small(variant=variant, positions=positions)).eval()
         sampling = SamplingConfig(max_new_tokens=4, temperature=0)
-        assert generate(model, [[1, 2]], sampling, fused_rotary=True) == generate(model, [[1, 2]], sampling)
+        with pytest.raises(QkvlabError, match="no C[+][+] compiler"):
+            generate(model, [[1, 2]], sampling, fused_rotary=True)
+        assert generate(model, [[1, 2]], sampling)  # not asked for: SDPA, no compiler needed
 
 
 def _ragged_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
@@ -213,12 +216,56 @@ def test_learned_grouped_k_equals_v_reads_once_and_equals_the_full_forward(varia
     assert generate(model, prompts, sampling, fused_rotary=True) == generate(model, prompts, sampling)
 
 
-def test_small_learned_grouped_caches_keep_sdpa(monkeypatch):
-    """Below GROUPED_READ_MIN_BYTES a layer's keys stay in the CPU's cache: the fused read is not asked for."""
+@pytest.mark.parametrize("variant, positions", [("Q-MQA", "learned"), ("Q-K=V", "learned"), ("QKV", "learned"),
+                                                ("QKV", "rotary"), ("GQA-2", "rotary")])
+def test_small_unrotated_caches_keep_sdpa(variant, positions, monkeypatch):
+    """Below GROUPED_READ_MIN_BYTES / STORED_READ_MIN_BYTES a layer's keys stay in the CPU's cache: the fused
+    read is not asked for."""
     monkeypatch.setattr(kv_decode, "decode", lambda *a: pytest.fail("the fused read ran on a tiny cache"))
-    model = build_model(small(variant="Q-MQA", positions="learned", n_heads=4)).eval()
+    model = build_model(small(variant=variant, positions=positions, n_heads=4)).eval()
     sampling = SamplingConfig(max_new_tokens=4, temperature=0)
     assert generate(model, [[1, 2, 3]], sampling, fused_rotary=True) == generate(model, [[1, 2, 3]], sampling)
+
+
+@pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 2, 3, 2100, 64), (2, 1, 4, 65, 32),
+                                           (3, 2, 1, 1500, 128)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_cpu_kernel_reads_separate_float_keys_and_values(B, H, G, T, D, masked):
+    """QKV / GQA float caches: keys and values from their own streams, read in place from longer caches,
+    against softmax attention."""
+    g = torch.Generator().manual_seed(T * G + D)
+    q = torch.randn(B, H, G, D, generator=g)
+    k, v = (torch.randn(B, H, T + 5, D, generator=g)[:, :, :T] for _ in range(2))  # views, as the model reads
+    mask = _ragged_mask(B, T, g) if masked else None
+    scores = q @ k.transpose(-2, -1)  # (B, H, G, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    got = kv_decode.decode(q, None, k, None, None, mask, values=v)
+    assert torch.allclose(got, scores.softmax(-1) @ v, atol=ATOL)
+
+
+@pytest.mark.parametrize("variant, positions", [("QKV", "learned"), ("QKV", "rotary"), ("GQA-2", "rotary"),
+                                                ("Q=K-V", "learned"), ("Q=X", "learned"), ("Q-K=V", "learned"),
+                                                ("Q=K=V", "learned")])
+def test_large_float_caches_read_in_one_pass_and_equal_the_full_forward(variant, positions, monkeypatch):
+    """Above the thresholds (set to 0 here) every variant's one-token steps go through the kernel and equal
+    the full forward, ragged rows included; generation gives the same tokens."""
+    monkeypatch.setattr(attention, "STORED_READ_MIN_BYTES", 0)
+    monkeypatch.setattr(attention, "GROUPED_READ_MIN_BYTES", 0)
+    calls = []
+    real = kv_decode.decode
+    monkeypatch.setattr(kv_decode, "decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(4)
+    model = randomize_(build_model(small(variant=variant, positions=positions, n_heads=4)).eval())
+    x = torch.randint(0, 50, (2, 18))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(2, 20, fused_rotary=True)
+        model(x[:, :10], cache)
+        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(10, 18)], dim=1)
+    assert calls and torch.allclose(steps, full[:, 10:], atol=ATOL)
+    prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
+    assert generate(model, prompts, sampling, fused_rotary=True) == generate(model, prompts, sampling)
 
 
 @pytest.mark.parametrize("rotate", [False, True])
@@ -277,7 +324,10 @@ def test_quantised_cache_read_in_one_pass_generates_the_same_tokens(variant, pos
             cache = model.make_cache(2, 12, dtype=cache_dtype, fused_rotary=fused_read)
             model(x[:, :6], cache)
             logits.append(torch.cat([model(x[:, i:i + 1], cache) for i in range(6, 12)], dim=1))
-    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    # The two reads differ by float rounding (~1e-6); a later layer's new key that lands next to an int8 / fp8
+    # rounding boundary can then be stored one step apart, which moves the logits by up to ~1e-3 (seen: 7.6e-4).
+    # The kernel itself is held to ATOL on identical caches by the tests above.
+    assert torch.allclose(logits[0], logits[1], atol=3e-3)
 
 
 def test_int8_generation_reads_in_one_pass_by_default_and_falls_back_without_a_kernel(monkeypatch):

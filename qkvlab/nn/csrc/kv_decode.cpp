@@ -1,10 +1,11 @@
 // One-token attention over a KV cache in a single pass. K = V: keys rotated on the fly (or read as stored),
-// values the same unrotated vectors. A quantised cache (int8, or float8 codes read through a 256-entry table)
+// values the same unrotated vectors; separate keys and values (QKV, GQA) from two streams. A quantised cache (int8, or float8 codes read through a 256-entry table)
 // with one bfloat16 scale per (row, head, token) is dequantised as it is read, with keys and values from one
 // stream (K = V) or from their own streams (QKV, GQA).
 //
 // A work item takes one range of key positions for every row and head. It streams those keys once, in
-// blocks small enough to stay in L1: for each (row, query head) in turn, the block's scores (q . rot_t(k) =
+// blocks small enough to stay in L1: for each (row, query head) in turn, the block's scores (four keys at a
+// time when there are no tables) (q . rot_t(k) =
 // sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]), qs the pair-swapped query), an online softmax (running max m,
 // sum l) and the weighted sum of the same keys as values. Rows and heads are the inner loop so that each
 // block of the rotation tables is read once for all of them. Ranges (flash-decoding's split) give every
@@ -71,67 +72,117 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
   std::vector<char> seen(HG, 0);
   float scores[kBlock];
   float probs[kBlock];
-  for (int64_t b0 = t0; b0 < t1; b0 += kBlock) {
-    const int64_t n = std::min(kBlock, t1 - b0);
-    for (int64_t hg = 0; hg < HG; ++hg) {
-      const int64_t bh = hg / G, b = bh / H, h = bh % H;
-      const V* keys = key.data + b * key.sb + h * key.sh;
-      const V* vals = val.data + b * val.sb + h * val.sh;
-      const uint16_t* key_scales = kQuantized ? key.scales.data + b * key.scales.sb + h * key.scales.sh : nullptr;
-      const uint16_t* val_scales = kQuantized ? val.scales.data + b * val.scales.sb + h * val.scales.sh : nullptr;
-      const bool* row_mask = mask == nullptr ? nullptr : mask + b * mask_stride;
-      const float* qg = q + hg * D;
-      const float* qsg = qs + hg * D;
-      for (int64_t j = 0; j < n; ++j) {  // scores: no branches, so keys overlap in the pipeline
+  // One block of n keys from b0 for (row, query head) hg: scores, online softmax, weighted sum of values.
+  auto block = [&](int64_t hg, int64_t b0, int64_t n) {
+    const int64_t bh = hg / G, b = bh / H, h = bh % H;
+    const V* keys = key.data + b * key.sb + h * key.sh;
+    const V* vals = val.data + b * val.sb + h * val.sh;
+    const uint16_t* key_scales = kQuantized ? key.scales.data + b * key.scales.sb + h * key.scales.sh : nullptr;
+    const uint16_t* val_scales = kQuantized ? val.scales.data + b * val.scales.sb + h * val.scales.sh : nullptr;
+    const bool* row_mask = mask == nullptr ? nullptr : mask + b * mask_stride;
+    const float* qg = q + hg * D;
+    const float* qsg = qs + hg * D;
+    int64_t j = 0;
+    if constexpr (!kRotate) {  // four keys at a time: four independent sums keep the vector units busy
+      for (; j + 4 <= n; j += 4) {
         const int64_t t = b0 + j;
-        const V* k = keys + t * key.st;
-        float dot = 0.f;
-        if constexpr (kRotate) {
-          const float* c = cos + t * D;
-          const float* s = sin + t * D;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += load(k[d], key.lut) * (c[d] * qg[d] + s[d] * qsg[d]);
-        } else {
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += load(k[d], key.lut) * qg[d];
+        const V* k0 = keys + t * key.st;
+        const V* k1 = k0 + key.st;
+        const V* k2 = k1 + key.st;
+        const V* k3 = k2 + key.st;
+        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = qg[d];
+          d0 += load(k0[d], key.lut) * x;
+          d1 += load(k1[d], key.lut) * x;
+          d2 += load(k2[d], key.lut) * x;
+          d3 += load(k3[d], key.lut) * x;
         }
-        scores[j] = kQuantized ? dot * bf16_to_float(key_scales[t]) : dot;
+        if constexpr (kQuantized) {
+          d0 *= bf16_to_float(key_scales[t]);
+          d1 *= bf16_to_float(key_scales[t + 1]);
+          d2 *= bf16_to_float(key_scales[t + 2]);
+          d3 *= bf16_to_float(key_scales[t + 3]);
+        }
+        scores[j] = d0;
+        scores[j + 1] = d1;
+        scores[j + 2] = d2;
+        scores[j + 3] = d3;
       }
-      if (row_mask != nullptr)
-        for (int64_t j = 0; j < n; ++j)
-          if (!row_mask[b0 + j]) scores[j] = -INFINITY;
-      float block_max = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, scores[j]);
-      if (block_max == -INFINITY) continue;  // every key of the block masked
-      float& m = out.m[hg];
-      float& l = out.l[hg];
-      float* acc = out.acc.data() + hg * D;
-      if (!seen[hg] || block_max > m) {
-        const float r = seen[hg] ? std::exp(m - block_max) : 0.f;
-        l *= r;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] *= r;
-        m = block_max;
-        seen[hg] = 1;
-      }
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        probs[j] = std::exp(scores[j] - m);  // masked: exp(-inf) = 0
-        sum += probs[j];
-      }
-      l += sum;
-      float local[kD > 0 ? kD : 1];  // the accumulator in registers for a fixed head size
-      float* __restrict__ a = kD > 0 ? local : acc;
-      if (kD > 0) std::copy(acc, acc + D, local);
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = kQuantized ? probs[j] * bf16_to_float(val_scales[b0 + j]) : probs[j];
-        const V* __restrict__ k = vals + (b0 + j) * val.st;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * load(k[d], val.lut);
-      }
-      if (kD > 0) std::copy(local, local + D, acc);
     }
+    for (; j < n; ++j) {  // scores: no branches, so keys overlap in the pipeline
+      const int64_t t = b0 + j;
+      const V* k = keys + t * key.st;
+      float dot = 0.f;
+      if constexpr (kRotate) {
+        const float* c = cos + t * D;
+        const float* s = sin + t * D;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += load(k[d], key.lut) * (c[d] * qg[d] + s[d] * qsg[d]);
+      } else {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += load(k[d], key.lut) * qg[d];
+      }
+      scores[j] = kQuantized ? dot * bf16_to_float(key_scales[t]) : dot;
+    }
+    if (row_mask != nullptr)
+      for (int64_t i = 0; i < n; ++i)
+        if (!row_mask[b0 + i]) scores[i] = -INFINITY;
+    float block_max = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) block_max = std::max(block_max, scores[i]);
+    if (block_max == -INFINITY) return;  // every key of the block masked
+    float& m = out.m[hg];
+    float& l = out.l[hg];
+    float* acc = out.acc.data() + hg * D;
+    if (!seen[hg] || block_max > m) {
+      const float r = seen[hg] ? std::exp(m - block_max) : 0.f;
+      l *= r;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] *= r;
+      m = block_max;
+      seen[hg] = 1;
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      probs[i] = std::exp(scores[i] - m);  // masked: exp(-inf) = 0
+      sum += probs[i];
+    }
+    l += sum;
+    float local[kD > 0 ? kD : 1];  // the accumulator in registers for a fixed head size
+    float* __restrict__ a = kD > 0 ? local : acc;
+    if (kD > 0) std::copy(acc, acc + D, local);
+    if constexpr (kQuantized) {
+      for (int64_t i = 0; i < n; ++i) probs[i] *= bf16_to_float(val_scales[b0 + i]);
+    }
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {  // four values per pass over the accumulator
+      const V* __restrict__ v0 = vals + (b0 + i) * val.st;
+      const V* __restrict__ v1 = v0 + val.st;
+      const V* __restrict__ v2 = v1 + val.st;
+      const V* __restrict__ v3 = v2 + val.st;
+      const float p0 = probs[i], p1 = probs[i + 1], p2 = probs[i + 2], p3 = probs[i + 3];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d)
+        a[d] += p0 * load(v0[d], val.lut) + p1 * load(v1[d], val.lut) + p2 * load(v2[d], val.lut) +
+                p3 * load(v3[d], val.lut);
+    }
+    for (; i < n; ++i) {
+      const float p = probs[i];
+      const V* __restrict__ v = vals + (b0 + i) * val.st;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += p * load(v[d], val.lut);
+    }
+    if (kD > 0) std::copy(local, local + D, acc);
+  };
+  if constexpr (kRotate) {  // rows and heads inner: each block of the tables is read once for all of them
+    for (int64_t b0 = t0; b0 < t1; b0 += kBlock)
+      for (int64_t hg = 0; hg < HG; ++hg) block(hg, b0, std::min(kBlock, t1 - b0));
+  } else {  // no tables: each (row, key head) streams its keys in order, once for the query heads of its group
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t b0 = t0; b0 < t1; b0 += kBlock)
+        for (int64_t g = 0; g < G; ++g) block(bh * G + g, b0, std::min(kBlock, t1 - b0));
   }
   for (int64_t hg = 0; hg < HG; ++hg)
     if (!seen[hg]) out.m[hg] = -INFINITY;  // nothing attended in this range
@@ -187,6 +238,16 @@ extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const f
                                         int32_t threads, float* out) {
   const Stream<float> shared{kv, sb, sh, st, Scales{nullptr, 0, 0}, nullptr};
   decode<float>(q, qs, shared, shared, cos, sin, mask, B, H, G, D, T, splits, threads, out);
+}
+
+// Float32 keys k and values v from their own streams (QKV, GQA: keys stored rotated, so no tables).
+extern "C" void qkvlab_kv_decode_pair(const float* q, const float* k, int64_t ksb, int64_t ksh, int64_t kst,
+                                      const float* v, int64_t vsb, int64_t vsh, int64_t vst, const uint8_t* mask,
+                                      int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+                                      int32_t threads, float* out) {
+  const Stream<float> key{k, ksb, ksh, kst, Scales{nullptr, 0, 0}, nullptr};
+  const Stream<float> val{v, vsb, vsh, vst, Scales{nullptr, 0, 0}, nullptr};
+  decode<float>(q, q, key, val, nullptr, nullptr, mask, B, H, G, D, T, splits, threads, out);
 }
 
 // Over an int8 cache: keys k (scales ks: bfloat16 bits, key t of head h in row b at ks + b * kssb + h * kssh + t) and

@@ -1,0 +1,65 @@
+"""`Linear`: `nn.Linear` whose few-row CPU inference goes through a kernel that streams the weight once.
+
+Decoding multiplies one token per sequence by every weight matrix: a matrix-vector product bound by reading
+the weight. On the CPUs measured here PyTorch's BLAS path reads it at 5-8 GB/s, a fraction of the memory's
+bandwidth; `csrc/small_linear.cpp` (built with the cache-read kernels, `qkvlab.nn.kv_decode`) reads it at
+16-25 GB/s (2-4.5x, docs/PERFORMANCE.md). `Linear` takes that path for float32 inputs of at most
+`MAX_ROWS` rows on the CPU without gradients, outside torch.compile / export, when the weight has at least
+`MIN_WEIGHT` entries; everything else (training, prefill, GPUs, other dtypes, a machine without a C++
+compiler) is `nn.Linear` unchanged. It is an `nn.Linear`: same parameters, state-dict keys and init.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkvlab.errors import QkvlabError
+from qkvlab.nn import kv_decode
+
+MAX_ROWS = 8  # more rows: the BLAS matrix-matrix path is as fast
+MIN_WEIGHT = 16384  # smaller weights: the call costs more than it saves (measured: equal at 65 x 128)
+enabled = True  # False: always nn.Linear (benchmarks compare the two in one process)
+
+
+def _kernel():
+    """The built library, or None where it cannot be built (then nn.Linear serves)."""
+    try:
+        return kv_decode.library()
+    except QkvlabError:
+        return None
+
+
+def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weight.T` takes the kernel."""
+    return (enabled and type(x) is torch.Tensor  # not a fake, functional or proxy tensor (export, tracing)
+            and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.numel() >= MIN_WEIGHT and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and weight.is_contiguous())
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x (..., K) @ weight (N, K).T + bias for at most MAX_ROWS rows, or None when the kernel is unavailable."""
+    lib = _kernel()
+    if lib is None:
+        return None
+    K, N = weight.shape[1], weight.shape[0]
+    rows = x.reshape(-1, K).contiguous()  # (M, K)
+    y = torch.empty(rows.shape[0], N)  # (M, N)
+    ptr = kv_decode._ptr
+    lib.qkvlab_small_linear(ptr(rows), ptr(weight), None if bias is None else ptr(bias.contiguous()), ptr(y),
+                            rows.shape[0], N, K, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)
+
+
+class Linear(nn.Linear):
+    """nn.Linear; few-row float32 CPU inference reads the weight once through `small_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x, self.weight):
+            y = small_linear(x, self.weight, self.bias)
+            if y is not None:
+                return y
+        return F.linear(x, self.weight, self.bias)
