@@ -81,7 +81,7 @@ class BenchSettings:
     max_cache_gib: float = 8.0  # skip a decode cell whose caches (all models at once) would exceed this
     seed: int = 0
     device: str = "cpu"
-    fused_rotary: bool = False  # also time rotary K = V variants through the fused read, as "(fused)" rows
+    fused_rotary: bool = False  # also time our variants through the one-pass cache read, as "(fused)" rows
 
     def __post_init__(self) -> None:
         for name in ("shapes", "peers", "phases"):
@@ -133,7 +133,7 @@ class Contender:
 
     def __init__(self, name: str, model: Any, config: ModelConfig, note: str = "", fused_rotary: bool = False):
         self.name, self.model, self.config, self.note = name, model, config, note  # model: an nn.Module
-        self.fused_rotary = fused_rotary  # caches read K = V rotary keys through qkvlab.nn.rotary_read
+        self.fused_rotary = fused_rotary  # caches read through qkvlab.nn.rotary_read (the one-pass read)
 
     @property
     def device(self) -> torch.device:
@@ -280,9 +280,9 @@ def build_contenders(settings: BenchSettings, shape: str, available: dict[str, b
     device = torch.device(settings.device)
     ours = [Contender(v, build_model(settings.config(shape, v), seed=settings.seed).to(device),
                       settings.config(shape, v)) for v in SHAPES[shape][0]]
-    if settings.fused_rotary:  # the same model again, its K = V keys rotated inside the compiled score loop
-        ours += [Contender(f"{c.name} (fused)", c.model, c.config, "fused rotary read", fused_rotary=True)
-                 for c in list(ours) if c.config.positions == "rotary" and c.config.spec.cache_streams == 1]
+    if settings.fused_rotary:  # the same models again, decoding through the one-pass cache read
+        ours += [Contender(f"{c.name} (fused)", c.model, c.config, "one-pass cache read", fused_rotary=True)
+                 for c in list(ours)]
     contenders: list[Contender] = list(ours)
     if available.get("hf"):
         contenders.append(_hf_peer(shape, ours[0]))

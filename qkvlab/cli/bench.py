@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--seed", type=int, help="weights and tokens (default 0)")
     p.add_argument("--fused-rotary", action="store_true", default=None,
-                   help="also time rotary K = V variants (llama shape: Q-GQA-2) through the fused read "
-                        "(keys rotated while the cache is read, qkvlab.nn.rotary_read), as '(fused)' rows")
+                   help="also time our variants decoding through the one-pass cache read (qkvlab.nn.rotary_read: "
+                        "K = V rotary keys rotated while read, large caches read once), as '(fused)' rows")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
 
 
