@@ -116,11 +116,17 @@ def code_table(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float().contiguous()
 
 
+def watched() -> bool:
+    """Whether a dispatch or function mode is active (FLOP counters, tracers): the kernels, called through
+    ctypes, would be invisible to it, so PyTorch's own ops run instead."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
+
+
 def serves(q: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether the kernel applies: float32 queries on the CPU over a float32, int8 or float8 cache, each key's
     dims contiguous."""
     return (q.device.type == "cpu" and kv.device.type == "cpu" and q.dtype == torch.float32
-            and (kv.dtype == torch.float32 or kv.dtype in QUANT_MAX) and kv.stride(-1) == 1)
+            and (kv.dtype == torch.float32 or kv.dtype in QUANT_MAX) and kv.stride(-1) == 1 and not watched())
 
 
 def splits_for(length: int) -> int:

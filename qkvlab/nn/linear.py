@@ -37,7 +37,8 @@ def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.numel() >= MIN_WEIGHT and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and weight.is_contiguous())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and weight.is_contiguous()
+            and not kv_decode.watched())  # a FLOP counter or tracer sees F.linear
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -82,13 +82,13 @@ def unavailable(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                      mask: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                      values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one new token per row over a K = V cache read once.
+    """Attention of one new token per row over a cache read once (K = V, or keys and values apart).
 
     q (B, H, 1, D) rotated to its own position; kv (B, H_kv, Tk, D) the stored shared tensor; cos, sin
     (Tk, D) from `Rotary.read_tables`, or both None for keys read as stored (learned positions: the gain is
     that each key is read once for every query head of its group); mask None or bool broadcastable to
     (B, 1, 1, Tk), True = attend; scales (B, H_kv, Tk) with an int8 / float8 `kv` (the kernel dequantises
-    while it reads; other paths dequantise first); `values` and `value_scales`: a quantised cache's separate
+    while it reads; other paths dequantise first); `values` (and, quantised, `value_scales`): a cache's separate
     values (QKV, GQA: keys stored rotated, so no tables). Returns (B, H, 1, D).
     """
     B, H, T, D = q.shape
