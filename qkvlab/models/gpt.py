@@ -40,9 +40,10 @@ class GPT(nn.Module):
         """A preallocated cache on the model's device, in its dtype unless given.
 
         `dtype="int8"` (or "fp8") quantises the cache: 1 byte per value plus a bfloat16 scale per
-        token and head; reads dequantise to the model's dtype. `fused_rotary`: K = V models
-        decode through the one-pass read (`qkvlab.nn.rotary_read`): rotary keys rotated while read, and
-        with learned positions, grouped key heads (Q-GQA, Q-MQA) read once for all their query heads.
+        token and head; reads dequantise to the model's dtype. `fused_rotary`: one-token steps read the
+        cache in one pass (`qkvlab.nn.rotary_read`; `generate` turns it on by default on the CPU): K = V
+        rotary keys rotated while read, quantised caches dequantised while read, and the unrotated keys of
+        large caches (any variant; grouped key heads once for all their query heads) read once.
         """
         param = self.tok_emb.weight
         return KVCache.for_model(self.config, batch_size, max_len, resolve_cache_dtype(dtype) or param.dtype,

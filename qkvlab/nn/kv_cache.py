@@ -94,8 +94,9 @@ class KVCache:
         self._device_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._steps = torch.arange(max_len, device=device)  # (max_len,) offsets of new tokens
         self._workspace: torch.Tensor | None = None
-        # K = V: one-token steps read the shared tensor once (qkvlab.nn.rotary_read), rotating rotary keys
-        # while reading them instead of into the workspace, and grouped heads' keys once per group.
+        # One-token steps read the cache in one pass (qkvlab.nn.rotary_read): K = V rotary keys rotated while
+        # read instead of into the workspace, quantised values dequantised while read, large caches' keys
+        # (grouped heads: once per group) and values together.
         self.fused_rotary = fused_rotary
 
     @classmethod
