@@ -13,6 +13,29 @@ namespace {
 constexpr int64_t kLanes = 16;  // partial sums per dot product: one AVX-512 register, or two AVX2 ones
 constexpr int64_t kChunk = 64;  // output columns per work item
 
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));  // kLanes floats, held in registers
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  __builtin_memcpy(&v, p, sizeof v);  // unaligned
+  return v;
+}
+
+// One row of x: the partial sums as explicit vector registers read the weight near the memory's bandwidth
+// (measured 1.1-1.5x the array form below, which is the faster one for two to four rows).
+void column_one(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wn = w + n * K;
+    Lanes part{};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes) part += load_lanes(wn + k) * load_lanes(x + k);
+    float s = b == nullptr ? 0.f : b[n];
+    for (int64_t i = 0; i < kLanes; ++i) s += part[i];
+    for (int64_t r = k; r < K; ++r) s += wn[r] * x[r];
+    y[n] = s;
+  }
+}
+
 template <int kM>
 void columns(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K, int64_t n0,
              int64_t n1) {
@@ -47,7 +70,7 @@ extern "C" void qkvlab_small_linear(const float* x, const float* w, const float*
       const float* xm = x + m0 * K;
       float* ym = y + m0 * N;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 1: columns<1>(xm, w, b, ym, N, K, n0, n1); break;
+        case 1: column_one(xm, w, b, ym, K, n0, n1); break;
         case 2: columns<2>(xm, w, b, ym, N, K, n0, n1); break;
         case 3: columns<3>(xm, w, b, ym, N, K, n0, n1); break;
         default: columns<4>(xm, w, b, ym, N, K, n0, n1); break;
