@@ -105,7 +105,8 @@ def library() -> ctypes.CDLL:
     lib.qkvlab_kv_rotary_decode_int8.restype = None
     lib.qkvlab_kv_rotary_decode_fp8.argtypes = _ARGTYPES_FP8
     lib.qkvlab_kv_rotary_decode_fp8.restype = None
-    lib.qkvlab_small_linear.argtypes = [_f32p, _f32p, _f32p, _f32p, _i64, _i64, _i64, ctypes.c_int32]
+    _void = ctypes.c_void_p  # raw data_ptr() integers: no pointer objects built per call (this is per layer)
+    lib.qkvlab_small_linear.argtypes = [_void, _void, _void, _void, _i64, _i64, _i64, ctypes.c_int32]
     lib.qkvlab_small_linear.restype = None
     return lib
 

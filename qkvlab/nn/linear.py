@@ -46,13 +46,12 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     lib = _kernel()
     if lib is None:
         return None
-    K, N = weight.shape[1], weight.shape[0]
+    N, K = weight.shape
     rows = x.reshape(-1, K).contiguous()  # (M, K)
     y = torch.empty(rows.shape[0], N)  # (M, N)
-    ptr = kv_decode._ptr
-    lib.qkvlab_small_linear(ptr(rows), ptr(weight), None if bias is None else ptr(bias.contiguous()), ptr(y),
-                            rows.shape[0], N, K, torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], N)
+    lib.qkvlab_small_linear(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
+                            y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)
 
 
 class Linear(nn.Linear):
