@@ -69,3 +69,15 @@ def variant_grid(plus: bool = True) -> list[str]:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+def full_and_steps(model: nn.Module, x: torch.Tensor, prefill: int, **cache_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of the full forward over x[:, prefill:], the same positions decoded one token at a time after a
+    prefill of x[:, :prefill] into `model.make_cache(B, T, **cache_kw)`), both (B, T - prefill, V)."""
+    B, T = x.shape
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(B, T, **cache_kw)
+        model(x[:, :prefill], cache)
+        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(prefill, T)], dim=1)
+    return full[:, prefill:], steps

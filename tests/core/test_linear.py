@@ -9,7 +9,7 @@ from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models import build_model
 from qkvlab.nn import kv_decode, linear
-from tests.core.helpers import ATOL, randomize_, small
+from tests.core.helpers import ATOL, full_and_steps, randomize_, small
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
@@ -75,13 +75,8 @@ def test_cached_decoding_through_the_kernel_equals_the_full_forward(variant, pos
     calls = _counting(monkeypatch)
     torch.manual_seed(5)
     model = randomize_(build_model(small(variant=variant, positions=positions, n_heads=4)).eval())
-    x = torch.randint(0, 50, (2, 16))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.make_cache(2, 16)
-        model(x[:, :9], cache)
-        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(9, 16)], dim=1)
-    assert calls and torch.allclose(steps, full[:, 9:], atol=ATOL * 10)
+    full, steps = full_and_steps(model, torch.randint(0, 50, (2, 16)), 9)
+    assert calls and torch.allclose(steps, full, atol=ATOL * 10)
     prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
     fast = generate(model, prompts, sampling)
     monkeypatch.setattr(linear, "enabled", False)

@@ -9,7 +9,7 @@ from qkvlab.models import build_model
 from qkvlab.nn import attention, kv_decode, rotary_read
 from qkvlab.nn.kv_cache import QUANT_MAX, dequantize, quantize
 from qkvlab.nn.positions import Rotary, apply_rotary
-from tests.core.helpers import ATOL, randomize_, small
+from tests.core.helpers import ATOL, full_and_steps, randomize_, small
 
 QUANTIZED = list(QUANT_MAX)  # int8 and the float8 dtypes this PyTorch has
 
@@ -257,13 +257,8 @@ def test_large_float_caches_read_in_one_pass_and_equal_the_full_forward(variant,
     monkeypatch.setattr(kv_decode, "decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     torch.manual_seed(4)
     model = randomize_(build_model(small(variant=variant, positions=positions, n_heads=4)).eval())
-    x = torch.randint(0, 50, (2, 18))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.make_cache(2, 20, fused_rotary=True)
-        model(x[:, :10], cache)
-        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(10, 18)], dim=1)
-    assert calls and torch.allclose(steps, full[:, 10:], atol=ATOL)
+    full, steps = full_and_steps(model, torch.randint(0, 50, (2, 18)), 10, fused_rotary=True)
+    assert calls and torch.allclose(steps, full, atol=ATOL)
     prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=8, temperature=0)
     assert generate(model, prompts, sampling, fused_rotary=True) == generate(model, prompts, sampling)
 
