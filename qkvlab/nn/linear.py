@@ -23,11 +23,18 @@ MIN_WEIGHT = 16384  # smaller weights: the call costs more than it saves (measur
 enabled = True  # False: always nn.Linear (benchmarks compare the two in one process)
 
 
+_failed: set = set()  # builders that raised (no compiler): not tried again at every layer of every step
+
+
 def _kernel():
     """The built library, or None where it cannot be built (then nn.Linear serves)."""
+    build = kv_decode.library
+    if build in _failed:
+        return None
     try:
-        return kv_decode.library()
+        return build()
     except QkvlabError:
+        _failed.add(build)
         return None
 
 

@@ -58,13 +58,18 @@ def test_the_layer_takes_the_kernel_only_for_few_row_float_inference(monkeypatch
 
 
 def test_the_layer_falls_back_without_a_compiler(monkeypatch):
+    tries = []
+
     def no_compiler():
+        tries.append(1)
         raise QkvlabError("no C++ compiler")
 
     monkeypatch.setattr(kv_decode, "library", no_compiler)
     layer, x = linear.Linear(128, 256), torch.randn(2, 128)
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer(x)
+    assert len(tries) == 1  # the failed build is remembered, not retried at every call
 
 
 @pytest.mark.parametrize("variant, positions", [("QKV", "learned"), ("Q-K=V", "rotary"), ("Q-MQA", "learned")])
