@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-train", action="store_true", help="time the decode step only")
     p.add_argument("--fused-rotary", action="store_true",
                    help="also decode each model through the one-pass cache read (a '(fused)' row; a layer's "
-                        "unrotated float keys take it from 4 MiB, grouped ones from 1 MiB)")
+                        "unrotated float keys take it from 2 MiB, grouped ones from 512 KiB)")
     p.add_argument("--cache-dtypes", nargs="+", default=["fp32"], metavar="DTYPE",
                    help="decode with each of these cache dtypes (fp32, bf16, int8, fp8; rows named by dtype)")
     p.add_argument("--train-batch", type=int, default=8)

@@ -114,7 +114,7 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
     as large as the cache; with learned positions, K = V models with grouped heads (Q-GQA, Q-MQA) read each
     cached key once for all its query heads through the same kernel, and an int8 / fp8 cache (any variant) is
     dequantised while it is read instead of into a float copy of every layer's cache at every step; the
-    unrotated keys of a large float cache (any variant: from 4 MiB a layer, grouped from 1 MiB) are read once
+    unrotated keys of a large float cache (any variant: from 2 MiB a layer, grouped from 512 KiB) are read once
     too. None (the default): on the CPU where the kernel builds, and for quantised caches wherever the read can
     run (torch.compile off the CPU); else off (int8 then dequantises per step, 5-10x slower).
 

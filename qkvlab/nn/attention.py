@@ -31,13 +31,13 @@ from qkvlab.variants import VariantSpec
 
 # Caches whose keys need no rotation when read (learned positions, or keys stored rotated beside their values)
 # go through the fused read only from this many bytes of keys per layer: below it the kernel's fixed cost per
-# call is more than SDPA's second pass costs, which hits the CPU's cache anyway (measured, 6 heads of 64:
-# SDPA faster up to 1.5 MiB, equal at 6 MiB, the fused read 1.1-1.3x from 6 MiB; see docs/PERFORMANCE.md).
-STORED_READ_MIN_BYTES = 4 << 20
+# call is more than SDPA's second pass costs, which hits the CPU's cache anyway (measured with the 16-keys-per-
+# vector loop, 6 layers, 6 heads of 64, whole decode steps: equal at 0.75 and 3 MiB at batch 4 and 512 cached
+# tokens, the fused read 1.07-1.16x at 3 MiB at batch 1; see docs/PERFORMANCE.md).
+STORED_READ_MIN_BYTES = 2 << 20
 # With grouped heads SDPA expands the keys to every query head, so the read that takes each key once per group
-# pays earlier (measured, Q-MQA, 6 heads of 64, batch 4: equal at 0.5 MiB a layer, fused 7 % faster at 2 MiB,
-# 30 % at 8 MiB).
-GROUPED_READ_MIN_BYTES = 1 << 20
+# pays earlier (measured, Q-MQA, same model: 0.96x at 128 KiB, 0.98-1.08x at 512 KiB, 1.3x and more from 8 MiB).
+GROUPED_READ_MIN_BYTES = 512 << 10
 
 
 @dataclass

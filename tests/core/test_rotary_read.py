@@ -193,6 +193,25 @@ def test_the_cpu_kernel_without_tables_equals_plain_attention(B, H, G, T, D, mas
     assert torch.allclose(got, scores.softmax(-1) @ kv, atol=ATOL)
 
 
+@pytest.mark.parametrize("G, D", [(5, 64), (8, 128), (7, 32), (1, 64)])
+@pytest.mark.parametrize("sharpness", [1.0, 8.0])
+def test_the_vectorised_plain_read_equals_softmax_attention(G, D, sharpness):
+    """Head sizes 32/64/128 take the 16-keys-per-vector loop, whose query heads share each value load in groups
+    (4 + 1, 2 + 2 + 2 + 2, ...): every grouping, sharp softmaxes (the running maximum moves, exponents far below
+    zero) and masks that drop whole blocks of 16 keys, against softmax attention; separate values too."""
+    g = torch.Generator().manual_seed(G * D)
+    B, H, T = 2, 2, 1100
+    q = torch.randn(B, H, G, D, generator=g) * sharpness / D ** 0.5  # scores of standard deviation `sharpness`
+    k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    mask = _ragged_mask(B, T, g)
+    mask[0, 16:80] = False  # four whole blocks of one row
+    mask[1, T - 40:] = False  # the tail of the other
+    for values in (k, v):
+        scores = (q.double() @ k.double().transpose(-2, -1)).masked_fill(~mask[:, None, None, :], float("-inf"))
+        got = kv_decode.decode(q, None, k, None, None, mask, values=None if values is k else values)
+        assert torch.allclose(got.double(), scores.softmax(-1) @ values.double(), atol=ATOL)  # float64 reference
+
+
 @pytest.mark.parametrize("variant", ["Q-MQA", "Q-GQA-2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_learned_grouped_k_equals_v_reads_once_and_equals_the_full_forward(variant, dtype, monkeypatch):

@@ -188,28 +188,166 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
     if (!seen[hg]) out.m[hg] = -INFINITY;  // nothing attended in this range
 }
 
-// q, q_swap (B, H, G, D) float32 contiguous, already scaled; key, val: the streams (the same one for K = V); cos,
-// sin (T, D) contiguous, or both null for unrotated keys (q_swap unread); mask (B, T) bytes (nonzero = attend) or
-// null; splits: key ranges (work items) over `threads` OpenMP threads. Writes out (B, H, G, D).
-template <typename V>
-void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* cos, const float* sin,
-            const uint8_t* mask, int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
-            int32_t threads, float* out) {
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, (T + kBlock - 1) / kBlock));
-  const int64_t per = (T + splits - 1) / splits;
-  std::vector<Partial> parts(splits);
-  const bool* mp = reinterpret_cast<const bool*>(mask);
-  const bool rotate = cos != nullptr;
-  auto attend = rotate ? (D == 64 ? attend_range<V, 64, true> : D == 128 ? attend_range<V, 128, true>
-                          : D == 32 ? attend_range<V, 32, true> : attend_range<V, 0, true>)
-                       : (D == 64 ? attend_range<V, 64, false> : D == 128 ? attend_range<V, 128, false>
-                          : D == 32 ? attend_range<V, 32, false> : attend_range<V, 0, false>);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t s = 0; s < splits; ++s) {
-    const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
-    attend(q, qs, key, val, cos, sin, mp, T, B, H, G, D, t0, std::max(t0, t1), parts[s]);
+// Float keys read as stored (no tables, no scales), head size kD (a multiple of 16): the same read with the
+// scores of 16 keys in one vector. A key's dot product with the query is kD / 16 vector multiply-adds and a sum
+// across lanes; the sums of 16 keys are taken together (a transposing reduction, 45 vector operations) instead
+// of one by one, and the accumulator of each query head stays in registers (measured: 1.4-3x the general loop
+// above, which the other cases keep).
+typedef float Vec16 __attribute__((vector_size(16 * sizeof(float))));
+
+typedef int32_t Int16 __attribute__((vector_size(16 * sizeof(int32_t))));
+
+// Lanes of two vectors picked by constant indices (0-15 from a, 16-31 from b); GCC before 12 spells it otherwise.
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, Int16{__VA_ARGS__})
+#endif
+
+inline Vec16 load16(const float* p) {
+  Vec16 v;
+  __builtin_memcpy(&v, p, sizeof v);  // unaligned
+  return v;
+}
+
+// Pairwise lane sums of a and b: lanes 0-7 hold a's, lanes 8-15 b's (each in lane order).
+inline Vec16 fold(Vec16 a, Vec16 b) {
+  return SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUFFLE(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Lane j of the result: the sum of the 16 lanes of v[j].
+inline Vec16 sum16(const Vec16* v) {
+  Vec16 w[8], x[4];
+  for (int i = 0; i < 8; ++i) w[i] = fold(v[2 * i], v[2 * i + 1]);  // 8 partial sums of each
+  for (int i = 0; i < 4; ++i) x[i] = fold(w[2 * i], w[2 * i + 1]);  // 4 of each
+  return fold(fold(x[0], x[1]), fold(x[2], x[3]));  // 2 of each, then 1
+}
+
+inline Vec16 vmax(Vec16 a, Vec16 b) { return a > b ? a : b; }
+
+inline float hmax(Vec16 v) {  // the largest lane
+  v = vmax(v, SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax(v, SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+inline float hsum(Vec16 v) {  // the sum of the lanes
+  v += SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// exp of each lane for x <= 0 (softmax weights; 0 below -87, so exp(-inf) = 0): Cody-Waite reduction to
+// r in about [-ln2/2, ln2/2] and Cephes' degree-6 polynomial, within 2 ulp of expf (tested against std::exp).
+inline Vec16 vexp(Vec16 x) {
+  const Vec16 zero{};
+  const Vec16 lo = zero - 87.f;
+  const Vec16 xc = x < lo ? lo : x;
+  const Int16 n = __builtin_convertvector(xc * 1.44269504f - 0.5f, Int16);  // round(x / ln2), x <= 0
+  const Vec16 nf = __builtin_convertvector(n, Vec16);
+  const Vec16 r = (xc - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  Vec16 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const Int16 bits = (n + 127) << 23;  // 2^n
+  Vec16 scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  const Vec16 e = p * scale;
+  return x < lo ? zero : e;
+}
+
+// acc[g] (kC vectors) = acc[g] * r[g] + sum_j probs[g][j] v_j over the n values of a block, for kGN query heads at
+// once: each value is loaded once for all of them and the accumulators stay in registers.
+template <int64_t kC, int kGN>
+inline void accumulate(const float* vals, int64_t st, int64_t n, const float* probs, const float* r, float* const* acc) {
+  Vec16 a[kGN][kC];
+  for (int g = 0; g < kGN; ++g)
+    for (int64_t c = 0; c < kC; ++c) a[g][c] = load16(acc[g] + 16 * c) * r[g];
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = vals + j * st;
+    Vec16 vv[kC];
+    for (int64_t c = 0; c < kC; ++c) vv[c] = load16(v + 16 * c);
+    for (int g = 0; g < kGN; ++g) {
+      const float p = probs[g * 16 + j];
+      for (int64_t c = 0; c < kC; ++c) a[g][c] += p * vv[c];
+    }
   }
-  const int64_t rows = B * H * G;  // (row, query head), in the order of `out` and of the partials
+  for (int g = 0; g < kGN; ++g) __builtin_memcpy(acc[g], a[g], sizeof a[g]);
+}
+
+template <int64_t kD>
+void attend_plain(const float* q, Stream<float> key, Stream<float> val, const bool* mask, int64_t mask_stride,
+                  int64_t B, int64_t H, int64_t G, int64_t t0, int64_t t1, Partial& out) {
+  constexpr int64_t kC = kD / 16;  // vectors per head
+  constexpr int kHeads = kC >= 8 ? 2 : 4;  // query heads per pass over the values: their accumulators in registers
+  const int64_t HG = B * H * G;
+  out.m.assign(HG, -INFINITY);
+  out.l.assign(HG, 0.f);
+  out.acc.assign(HG * kD, 0.f);
+  const Vec16 lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const Vec16 none = Vec16{} - INFINITY;
+  std::vector<float> probs(G * 16), rescale(G);  // this block's softmax weights and accumulator rescaling per head
+  std::vector<float*> accs(G);
+  for (int64_t bh = 0; bh < B * H; ++bh) {  // each (row, key head) streams its keys once for its G query heads
+    const int64_t b = bh / H, h = bh % H;
+    const float* keys = key.data + b * key.sb + h * key.sh;
+    const float* vals = val.data + b * val.sb + h * val.sh;
+    const bool* row_mask = mask == nullptr ? nullptr : mask + b * mask_stride;
+    for (int64_t g = 0; g < G; ++g) accs[g] = out.acc.data() + (bh * G + g) * kD;
+    for (int64_t b0 = t0; b0 < t1; b0 += 16) {
+      const int64_t n = std::min<int64_t>(16, t1 - b0);
+      Vec16 keep = lane < static_cast<float>(n) ? Vec16{} : none;  // -inf on keys past the range or masked
+      if (row_mask != nullptr) {
+        for (int64_t j = 0; j < n; ++j)
+          if (!row_mask[b0 + j]) keep[j] = -INFINITY;
+        if (hmax(keep) == -INFINITY) continue;  // every key of the block masked
+      }
+      for (int64_t g = 0; g < G; ++g) {  // scores and softmax weights of each query head
+        const int64_t hg = bh * G + g;
+        const float* qg = q + hg * kD;
+        Vec16 qv[kC];
+        for (int64_t c = 0; c < kC; ++c) qv[c] = load16(qg + 16 * c);
+        Vec16 part[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          Vec16 s{};
+          if (j < n) {
+            const float* k = keys + (b0 + j) * key.st;
+            for (int64_t c = 0; c < kC; ++c) s += qv[c] * load16(k + 16 * c);
+          }
+          part[j] = s;
+        }
+        const Vec16 s = sum16(part) + keep;
+        float& m = out.m[hg];
+        const float m_new = std::max(m, hmax(s));
+        rescale[g] = m == -INFINITY ? 0.f : m_new > m ? std::exp(m - m_new) : 1.f;
+        const Vec16 pv = vexp(s - m_new);  // masked and missing keys: 0
+        out.l[hg] = out.l[hg] * rescale[g] + hsum(pv);
+        m = m_new;
+        __builtin_memcpy(probs.data() + g * 16, &pv, sizeof pv);
+      }
+      const float* block_vals = vals + b0 * val.st;
+      int64_t g = 0;
+      for (; g + kHeads <= G; g += kHeads)
+        accumulate<kC, kHeads>(block_vals, val.st, n, probs.data() + g * 16, rescale.data() + g, accs.data() + g);
+      for (; g + 2 <= G; g += 2)
+        accumulate<kC, 2>(block_vals, val.st, n, probs.data() + g * 16, rescale.data() + g, accs.data() + g);
+      for (; g < G; ++g)
+        accumulate<kC, 1>(block_vals, val.st, n, probs.data() + g * 16, rescale.data() + g, accs.data() + g);
+    }
+  }
+}
+
+// The work items' partial softmax states merged by log-sum-exp into out (rows = B * H * G, D).
+void merge(const std::vector<Partial>& parts, int64_t rows, int64_t D, int32_t threads, float* out) {
+  const int64_t splits = static_cast<int64_t>(parts.size());
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
     float m = -INFINITY;
@@ -228,6 +366,42 @@ void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const
     const float inv = 1.f / l;  // no key attended: 0 * inf = nan, as softmax over nothing
     for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
+}
+
+// q, q_swap (B, H, G, D) float32 contiguous, already scaled; key, val: the streams (the same one for K = V); cos,
+// sin (T, D) contiguous, or both null for unrotated keys (q_swap unread); mask (B, T) bytes (nonzero = attend) or
+// null; splits: key ranges (work items) over `threads` OpenMP threads. Writes out (B, H, G, D).
+template <typename V>
+void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* cos, const float* sin,
+            const uint8_t* mask, int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+            int32_t threads, float* out) {
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, (T + kBlock - 1) / kBlock));
+  const int64_t per = (T + splits - 1) / splits;
+  std::vector<Partial> parts(splits);
+  const bool* mp = reinterpret_cast<const bool*>(mask);
+  const bool rotate = cos != nullptr;
+  if constexpr (std::is_same_v<V, float>) {
+    if (!rotate && (D == 32 || D == 64 || D == 128)) {  // keys read as stored: 16 keys per vector of scores
+      auto plain = D == 64 ? attend_plain<64> : D == 128 ? attend_plain<128> : attend_plain<32>;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+      for (int64_t s = 0; s < splits; ++s) {
+        const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
+        plain(q, key, val, mp, T, B, H, G, t0, std::max(t0, t1), parts[s]);
+      }
+      merge(parts, B * H * G, D, threads, out);
+      return;
+    }
+  }
+  auto attend = rotate ? (D == 64 ? attend_range<V, 64, true> : D == 128 ? attend_range<V, 128, true>
+                          : D == 32 ? attend_range<V, 32, true> : attend_range<V, 0, true>)
+                       : (D == 64 ? attend_range<V, 64, false> : D == 128 ? attend_range<V, 128, false>
+                          : D == 32 ? attend_range<V, 32, false> : attend_range<V, 0, false>);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
+    attend(q, qs, key, val, cos, sin, mp, T, B, H, G, D, t0, std::max(t0, t1), parts[s]);
+  }
+  merge(parts, B * H * G, D, threads, out);
 }
 
 }  // namespace
