@@ -195,10 +195,13 @@ def test_the_cpu_kernel_without_tables_equals_plain_attention(B, H, G, T, D, mas
 
 @pytest.mark.parametrize("G, D", [(5, 64), (8, 128), (7, 32), (1, 64)])
 @pytest.mark.parametrize("sharpness", [1.0, 8.0])
-def test_the_vectorised_plain_read_equals_softmax_attention(G, D, sharpness):
+@pytest.mark.parametrize("rotate", [None, 1.0, 0.5])  # keys as stored, rotated, half their dims rotated
+def test_the_vectorised_read_equals_softmax_attention(G, D, sharpness, rotate):
     """Head sizes 32/64/128 take the 16-keys-per-vector loop, whose query heads share each value load in groups
     (4 + 1, 2 + 2 + 2 + 2, ...): every grouping, sharp softmaxes (the running maximum moves, exponents far below
-    zero) and masks that drop whole blocks of 16 keys, against softmax attention; separate values too."""
+    zero) and masks that drop whole blocks of 16 keys, against a float64 reference; keys as stored (with keys =
+    values and with separate values) and keys rotated on the fly (K = V; one query head folds the rotation into
+    its query, a group rotates each key once), wholly or in part."""
     g = torch.Generator().manual_seed(G * D)
     B, H, T = 2, 2, 1100
     q = torch.randn(B, H, G, D, generator=g) * sharpness / D ** 0.5  # scores of standard deviation `sharpness`
@@ -206,10 +209,18 @@ def test_the_vectorised_plain_read_equals_softmax_attention(G, D, sharpness):
     mask = _ragged_mask(B, T, g)
     mask[0, 16:80] = False  # four whole blocks of one row
     mask[1, T - 40:] = False  # the tail of the other
-    for values in (k, v):
-        scores = (q.double() @ k.double().transpose(-2, -1)).masked_fill(~mask[:, None, None, :], float("-inf"))
-        got = kv_decode.decode(q, None, k, None, None, mask, values=None if values is k else values)
-        assert torch.allclose(got.double(), scores.softmax(-1) @ values.double(), atol=ATOL)  # float64 reference
+    swapped = rotary_read.pair_swap(q)
+    cos, sin = Rotary(D, T, rotary_dim=int(D * rotate)).read_tables(T, "cpu") if rotate else (None, None)
+    if rotate:
+        scores = rotary_read.rotary_scores(q.double(), swapped.double(), k.double(), cos.double(),
+                                           sin.double()).permute(1, 2, 3, 0)  # (B, H, G, T)
+    else:
+        scores = q.double() @ k.double().transpose(-2, -1)  # (B, H, G, T)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    for values in (k,) if rotate else (k, v):
+        got = kv_decode.decode(q, swapped if rotate else None, k, cos, sin, mask,
+                               values=None if values is k else values)
+        assert torch.allclose(got.double(), scores.softmax(-1) @ values.double(), atol=ATOL)
 
 
 @pytest.mark.parametrize("variant", ["Q-MQA", "Q-GQA-2"])
@@ -292,7 +303,7 @@ def test_the_cpu_kernel_dequantises_a_quantised_cache_as_it_reads(B, H, G, T, D,
     q, x = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T + 3, D, generator=g)
     values, scales = quantize(x, dtype)
     values, scales = values[:, :, :T], scales[:, :, :T]  # views of a longer cache, as the model reads them
-    cos, sin = Rotary(D, T).read_tables(T, "cpu") if rotate else (None, None)
+    cos, sin = Rotary(D, T, rotary_dim=int(D * rotate)).read_tables(T, "cpu") if rotate else (None, None)
     swapped = rotary_read.pair_swap(q) if rotate else None
     want = kv_decode.decode(q, swapped, dequantize(values, scales), cos, sin, None)
     assert torch.allclose(kv_decode.decode(q, swapped, values, cos, sin, None, scales), want, atol=ATOL)

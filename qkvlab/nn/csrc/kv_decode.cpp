@@ -188,11 +188,11 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
     if (!seen[hg]) out.m[hg] = -INFINITY;  // nothing attended in this range
 }
 
-// Float keys read as stored (no tables, no scales), head size kD (a multiple of 16): the same read with the
-// scores of 16 keys in one vector. A key's dot product with the query is kD / 16 vector multiply-adds and a sum
-// across lanes; the sums of 16 keys are taken together (a transposing reduction, 45 vector operations) instead
-// of one by one, and the accumulator of each query head stays in registers (measured: 1.4-3x the general loop
-// above, which the other cases keep).
+// Float32 keys (no scales), head size kD (a multiple of 16): the same read with the scores of 16 keys in one
+// vector. A key's dot product with the query is kD / 16 vector multiply-adds and a sum across lanes; the sums of
+// 16 keys are taken together (a transposing reduction, 45 vector operations) instead of one by one, and the
+// accumulator of each query head stays in registers (measured: 1.3-3x the general loop above, which the other
+// cases keep: quantised caches, other head sizes).
 typedef float Vec16 __attribute__((vector_size(16 * sizeof(float))));
 
 typedef int32_t Int16 __attribute__((vector_size(16 * sizeof(int32_t))));
@@ -283,9 +283,14 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
   for (int g = 0; g < kGN; ++g) __builtin_memcpy(acc[g], a[g], sizeof a[g]);
 }
 
-template <int64_t kD>
-void attend_plain(const float* q, Stream<float> key, Stream<float> val, const bool* mask, int64_t mask_stride,
-                  int64_t B, int64_t H, int64_t G, int64_t t0, int64_t t1, Partial& out) {
+// kRotate: keys rotated on the fly by the tables (K = V rotary: a score is sum_d k[d] (cos[t,d] q[d] + sin[t,d]
+// qs[d])); each (row, key head) still streams its keys in order, the tables of the whole range re-read from the
+// CPU's cache for each (measured 1.25-1.4x the loop that reads every row and head per block of positions, which
+// shares each block of the tables but interleaves B x H streams of keys).
+template <int64_t kD, bool kRotate>
+void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* cos,
+                const float* sin, const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t t0,
+                int64_t t1, Partial& out) {
   constexpr int64_t kC = kD / 16;  // vectors per head
   constexpr int kHeads = kC >= 8 ? 2 : 4;  // query heads per pass over the values: their accumulators in registers
   const int64_t HG = B * H * G;
@@ -312,15 +317,23 @@ void attend_plain(const float* q, Stream<float> key, Stream<float> val, const bo
       }
       for (int64_t g = 0; g < G; ++g) {  // scores and softmax weights of each query head
         const int64_t hg = bh * G + g;
-        const float* qg = q + hg * kD;
-        Vec16 qv[kC];
-        for (int64_t c = 0; c < kC; ++c) qv[c] = load16(qg + 16 * c);
+        Vec16 qv[kC], qsv[kC];
+        for (int64_t c = 0; c < kC; ++c) qv[c] = load16(q + hg * kD + 16 * c);
+        if constexpr (kRotate)
+          for (int64_t c = 0; c < kC; ++c) qsv[c] = load16(qs + hg * kD + 16 * c);
         Vec16 part[16];
         for (int64_t j = 0; j < 16; ++j) {
           Vec16 s{};
           if (j < n) {
             const float* k = keys + (b0 + j) * key.st;
-            for (int64_t c = 0; c < kC; ++c) s += qv[c] * load16(k + 16 * c);
+            if constexpr (kRotate) {
+              const float* c_t = cos + (b0 + j) * kD;
+              const float* s_t = sin + (b0 + j) * kD;
+              for (int64_t c = 0; c < kC; ++c)
+                s += load16(k + 16 * c) * (load16(c_t + 16 * c) * qv[c] + load16(s_t + 16 * c) * qsv[c]);
+            } else {
+              for (int64_t c = 0; c < kC; ++c) s += qv[c] * load16(k + 16 * c);
+            }
           }
           part[j] = s;
         }
@@ -381,12 +394,13 @@ void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const
   const bool* mp = reinterpret_cast<const bool*>(mask);
   const bool rotate = cos != nullptr;
   if constexpr (std::is_same_v<V, float>) {
-    if (!rotate && (D == 32 || D == 64 || D == 128)) {  // keys read as stored: 16 keys per vector of scores
-      auto plain = D == 64 ? attend_plain<64> : D == 128 ? attend_plain<128> : attend_plain<32>;
+    if (D == 32 || D == 64 || D == 128) {  // float32, heads of 16-float vectors: 16 keys per vector of scores
+      auto vec = rotate ? (D == 64 ? attend_vec<64, true> : D == 128 ? attend_vec<128, true> : attend_vec<32, true>)
+                        : (D == 64 ? attend_vec<64, false> : D == 128 ? attend_vec<128, false> : attend_vec<32, false>);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
       for (int64_t s = 0; s < splits; ++s) {
         const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
-        plain(q, key, val, mp, T, B, H, G, t0, std::max(t0, t1), parts[s]);
+        vec(q, qs, key, val, cos, sin, mp, T, B, H, G, t0, std::max(t0, t1), parts[s]);
       }
       merge(parts, B * H * G, D, threads, out);
       return;
