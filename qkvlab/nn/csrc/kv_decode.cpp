@@ -1,16 +1,17 @@
 // One-token attention over a KV cache in a single pass. K = V: keys rotated on the fly (or read as stored),
-// values the same unrotated vectors; separate keys and values (QKV, GQA) from two streams. A quantised cache (int8, or float8 codes read through a 256-entry table)
-// with one bfloat16 scale per (row, head, token) is dequantised as it is read, with keys and values from one
-// stream (K = V) or from their own streams (QKV, GQA).
+// values the same unrotated vectors; separate keys and values (QKV, GQA) from two streams. A quantised cache
+// (int8, or float8 codes read through a 256-entry table) with one bfloat16 scale per (row, head, token) is
+// dequantised as it is read, with keys and values from one stream (K = V) or from their own streams (QKV, GQA).
 //
-// A work item takes one range of key positions for every row and head. It streams those keys once, in
-// blocks small enough to stay in L1: for each (row, query head) in turn, the block's scores (four keys at a
-// time when there are no tables) (q . rot_t(k) =
-// sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]), qs the pair-swapped query), an online softmax (running max m,
-// sum l) and the weighted sum of the same keys as values. Rows and heads are the inner loop so that each
-// block of the rotation tables is read once for all of them. Ranges (flash-decoding's split) give every
-// thread work at batch 1 and are merged by log-sum-exp. Plain C++ and OpenMP, no PyTorch headers: built at
-// first use with the system compiler and called through ctypes (qkvlab/nn/kv_decode.py).
+// A work item takes one range of key positions for every row and head and streams those keys once, in blocks
+// small enough to stay in L1: the block's scores (q . rot_t(k) = sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]),
+// qs the pair-swapped query), an online softmax (running max m, sum l) and the weighted sum of the same keys as
+// values. Float32 caches with heads of 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each
+// (row, key head) in order); the rest (quantised caches, other head sizes) `attend_range` (four keys at a time
+// without tables; with tables rows and heads inner, so each block of the tables is read once for all of them).
+// Ranges (flash-decoding's split) give every thread work at batch 1 and are merged by log-sum-exp. Plain C++ and
+// OpenMP, no PyTorch headers: built at first use with the system compiler and called through ctypes
+// (qkvlab/nn/kv_decode.py).
 
 #include <algorithm>
 #include <cmath>
@@ -243,7 +244,8 @@ inline float hsum(Vec16 v) {  // the sum of the lanes
 }
 
 // exp of each lane for x <= 0 (softmax weights; 0 below -87, so exp(-inf) = 0): Cody-Waite reduction to
-// r in about [-ln2/2, ln2/2] and Cephes' degree-6 polynomial, within 2 ulp of expf (tested against std::exp).
+// r in about [-ln2/2, ln2/2] and Cephes' degree-6 polynomial (the read that uses it is tested against a float64
+// softmax).
 inline Vec16 vexp(Vec16 x) {
   const Vec16 zero{};
   const Vec16 lo = zero - 87.f;
