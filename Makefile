@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
-.PHONY: install reproduce lint test test-fast data-test wheel-check clean
+.PHONY: install reproduce lint test test-fast data-test wheel-check bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,22 @@ wheel-check: $(STAMP)
 	venv/bin/python -c "from qkvlab.nn.kv_decode import SOURCES; assert all(s.is_file() for s in SOURCES), SOURCES" && \
 	QKVLAB_KERNEL_DIR="$$tmp/kernels" venv/bin/python -c "from qkvlab.nn.kv_decode import library; library()" && \
 	echo "wheel-check: $$(ls dist) installs and runs ($$(wc -l < variants.txt) lines from qkvlab variants)"
+
+# The peers of `qkvlab bench`: Hugging Face (the [bench] extra) and litgpt. litgpt's own requirements pin
+# huggingface_hub below what transformers 5 needs, so its model code and the few packages `import litgpt.model`
+# loads go into a directory of their own inside the venv, put on PYTHONPATH for the benchmark only.
+LITGPT_DIR := $(VENV)/litgpt
+LITGPT_PKGS := litgpt==0.5.13 lightning==2.6.6 lightning-utilities torchmetrics jsonargparse docstring-parser \
+	typeshed-client psutil
+BENCH_ARGS ?= --threads 2 --contexts 512 2048 --batches 1 4 --repeats 7 --fused-rotary
+
+$(LITGPT_DIR)/.installed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet --no-deps --target $(LITGPT_DIR) $(LITGPT_PKGS)
+	touch $@
+
+bench-peers: $(LITGPT_DIR)/.installed
+	PYTHONPATH=$(LITGPT_DIR) $(BIN)/qkvlab bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
