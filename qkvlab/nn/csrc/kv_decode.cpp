@@ -213,8 +213,6 @@ inline Vec16 load16(const float* p) {
   return v;
 }
 
-inline void store16(float* p, Vec16 v) { __builtin_memcpy(p, &v, sizeof v); }  // unaligned
-
 // Pairwise lane sums of a and b: lanes 0-7 hold a's, lanes 8-15 b's (each in lane order).
 inline Vec16 fold(Vec16 a, Vec16 b) {
   return SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
@@ -286,8 +284,7 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
       for (int64_t c = 0; c < kC; ++c) a[g][c] += p * vv[c];
     }
   }
-  for (int g = 0; g < kGN; ++g)  // vector by vector: an array whose address is taken would live in memory
-    for (int64_t c = 0; c < kC; ++c) store16(acc[g] + 16 * c, a[g][c]);
+  for (int g = 0; g < kGN; ++g) __builtin_memcpy(acc[g], a[g], sizeof a[g]);
 }
 
 // kRotate: keys rotated on the fly by the tables (K = V rotary: a score is sum_d k[d] (cos[t,d] q[d] + sin[t,d]
