@@ -16,6 +16,7 @@ model's GEMM shapes, and the peak memory of a piece of work.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import resource
 import statistics
@@ -32,6 +33,17 @@ from qkvlab.arch import ModelConfig
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _release_free_memory() -> None:
+    """Hand the C allocator's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing), so that
+    what a measured block allocates shows as new resident memory instead of reusing pages freed before it
+    (without it, a benchmark's later contenders read 0 MiB: they reuse what the earlier ones freed)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def median_time(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
@@ -143,6 +155,7 @@ class PeakMemory:
             self.method = "torch.cuda.max_memory_allocated"
             return self
         self._start = -1
+        _release_free_memory()
         try:
             _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
             rss = _status_kib("VmRSS")

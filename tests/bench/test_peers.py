@@ -144,6 +144,20 @@ def test_training_gemms_are_the_forward_macs():
         assert forward == 2 * (m["qkv"] + m["out_proj"] + m["mlp"] + m["head"])
 
 
+def test_peak_memory_sees_allocations_that_could_reuse_freed_memory():
+    """Small blocks freed before the measured block stay in the allocator's free lists; the block's own small
+    allocations must still count (they used to read 0: the later contenders of a benchmark reused the earlier
+    ones' memory)."""
+    freed = [torch.ones(16_000) for _ in range(2000)]  # 2,000 x 64 KB, under the mmap threshold: heap memory
+    del freed
+    with PeakMemory() as peak:
+        kept = [torch.ones(16_000) for _ in range(1000)]  # 1,000 x 64 KB = 61 MiB
+        del kept
+    if not peak.method.startswith("VmHWM"):
+        pytest.skip("measures growth of the process high-water mark here, not a reset one")
+    assert peak.bytes >= 40 * 2 ** 20
+
+
 def test_peak_memory_sees_an_allocation():
     with PeakMemory() as peak:
         x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched: above glibc's largest mmap threshold, so fresh pages
