@@ -340,7 +340,7 @@ void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float
         const int64_t hg = bh * G + g;
         Vec16 qv[kC], qsv[kC];
         for (int64_t c = 0; c < kC; ++c) qv[c] = load16(q + hg * kD + 16 * c);
-        if constexpr (kRotate)
+        if (kRotate && !grouped)  // the swapped query only serves the query-side rotation
           for (int64_t c = 0; c < kC; ++c) qsv[c] = load16(qs + hg * kD + 16 * c);
         Vec16 part[16];
         for (int64_t j = 0; j < 16; ++j) {
