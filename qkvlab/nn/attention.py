@@ -182,11 +182,8 @@ class Attention(nn.Module):
                 if mask is None and is_causal:
                     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
                 mask, is_causal = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))), False
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.attn_dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )  # (B, H, T, D)
+            y = _sdpa(q, k, v, mask, is_causal, self.attn_dropout if self.training else 0.0,
+                      self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return self._merge(y)
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
@@ -271,6 +268,20 @@ class Attention(nn.Module):
         if ctx.maps is not None:  # always, when called from forward
             ctx.maps.append({"scores": scores, "probs": probs})
         return probs @ v  # (B, H, T, D)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+          dropout_p: float, gqa: bool) -> torch.Tensor:
+    """`scaled_dot_product_attention` of (B, H, T, D) heads. Under CPU autocast it runs in float32: PyTorch's
+    CPU flash-attention backward in bfloat16 measured 6x slower than in float32 (docs/PERFORMANCE.md)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = q.float(), k.float(), v.float()
+            mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                  dropout_p=dropout_p, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                          enable_gqa=gqa)
 
 
 def causal_mask(t: int, tk: int, device) -> torch.Tensor:

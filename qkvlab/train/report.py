@@ -217,6 +217,8 @@ def aggregate(summaries: list[dict]) -> list[TaskTable]:
     flats: dict[tuple, dict] = {}
     for s in summaries:
         flat = _flat_config(s.get("config"))
+        if flat.get("train.dtype") == "auto" and s.get("precision"):
+            flat["train.dtype"] = s["precision"]  # what "auto" resolved to where the run trained
         key = _group_key(flat)
         flats[key] = flat
         by_task[s["task"]][key].append(s)
@@ -271,7 +273,7 @@ def _hyperparameters(table: TaskTable) -> dict:
     """Layers, width, heads, context from a run's saved model; steps, batch, lr, warmup from the config."""
     cfg, out = table.config, dict[str, Any]()
     out.update(steps=cfg.get("train.steps", table.steps), batch=cfg.get("train.batch_size"), lr=cfg.get("optim.lr"),
-               warmup=cfg.get("schedule.warmup_steps"))
+               warmup=cfg.get("schedule.warmup_steps"), precision=cfg.get("train.dtype"))
     rows = table.ordered()
     model = _saved_model_config(rows[0].run_dirs[0]) if rows else None
     if model:
@@ -395,10 +397,11 @@ def task_markdown(table: TaskTable) -> str:
     lines += [f"{table.family or 'task'} · metric **{table.metric}** ({direction}) · {examples} · "
               f"seeds per variant: {', '.join(map(str, seeds))}", ""]
     h = table.hyper
-    lines += ["| layers | d_model | heads | input | steps | batch | peak lr | warmup | params (QKV) |",
-              "|---|---|---|---|---|---|---|---|---|",
+    lines += ["| layers | d_model | heads | input | steps | batch | peak lr | warmup | precision | params (QKV) |",
+              "|---|---|---|---|---|---|---|---|---|---|",
               "| " + " | ".join(str(h.get(k)) if h.get(k) is not None else "–"
-                               for k in ("layers", "d_model", "heads", "input", "steps", "batch", "lr", "warmup"))
+                               for k in ("layers", "d_model", "heads", "input", "steps", "batch", "lr", "warmup",
+                                         "precision"))
               + f" | {_count(table.rows[BASELINE].params) if BASELINE in table.rows else '–'} |", ""]
     has_base = BASELINE in table.rows and bool(table.rows[BASELINE].seeds)
     lines += [f"| variant | {table.metric} (mean ± std) | seeds | vs QKV | 95 % CI | vs seed noise | params "

@@ -103,11 +103,29 @@ def _tokens_per_row(batch: dict) -> int | None:
     return None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles), where PyTorch's bfloat16
+    matrix products run 2-3x the float32 ones (docs/PERFORMANCE.md); elsewhere bfloat16 is emulated."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and bool(probe()) for probe in probes)
+
+
 def _autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bfloat16 for autocast, or None for plain float32."""
-    if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    """bfloat16 for autocast, or None for plain float32. "auto": bfloat16 on CUDA devices that support it and on
+    CPUs that multiply it in hardware, float32 elsewhere."""
+    if name == "bfloat16":
         return torch.bfloat16
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
     return None
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What a run computed in: "bfloat16" (autocast: bfloat16 matrix products, float32 weights) or "float32"."""
+    return "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
 
 
 class Trainer:
@@ -244,6 +262,7 @@ class Trainer:
         self.prior_cpu = 0.0
         self.last_eval: dict = {}
         self.last_loss = float("nan")
+        self.precision = precision_name(self.amp_dtype)  # "float32 then bfloat16" after a resume elsewhere
 
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.run_dir)
@@ -263,6 +282,11 @@ class Trainer:
         self.prior_cpu = float(state.get("cpu_s", 0.0))
         self.last_eval = dict(state.get("last_eval", {}))
         self.last_loss = float(state.get("last_loss", float("nan")))
+        before, now = state.get("precision", self.precision), precision_name(self.amp_dtype)
+        if before.split(" then ")[-1] != now:  # train.dtype=auto resolved differently on another machine
+            self._say(f"note: steps up to {self.step} ran in {before}, the rest runs in {now} "
+                      "(set train.dtype to keep one precision)")
+            self.precision = f"{before} then {now}"
         self.logger.truncate_after(self.step)
         if self.env.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
@@ -399,7 +423,7 @@ class Trainer:
                      "rng": _rng_state(), "config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict(),
                      "version": VERSION, "elapsed_s": self._elapsed(), "cpu_s": self._cpu(),
                      "last_eval": self.last_eval, "last_loss": self.last_loss, "world_size": self.env.world_size,
-                     "optimizer_format": optimizer_format(self.env)}
+                     "optimizer_format": optimizer_format(self.env), "precision": self.precision}
             meta = {"qkvlab.model_config": json.dumps(self.model_cfg.to_dict()), "qkvlab.step": str(self.step),
                     "qkvlab.version": VERSION, **self.tokenizer_meta}
             path, previous = ckpt.checkpoint_path(self.run_dir, self.step), ckpt.latest_checkpoint(self.run_dir)
@@ -422,7 +446,7 @@ class Trainer:
             "n_heads": self.model_cfg.n_heads, "n_kv_heads": self.model_cfg.n_kv_heads,
             "cache_fraction": fraction, "cache_reduction": 1.0 - fraction, "wall_time_s": round(self._elapsed(), 3),
             "cpu_time_s": round(self._cpu(), 3), "step_flops": self.step_flops,
-            "world_size": self.env.world_size,
+            "world_size": self.env.world_size, "precision": self.precision,
             "checkpoint": str(latest.relative_to(self.run_dir)) if latest is not None else None,
             "version": VERSION,
         }

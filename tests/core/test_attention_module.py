@@ -111,3 +111,29 @@ def test_float64_model_decodes_with_float64_rotations():
         steps = torch.cat([model(idx[:, i:i + 1], cache=cache) for i in range(10)], dim=1)
     assert full.dtype == torch.float64 and cache.workspace_nbytes and cache._workspace.dtype == torch.complex128
     torch.testing.assert_close(steps, full, atol=1e-11, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["QKV", "Q-K=V", "Q-GQA-2", "Q=K=V+"])
+def test_cpu_autocast_runs_the_attention_kernel_in_float32(variant, monkeypatch):
+    """Under CPU bfloat16 autocast the projections run in bfloat16 but SDPA gets float32 (its bfloat16 CPU backward
+    is several times slower); the gradients stay those of float32 training within bfloat16 rounding."""
+    torch.manual_seed(0)
+    attn = Attention(64, 8, variant, n_kv_heads=None, causal=not variant.endswith("+"),
+                     pair_bias=PairBias(16, 16) if variant.endswith("+") else None)
+    x = torch.randn(2, 16, 64)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+
+    def grads(autocast: bool) -> list[torch.Tensor]:
+        attn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            attn(x).float().square().mean().backward()
+        return [p.grad.clone() for p in attn.parameters()]
+
+    full, mixed = grads(False), grads(True)
+    assert seen == [(torch.float32,) * 3] * 2
+    a, b = torch.cat([g.flatten() for g in full]), torch.cat([g.flatten() for g in mixed])
+    assert (a - b).norm() <= 0.05 * a.norm()
+    assert any(not torch.equal(a, b) for a, b in zip(full, mixed, strict=True))  # bfloat16 did run

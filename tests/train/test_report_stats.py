@@ -18,7 +18,7 @@ CONFIG = {"task": "lm", "preset": "tiny", "model": {}, "optim": {"lr": 0.01},
 
 
 def fake_run(root, task, variant, seed, value, *, status="done", higher=False, config=CONFIG, extra_final=None,
-             sub=""):
+             sub="", precision=None):
     """A run directory as the trainer leaves it (summary.json, config.yaml, metrics.jsonl), without training."""
     run_dir = root / sub / task / variant_slug(variant) / f"seed{seed}"
     run_dir.mkdir(parents=True)
@@ -26,7 +26,7 @@ def fake_run(root, task, variant, seed, value, *, status="done", higher=False, c
                "metric": "perplexity", "higher_is_better": higher,
                "final": {"perplexity": value, "eval_examples": 1000, **(extra_final or {})}, "steps": 10,
                "step": 10, "params": 1_234_567, "cache_fraction": 0.5 if variant != "QKV" else 1.0,
-               "wall_time_s": 1.0}
+               "wall_time_s": 1.0, **({"precision": precision} if precision else {})}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     if config is not None:
         cfg = {**config, "task": task, "variant": variant, "seed": seed,
@@ -93,7 +93,7 @@ def test_report_table_from_known_seeds(tmp_path):
     lo, hi = row.change.ci95
     assert f"| Q-K=V | 5.4000 ± 0.2000 (1 diverged) | 3 | +5.9 % | [{lo:+.1f}, {hi:+.1f}] % | **beyond seed noise**" in md
     assert "evaluated on 1,000 held-out examples" in md
-    assert "| – | – | – | – | 10 | 4 | 0.01 | 2 | 1.23M |" in md  # hyperparameters (no checkpoint: sizes unknown)
+    assert "| – | – | – | – | 10 | 4 | 0.01 | 2 | – | 1.23M |" in md  # hyperparameters (no checkpoint: sizes unknown)
 
 
 def test_one_seed_says_no_interval(tmp_path):
@@ -119,6 +119,18 @@ def test_configs_differing_in_one_key_are_never_pooled(tmp_path):
     data = report_data(tables, "tiny", 1.0)
     assert data["tasks"]["lm"]["variants"]["Q-K=V"]["n_seeds"] == 2
     assert data["tasks"]["lm [optim.lr=0.1]"]["variants"]["Q-K=V"]["n_seeds"] == 1
+
+
+def test_auto_precision_is_grouped_by_what_it_resolved_to(tmp_path):
+    """train.dtype=auto trains in bfloat16 on one machine and float32 on another: those runs are never pooled."""
+    auto = {**CONFIG, "train": {**CONFIG["train"], "dtype": "auto"}}
+    for seed in range(2):
+        fake_run(tmp_path, "lm", "QKV", seed, 5.0 + seed, config=auto, precision="bfloat16")
+        fake_run(tmp_path, "lm", "Q-K=V", seed, 5.5 + seed, config=auto, precision="bfloat16")
+    fake_run(tmp_path, "lm", "QKV", 2, 8.0, config=auto, precision="float32")
+    main, odd = aggregate(collect(tmp_path))
+    assert odd.differs == ["train.dtype: 'bfloat16' -> 'float32'"] and sorted(main.rows["QKV"].seeds) == [0, 1]
+    assert "| 10 | 4 | 0.01 | 2 | bfloat16 | 1.23M |" in task_markdown(main)
 
 
 def test_runtime_keys_and_out_dir_do_not_split_groups(tmp_path):

@@ -49,7 +49,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_follow_one_process_on_the_same_global_batch(tmp_path, strategy):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    overrides = ["model.dropout=0", "train.grad_accum=2"]
+    overrides = ["model.dropout=0", "train.grad_accum=2", "train.dtype=float32"]
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "qkvlab", "train", "task=toy_task:ToyTask",
            "preset=tiny", "train.progress=false", "train.tensorboard=false", "train.device=cpu",
            f"distributed.strategy={strategy}", "distributed.backend=gloo", f"train.out_dir={tmp_path / 'two'}",

@@ -13,6 +13,7 @@ from qkvlab.errors import QkvlabError
 from qkvlab.train.checkpoint import list_checkpoints, load_checkpoint
 from qkvlab.train.metrics import read_metrics
 from qkvlab.train.runs import read_summary
+from qkvlab.train import trainer
 from qkvlab.train.trainer import TrainingDiverged, train
 
 
@@ -98,6 +99,29 @@ def test_summary_records_params_and_cache(tmp_path):
         ToyTask().model_config("QKV")).parameters())
     assert summary["cache_fraction"] == 0.5 and math.isclose(summary["cache_reduction"], 0.5)
     assert summary["variant"] == "Q-K=V" and summary["metric"] == "accuracy"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_where_the_cpu_has_it(native, monkeypatch):
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert trainer._autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert trainer._autocast_dtype("bfloat16", cpu) == torch.bfloat16
+    assert trainer._autocast_dtype("float32", cpu) is None
+
+
+def test_summary_records_the_precision_and_a_resume_in_another(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert train(toy_config(tmp_path / "a", "train.steps=4"), task=ToyTask())["precision"] == "float32"
+    assert train(toy_config(tmp_path / "b", "train.steps=4", "train.dtype=bfloat16"),
+                 task=ToyTask())["precision"] == "bfloat16"
+    # train.dtype=auto resumed on a machine where it resolves differently: said, and recorded
+    with pytest.raises(Crash):
+        train(toy_config(tmp_path / "c", "train.dtype=auto"), task=CrashingToyTask(at=13))
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    summary = train(toy_config(tmp_path / "c", "train.dtype=auto"), task=ToyTask())
+    assert summary["precision"] == "float32 then bfloat16"
+    assert "steps up to 8 ran in float32, the rest runs in bfloat16" in capsys.readouterr().out
 
 
 def test_init_from_starts_at_the_saved_weights(tmp_path):

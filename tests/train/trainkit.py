@@ -18,9 +18,12 @@ TOY = "toy_task:ToyTask"
 
 
 def toy_config(out_dir: Path, *overrides: str, task: str = TOY) -> RunConfig:
-    """The toy task's tiny run, single-threaded and quiet, writing to `out_dir`."""
+    """The toy task's tiny run, single-threaded and quiet, in float32 (equalities exact on every CPU), writing to
+    `out_dir`."""
     base = [f"task={task}", "preset=tiny", f"train.out_dir={out_dir}", "train.threads=1", "train.progress=false",
             "train.tensorboard=false"]
+    if not any(o.startswith("train.dtype=") for o in overrides):
+        base.append("train.dtype=float32")
     return load_config(None, base + list(overrides))
 
 

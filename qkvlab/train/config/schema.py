@@ -86,7 +86,7 @@ class TrainConfig:
     log_every: int = 1
     out_dir: str | None = None  # null: runs/<task>/<variant>/seed<k>
     device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA and on CPUs with bfloat16 hardware, else float32
     threads: int | None = None  # torch CPU threads; null: torch's default
     compile: bool = False  # torch.compile the model (in place: checkpoints keep their keys)
     peak_tflops: float | None = None  # per-device peak for the logged MFU; null: a known GPU's, else none
