@@ -59,6 +59,9 @@ PHASES = ("train", "prefill", "decode")
 FILL_CHUNK = 512  # tokens per forward when filling a cache before decoding (untimed)
 
 
+TRAIN_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     """What to measure. The defaults are small; the issue's full grid is contexts 512..32768, batches 1..16."""
@@ -82,6 +85,7 @@ class BenchSettings:
     seed: int = 0
     device: str = "cpu"
     fused_rotary: bool = False  # also time our variants through the one-pass cache read, as "(fused)" rows
+    train_dtype: str = "float32"  # "bfloat16": every contender's training step under bf16 autocast
 
     def __post_init__(self) -> None:
         for name in ("shapes", "peers", "phases"):
@@ -100,6 +104,8 @@ class BenchSettings:
             for v in values:
                 check(is_positive_int(v), f"--{name} values must be positive integers, got {v!r}")
         check(self.max_cache_gib > 0, f"--max-cache-gib must be > 0, got {self.max_cache_gib}")
+        check(self.train_dtype in TRAIN_DTYPES,
+              f"--train-dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         check(self.d_model % self.heads == 0, f"--heads {self.heads} does not divide --d-model {self.d_model}")
         if "llama" in self.shapes:
             check(self.heads % 2 == 0, f"the llama shape groups heads in 2 (GQA-2): --heads must be even, "
@@ -314,12 +320,16 @@ def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, device: t
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def _train_step(c: Contender, idx: torch.Tensor) -> Callable[[], None]:
+def _train_step(c: Contender, idx: torch.Tensor, dtype: str = "float32") -> Callable[[], None]:
+    """Forward, backward and AdamW; with dtype "bfloat16" the forward runs under bf16 autocast (weights and
+    optimizer stay float32), as `train.dtype=bfloat16` trains and as litgpt's "bf16-mixed" does."""
     opt = torch.optim.AdamW(c.model.parameters(), lr=1e-4)
+    device = c.device
 
     def step() -> None:
-        logits = c.logits(idx[:, :-1])  # (B, T, V)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = c.logits(idx[:, :-1])  # (B, T, V)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -444,7 +454,7 @@ def _train_phase(settings: BenchSettings, contenders: list[Contender], gen: torc
     rows: list[dict[str, Any]] = []
     for c in contenders:
         c.model.train()
-        steps[c.name] = _train_step(c, idx)
+        steps[c.name] = _train_step(c, idx, settings.train_dtype)
         with PeakMemory(device) as peak:
             steps[c.name]()  # warm-up; AdamW allocates its state here
         flops = 3 * measured_flops(c.logits, idx[:, :-1])
@@ -455,15 +465,17 @@ def _train_phase(settings: BenchSettings, contenders: list[Contender], gen: torc
     for c in contenders:
         c.model.zero_grad(set_to_none=True)
     base = contenders[0].config
-    matmul = matmul_peak(training_gemms(base, B * T), device=device)
+    matmul = matmul_peak(training_gemms(base, B * T), device=device,
+                         dtype=torch.bfloat16 if settings.train_dtype == "bfloat16" else torch.float32)
     for row in rows:
         s = medians[row["model"]]
         row.update(seconds=s, tokens_per_s=B * T / s, flops_per_s=row["flops_per_step"] / s)
         if matmul["flops_per_s"] > 0:
             row["pct_matmul_peak"] = 100 * row["flops_per_s"] / matmul["flops_per_s"]
     _speedups(rows, contenders, ())
-    echo(f"train step: batch {B} x {T} tokens, forward + backward + AdamW"
-         + f"; torch.mm at these GEMMs {matmul['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    echo(f"train step: batch {B} x {T} tokens, forward + backward + AdamW, {settings.train_dtype}"
+         + (" autocast" if settings.train_dtype != "float32" else "")
+         + f"; torch.mm at these GEMMs ({settings.train_dtype}) {matmul['flops_per_s'] / 1e9:.1f} GFLOP/s")
     peers = [f"vs {c.name}" for c in contenders if c.kind != "ours"]
     table = [{"model": r["model"], "ms": _ms(r["seconds"]), "tokens/s": f"{r['tokens_per_s']:,.0f}",
               **{p: (f"{r[p]:.2f}x" if p in r else "") for p in peers},

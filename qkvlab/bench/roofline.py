@@ -107,14 +107,15 @@ def training_gemms(config: ModelConfig, tokens: int) -> list[Gemm]:
     return gemms
 
 
-def matmul_peak(gemms: list[Gemm], repeats: int = 3, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """FLOP/s of `torch.mm` over `gemms`, weighted by their FLOPs (sum of FLOPs / sum of times)."""
+def matmul_peak(gemms: list[Gemm], repeats: int = 3, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """FLOP/s of `torch.mm` in `dtype` over `gemms`, weighted by their FLOPs (sum of FLOPs / sum of times)."""
     rows, total_flops, total_time = [], 0, 0.0
     timed: dict[tuple[int, int, int], float] = {}
     for g in gemms:
         if (g.m, g.k, g.n) not in timed:
-            a = torch.randn(g.m, g.k, device=device)  # (m, k)
-            b = torch.randn(g.k, g.n, device=device)  # (k, n)
+            a = torch.randn(g.m, g.k, device=device, dtype=dtype)  # (m, k)
+            b = torch.randn(g.k, g.n, device=device, dtype=dtype)  # (k, n)
             timed[g.m, g.k, g.n] = median_time(functools.partial(torch.mm, a, b), repeats, device)
         seconds = timed[g.m, g.k, g.n]
         rows.append({"what": g.what, "m": g.m, "k": g.k, "n": g.n, "count": g.count, "flops_per_s": g.flops / seconds})

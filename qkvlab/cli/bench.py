@@ -43,12 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused-rotary", action="store_true", default=None,
                    help="also time our variants decoding through the one-pass cache read (qkvlab.nn.rotary_read: "
                         "K = V rotary keys rotated while read, large caches read once), as '(fused)' rows")
+    p.add_argument("--train-dtype", help="float32 (default) or bfloat16: every contender's training step under "
+                                         "bf16 autocast (what train.dtype=auto picks on a CPU with bf16 hardware)")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
 
 
 _FIELDS = ("shapes", "peers", "phases", "layers", "d_model", "heads", "vocab", "d_mlp", "train_batch", "train_len",
            "prefill_len", "contexts", "batches", "repeats", "bandwidth_mib", "max_cache_gib", "device", "seed",
-           "fused_rotary")
+           "fused_rotary", "train_dtype")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -174,9 +174,39 @@ def test_peak_memory_sees_an_allocation():
     (["--repeats", "-1"], "--repeats must be a positive integer, got -1"),
     (["--threads", "0"], "--threads must be a positive integer, got 0"),
     (["--max-cache-gib", "0"], "--max-cache-gib must be > 0"),
+    (["--train-dtype", "fp16"], "--train-dtype must be one of float32, bfloat16, got 'fp16'"),
     (["--repeats", "x"], "invalid int value: 'x'"),
 ])
 def test_bad_values_are_one_line_errors(argv, expect, capsys):
     code, out, err = run_cli(["bench", *argv], capsys)
     assert code == 2 and out == ""
     assert expect in err and err.count("\n") == 1
+
+
+def test_bfloat16_training_steps_run_under_autocast(tmp_path, capsys):
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64)
+
+        def forward(self, idx):
+            out = self.head(self.emb(idx))
+            seen.append(out.dtype)
+            return out
+
+    idx = torch.randint(0, 64, (2, 9))
+    for dtype, expect in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model = Recorder()
+        before = model.head.weight.detach().clone()
+        bench._train_step(bench.Contender("m", model, None), idx, dtype)()
+        assert seen.pop() == expect and model.head.weight.dtype == torch.float32  # weights stay float32
+        assert not torch.equal(model.head.weight, before)  # the step trained
+    path = tmp_path / "bf16.json"
+    code, out, err = run_cli(["bench", *TINY_ARGS, "--peers", "hf", "--phases", "train", "--shapes", "llama",
+                              "--train-dtype", "bfloat16", "--json", str(path)], capsys)
+    assert code == 0, err
+    assert "bfloat16 autocast; torch.mm at these GEMMs (bfloat16)" in out
+    data = json.loads(path.read_text())
+    assert data["settings"]["train_dtype"] == "bfloat16" and len(data["shapes"][0]["train"]) == 3
