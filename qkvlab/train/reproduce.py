@@ -2,7 +2,8 @@
 
 Presets: "study" (three seeds of the study's experiments, `qkvlab.experiments.study`), "quick" (one
 seed of each suite task at the tasks' quick budgets, the five projection forms everywhere and head
-sharing on language modelling, aimed at two CPU cores and fifteen minutes; measured: 11.0 in bf16 autocast, 12.7-16.6 in float32) and
+sharing on language modelling, aimed at two CPU cores and fifteen minutes; measured: 11.0 in bf16
+autocast, 12.7-16.6 in float32) and
 "full" (three seeds, the tasks' full models and budgets, for a machine with GPUs: one run per GPU at
 a time). A rerun skips finished runs and resumes interrupted ones. """
 
