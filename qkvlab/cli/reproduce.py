@@ -8,10 +8,10 @@ import time
 EPILOG = """\
 Presets: quick (default; one seed per run, the suite's quick budgets, 11 minutes on 2 CPU cores
 with bf16 hardware, 13-17 in float32), full (three seeds, full models and budgets, for a GPU
-machine: one run per GPU at a time), tiny (a smoke test), study (three seeds of the study's experiments on CPU-sized models,
-~2 h on 2 CPU cores), paper (the paper's 300M and 1.2B language models on token shards you
-supply, one torchrun job after another on --gpus GPUs; --dry-run prints the runs, their
-commands and their expected GPU-hours).
+machine: one run per GPU at a time), tiny (a smoke test), study (three seeds of the study's
+experiments on CPU-sized models, ~2 h on 2 CPU cores), paper (the paper's 300M and 1.2B
+language models on token shards you supply, one torchrun job after another on --gpus GPUs;
+--dry-run prints the runs, their commands and their expected GPU-hours).
 Rerunning skips finished runs and resumes interrupted ones. Needs the data: `qkvlab data fetch
 quick` (study: `qkvlab data fetch study`; paper: `qkvlab data tokenize --tokenizer gpt2 --out DIR
 FILES...`, then --data-dir DIR)."""
