@@ -221,6 +221,9 @@ class Trainer:
                 return finished
             self._session_start = time.perf_counter()
             self._session_cpu = time.process_time()
+            if self.cfg.train.dtype == "auto" and self.amp_dtype is not None and self.env.device.type == "cpu":
+                self._say("training in bfloat16 autocast: this CPU multiplies bfloat16 in hardware "
+                          "(train.dtype=auto; train.dtype=float32 to train in float32)")
             self._build()
             self.logger = MetricsLogger(self.run_dir / METRICS, enabled=self.env.is_main,
                                         tensorboard=self.cfg.train.tensorboard)
