@@ -101,6 +101,17 @@ def test_summary_records_params_and_cache(tmp_path):
     assert summary["variant"] == "Q-K=V" and summary["metric"] == "accuracy"
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expect", [(True, False, True), (False, True, True), (False, False, False),
+                                                     (None, None, False)])
+def test_native_bf16_is_read_from_torch_cpu(avx512_bf16, amx, expect, monkeypatch):
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:  # an older torch without the probe: float32
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
+    assert trainer.cpu_has_native_bf16() is expect
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bfloat16_where_the_cpu_has_it(native, monkeypatch):
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
