@@ -273,7 +273,7 @@ class Attention(nn.Module):
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
           dropout_p: float, gqa: bool) -> torch.Tensor:
     """`scaled_dot_product_attention` of (B, H, T, D) heads. Under CPU autocast it runs in float32: PyTorch's
-    CPU flash-attention backward in bfloat16 measured 6x slower than in float32 (docs/PERFORMANCE.md)."""
+    CPU flash-attention backward in bfloat16 measured ~5x slower than in float32 (docs/PERFORMANCE.md)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             q, k, v = q.float(), k.float(), v.float()
