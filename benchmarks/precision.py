@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from qkvlab.bench.peers import interleaved as bench_interleaved
 from qkvlab.models import build_model
 from qkvlab.train.config import load_config, resolve_run
 from qkvlab.train.optim import build_optimizer
@@ -40,23 +39,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def timed(fn, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
-
-
 def interleaved(sides: dict, rounds: int, n: int) -> dict[str, float]:
-    """Median seconds per call of each side, sides alternating order every round."""
+    """Median seconds per call of each side: `qkvlab bench`'s interleaving (order rotating every round), each
+    measurement `n` calls, after one untimed call of each side."""
     for fn in sides.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(timed(sides[name], n))
-    return {name: statistics.median(t) for name, t in times.items()}
+    batches = {name: (lambda fn=fn: [fn() for _ in range(n)]) for name, fn in sides.items()}
+    return {name: t / n for name, t in bench_interleaved(batches, rounds, torch.device("cpu")).items()}
 
 
 def autocast(bf16: bool):

@@ -276,10 +276,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     CPU flash-attention backward in bfloat16 measured ~5x slower than in float32 (docs/PERFORMANCE.md)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            q, k, v = q.float(), k.float(), v.float()
             mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                  dropout_p=dropout_p, enable_gqa=gqa)
+            return _sdpa(q.float(), k.float(), v.float(), mask, is_causal, dropout_p, gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                           enable_gqa=gqa)
 

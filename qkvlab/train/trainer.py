@@ -285,7 +285,7 @@ class Trainer:
         self.prior_cpu = float(state.get("cpu_s", 0.0))
         self.last_eval = dict(state.get("last_eval", {}))
         self.last_loss = float(state.get("last_loss", float("nan")))
-        before, now = state.get("precision", self.precision), precision_name(self.amp_dtype)
+        before, now = state.get("precision", self.precision), self.precision
         if before.split(" then ")[-1] != now:  # train.dtype=auto resolved differently on another machine
             self._say(f"note: steps up to {self.step} ran in {before}, the rest runs in {now} "
                       "(set train.dtype to keep one precision)")
