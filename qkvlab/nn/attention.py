@@ -148,16 +148,16 @@ class Attention(nn.Module):
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
             if v is not None and self._fused_read(q, ctx) and self._large(k):  # keys stored rotated: no tables
-                return self._merge(decode_attention(q, k, None, None, ctx.mask, values=v))
+                return self._merge(decode_attention(q, k, None, ctx.mask, values=v))
         split = None  # partial rotary, K = V, few queries: (rotated key dims, unrotated key dims)
         if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
             v = k
             if self._fused_read(q, ctx):
                 if self.rotary is not None:
-                    cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
-                    return self._merge(decode_attention(q, k, cos, sin, ctx.mask))
+                    rot = self.rotary.read_table(ctx.k_len, q.device, q.dtype)  # (Tk, D)
+                    return self._merge(decode_attention(q, k, rot, ctx.mask))
                 if self._large(k):
-                    return self._merge(decode_attention(q, k, None, None, ctx.mask))  # one read of each key
+                    return self._merge(decode_attention(q, k, None, ctx.mask))  # one read of each key
             if rotations is not None:
                 cis = rotations[1]  # (Tk, R/2)
                 workspace = None  # reused across layers when decoding with a cache (none kept for the fused read)
@@ -197,10 +197,10 @@ class Attention(nn.Module):
         assert ctx.cache is not None
         streams, scales = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk) each
         separate = len(streams) == 2  # K and V stored apart (keys stored rotated)
-        cos = sin = None
+        rot = None
         if self.rotary is not None and not separate:
-            cos, sin = self.rotary.read_tables(ctx.k_len, q.device, q.dtype)  # (Tk, D) each
-        return decode_attention(q, streams[0], cos, sin, ctx.mask, scales=scales[0],
+            rot = self.rotary.read_table(ctx.k_len, q.device, q.dtype)  # (Tk, D)
+        return decode_attention(q, streams[0], rot, ctx.mask, scales=scales[0],
                                 values=streams[1] if separate else None, value_scales=scales[1] if separate else None)
 
     def _large(self, k: torch.Tensor) -> bool:

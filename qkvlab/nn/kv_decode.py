@@ -39,9 +39,9 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopen
 MIN_KEYS_PER_SPLIT = 512
 
 _i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
-_TAIL: list = [_f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int32, _f32p]
+_TAIL: list = [_f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int32, _f32p]
 _ARGTYPES: list = [_f32p, _f32p, _f32p, _i64, _i64, _i64, *_TAIL]
-_ARGTYPES_PAIR: list = [_f32p, _f32p, _i64, _i64, _i64, _f32p, _i64, _i64, _i64, *_TAIL[2:]]  # no tables
+_ARGTYPES_PAIR: list = [_f32p, _f32p, _i64, _i64, _i64, _f32p, _i64, _i64, _i64, *_TAIL[1:]]  # no table
 _STREAM_INT8: list = [ctypes.c_void_p, _i64, _i64, _i64, ctypes.c_void_p, _i64, _i64]  # values, strides, scales
 _ARGTYPES_INT8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, *_TAIL]
 _ARGTYPES_FP8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, _f32p, *_TAIL]  # + the codes' table
@@ -139,35 +139,36 @@ def _ptr(t: torch.Tensor):
     return ctypes.cast(t.data_ptr(), _f32p)
 
 
-def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, cos: torch.Tensor | None,
-           sin: torch.Tensor | None, mask: torch.Tensor | None, scales: torch.Tensor | None = None,
+def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, rot: torch.Tensor | None,
+           mask: torch.Tensor | None, scales: torch.Tensor | None = None,
            values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) the keys, float32 (and the values: K = V), or
     int8 / float8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); a cache with
-    separate values gives them as `values` (and, quantised, `value_scales`). cos, sin (Tk, D), or all three None
-    for keys read as stored; mask (B, Tk) bool or None. Returns (B, H_kv, G, D)."""
+    separate values gives them as `values` (and, quantised, `value_scales`). rot (Tk, D), each pair's (cos, sin)
+    (`Rotary.read_table`), or it and q_swap None for keys read as stored; mask (B, Tk) bool or None. Returns
+    (B, H_kv, G, D)."""
     quantized = kv.dtype in QUANT_MAX
     if quantized != (scales is not None) or (value_scales is not None and values is None) or (
             values is not None and quantized != (value_scales is not None)):
         raise QkvlabError("the fused read takes scales with a quantised cache and only then")
-    if values is not None and (values.dtype != kv.dtype or values.stride(-1) != 1 or cos is not None):
+    if values is not None and (values.dtype != kv.dtype or values.stride(-1) != 1 or rot is not None):
         raise QkvlabError("the fused read takes separate values in the keys' dtype, each vector contiguous, and "
-                          "then no rotation tables (keys are stored rotated)")
+                          "then no rotation table (keys are stored rotated)")
     B, H, G, D = q.shape
     Tk = kv.shape[2]
     q = q.contiguous()
-    if cos is None or sin is None or q_swap is None:  # keys read as stored: the kernel reads no tables
-        swapped, tables = q, (None, None)
+    if rot is None or q_swap is None:  # keys read as stored: the kernel reads no table
+        swapped, table = q, None
     else:
-        swapped, cos, sin = q_swap.contiguous(), cos.contiguous(), sin.contiguous()
-        tables = (_ptr(cos), _ptr(sin))
+        swapped, rot = q_swap.contiguous(), rot.contiguous()
+        table = _ptr(rot)
     flags = None if mask is None else mask.to(torch.bool).contiguous()
     out = torch.empty(B, H, G, D)
-    tail = (*tables, None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk),
+    tail = (table, None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk),
             torch.get_num_threads(), _ptr(out))
     if scales is None and values is not None:  # float keys and values, two streams
         library().qkvlab_kv_decode_pair(_ptr(q), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(values),
-                                        values.stride(0), values.stride(1), values.stride(2), *tail[2:])
+                                        values.stride(0), values.stride(1), values.stride(2), *tail[1:])
         return out
     if scales is None:
         library().qkvlab_kv_rotary_decode(_ptr(q), _ptr(swapped), _ptr(kv), kv.stride(0), kv.stride(1),

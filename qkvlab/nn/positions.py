@@ -78,12 +78,12 @@ class Rotary(nn.Module):
             return self.tables(torch.arange(n, device=device), dtype)
         return self._prefix("cis", n, device, dtype)
 
-    def read_tables(self, n: int, device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosines and sines of positions 0..n-1 per head dim, (n, D) each in `dtype`'s real type: pair i's
-        angle repeated over its two dims, and cos 1, sin 0 on the dims partial rotary leaves alone. The
-        form `qkvlab.nn.rotary_read` folds into the scores."""
-        table = self._prefix("cos_sin", n, device, dtype)  # (2, n, D)
-        return table[0], table[1]
+    def read_table(self, n: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The rotations of positions 0..n-1 as real pairs, (n, D) in `dtype`'s real type: pair i's (cos, sin)
+        at dims (2i, 2i + 1), and (1, 0) on the pairs partial rotary leaves alone. The form
+        `qkvlab.nn.rotary_read` folds into the scores (each pair's values stored once: half the bytes of a
+        cosine and a sine per dim, which the cache read re-reads for every row and head)."""
+        return self._prefix("pairs", n, device, dtype)  # (n, D)
 
     def _prefix(self, kind: str, n: int, device, dtype: torch.dtype) -> torch.Tensor:
         key = (kind, torch.device(device), rotation_dtype(dtype))
@@ -96,10 +96,9 @@ class Rotary(nn.Module):
                 if kind == "cis":
                     table = cis
                 else:
-                    pad = self.head_dim - self.rotary_dim
-                    cos = torch.cat([cis.real.repeat_interleave(2, -1), cis.real.new_ones(length, pad)], -1)
-                    sin = torch.cat([cis.imag.repeat_interleave(2, -1), cis.imag.new_zeros(length, pad)], -1)
-                    table = torch.stack([cos, sin])  # (2, n, D)
+                    pad = torch.polar(cis.real.new_ones(length, (self.head_dim - self.rotary_dim) // 2),
+                                      cis.real.new_zeros(length, (self.head_dim - self.rotary_dim) // 2))
+                    table = torch.view_as_real(torch.cat([cis, pad], -1)).flatten(-2)  # (n, D): (cos, sin) pairs
             self._prefixes[key] = table
         return table[..., :n, :]
 

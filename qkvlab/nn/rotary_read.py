@@ -8,8 +8,8 @@ complex numbers, C and S the cosine and sine of each pair's angle repeated over 
 
     q . rot_n(k) = sum_d k[d] * (C[n, d] q[d] + S[n, d] q~[d]),   q~ = (q1, -q0) per pair (q0, q1)
 
-so one pass over the unrotated keys gives the scores, with tables (n, D) shared by every row, head and
-layer. Float32 on the CPU runs `qkvlab.nn.kv_decode`, a small C++ kernel that reads the cache once (scores,
+so one pass over the unrotated keys gives the scores, with one table (n, D) of each pair's (cos, sin)
+(`Rotary.read_table`) shared by every row, head and layer. Float32 on the CPU runs `qkvlab.nn.kv_decode`, a small C++ kernel that reads the cache once (scores,
 online softmax and values per block of keys). Elsewhere `torch.compile` turns the expression into one loop
 (Triton on GPUs, its C++ backend for other CPU dtypes) and the values are read by one matmul: two passes.
 """
@@ -31,18 +31,18 @@ def pair_swap(q: torch.Tensor) -> torch.Tensor:
     return torch.stack((pairs[..., 1], -pairs[..., 0]), dim=-1).flatten(-2)
 
 
-def rotary_scores(q: torch.Tensor, q_swap: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor) -> torch.Tensor:
+def rotary_scores(q: torch.Tensor, q_swap: torch.Tensor, k: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Scores of grouped queries against keys rotated on the fly.
 
     q, q_swap (B, H_kv, G, D) (G query heads per key head, already scaled); k (B, H_kv, Tk, D) unrotated;
-    cos, sin (Tk, D). Returns (Tk, B, H_kv, G). Positions are the outermost loop so that a compiled kernel
+    rot (Tk, D), each pair's (cos, sin). Returns (Tk, B, H_kv, G). Positions are the outermost loop so that a compiled kernel
     reads each table row once for every row and head (tables read per head would cost more than the keys),
     and the query heads of a key head innermost, so each key is read once for all of them. Eager, this
     materialises (Tk, B, H_kv, G, D): use it compiled (`compiled_scores`).
     """
     keys = k.permute(2, 0, 1, 3)[:, :, :, None, :]  # (Tk, B, H_kv, 1, D)
-    weights = cos[:, None, None, None, :] * q[None] + sin[:, None, None, None, :] * q_swap[None]  # (Tk, B, H_kv, G, D)
+    cos, sin = (rot[:, i::2].repeat_interleave(2, -1)[:, None, None, None, :] for i in (0, 1))  # (Tk, 1, 1, 1, D)
+    weights = cos * q[None] + sin * q_swap[None]  # (Tk, B, H_kv, G, D)
     return (keys * weights).sum(-1)  # (Tk, B, H_kv, G)
 
 
@@ -57,13 +57,12 @@ def check_available(device: torch.device | str = "cpu", dtype: torch.dtype = tor
     machine cannot (no C++ compiler, a failed build), rather than in the middle of a generation."""
     device = torch.device(device)
     q = torch.ones(1, 1, 1, 4, device=device, dtype=dtype)
-    kv, cos, sin = torch.ones(1, 1, 3, 4, device=device, dtype=dtype), torch.ones(3, 4, device=device), torch.zeros(
-        3, 4, device=device)
+    kv, rot = torch.ones(1, 1, 3, 4, device=device, dtype=dtype), torch.tensor([[1.0, 0.0] * 2] * 3, device=device)
     if kv_decode.serves(q, kv):
         kv_decode.library()  # raises QkvlabError with the compiler's first line
         return
     try:
-        compiled_scores()(q, q, kv, cos.to(dtype), sin.to(dtype))
+        compiled_scores()(q, q, kv, rot.to(dtype))
     except Exception as e:  # noqa: BLE001 - any backend failure means the path is unavailable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QkvlabError(f"the fused rotary read needs torch.compile on {device.type}, which failed here: "
@@ -79,13 +78,12 @@ def unavailable(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     return None
 
 
-def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                     mask: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+def decode_attention(q: torch.Tensor, kv: torch.Tensor, rot: torch.Tensor | None, mask: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                      values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row over a cache read once (K = V, or keys and values apart).
 
-    q (B, H, 1, D) rotated to its own position; kv (B, H_kv, Tk, D) the stored shared tensor; cos, sin
-    (Tk, D) from `Rotary.read_tables`, or both None for keys read as stored (learned positions: the gain is
+    q (B, H, 1, D) rotated to its own position; kv (B, H_kv, Tk, D) the stored shared tensor; rot (Tk, D) from
+    `Rotary.read_table`, or None for keys read as stored (learned positions: the gain is
     that each key is read once for every query head of its group); mask None or bool broadcastable to
     (B, 1, 1, Tk), True = attend; scales (B, H_kv, Tk) with an int8 / float8 `kv` (the kernel dequantises
     while it reads; other paths dequantise first); `values` (and, quantised, `value_scales`): a cache's separate
@@ -98,15 +96,15 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None
     qg = (q * D ** -0.5).reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, G, D): query heads grouped by key head
     if kv_decode.serves(qg, kv):  # float32 on the CPU: one pass over the cache
         flags = None if mask is None else mask.reshape(-1, Tk).expand(B, Tk)  # (B, Tk)
-        swapped = None if cos is None else pair_swap(qg)
-        return kv_decode.decode(qg, swapped, kv, cos, sin, flags, scales, values, value_scales).reshape(B, H, 1, D)
+        swapped = None if rot is None else pair_swap(qg)
+        return kv_decode.decode(qg, swapped, kv, rot, flags, scales, values, value_scales).reshape(B, H, 1, D)
     if scales is not None:
         kv = dequantize(kv, scales, q.dtype)  # (B, H_kv, Tk, D)
     vals = kv if values is None else values if value_scales is None else dequantize(values, value_scales, q.dtype)
-    if cos is None or sin is None:
+    if rot is None:
         scores = qg @ kv.transpose(-2, -1)  # (B, H_kv, G, Tk)
     else:
-        scores = compiled_scores()(qg, pair_swap(qg), kv, cos.to(kv.dtype), sin.to(kv.dtype))  # (Tk, B, H_kv, G)
+        scores = compiled_scores()(qg, pair_swap(qg), kv, rot.to(kv.dtype))  # (Tk, B, H_kv, G)
         scores = scores.permute(1, 2, 3, 0)  # (B, H_kv, G, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(-1, 1, 1, Tk), float("-inf"))

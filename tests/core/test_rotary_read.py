@@ -29,8 +29,8 @@ def test_scores_equal_queries_times_rotated_keys(rotary_dim):
     torch.manual_seed(0)
     rotary = Rotary(head_dim=8, max_len=32, rotary_dim=rotary_dim)
     q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 11, 8)  # G = 2 query heads per key head
-    cos, sin = rotary.read_tables(11, "cpu")
-    got = rotary_read.rotary_scores(q, rotary_read.pair_swap(q), k, cos, sin)
+    rot = rotary.read_table(11, "cpu")
+    got = rotary_read.rotary_scores(q, rotary_read.pair_swap(q), k, rot)
     rotated = apply_rotary(k, rotary.tables(torch.arange(11)))  # (B, H_kv, Tk, D)
     assert torch.allclose(got, (q @ rotated.transpose(-2, -1)).permute(3, 0, 1, 2), atol=ATOL)  # (Tk, B, H_kv, G)
 
@@ -40,9 +40,9 @@ def test_tables_kept_equal_computed_ones_bit_for_bit():
     for n in (5, 3, 40, 64):  # grows by doubling, serves shorter prefixes from the kept table
         assert torch.equal(rotary.prefix(n, "cpu"), rotary.tables(torch.arange(n)))
     cis = rotary.tables(torch.arange(9))
-    cos, sin = rotary.read_tables(9, "cpu")
-    assert torch.equal(cos[:, :6], cis.real.repeat_interleave(2, -1)) and torch.equal(cos[:, 6:], torch.ones(9, 2))
-    assert torch.equal(sin[:, :6], cis.imag.repeat_interleave(2, -1)) and torch.equal(sin[:, 6:], torch.zeros(9, 2))
+    rot = rotary.read_table(9, "cpu")  # (9, 8): (cos, sin) of each pair
+    assert torch.equal(rot[:, 0:6:2], cis.real) and torch.equal(rot[:, 1:6:2], cis.imag)
+    assert torch.equal(rot[:, 6:], torch.tensor([[1.0, 0.0]] * 9))  # the pair partial rotary leaves alone
 
 
 def test_tables_built_while_decoding_serve_training_later():
@@ -100,9 +100,9 @@ def _ragged_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
     return mask
 
 
-def _reference(q, kv, cos, sin, mask):
+def _reference(q, kv, rot, mask):
     """Softmax attention of grouped queries (B, H_kv, G, D) on keys rotated explicitly: (B, H_kv, G, D)."""
-    scores = rotary_read.rotary_scores(q, rotary_read.pair_swap(q), kv, cos, sin).permute(1, 2, 3, 0)
+    scores = rotary_read.rotary_scores(q, rotary_read.pair_swap(q), kv, rot).permute(1, 2, 3, 0)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     return scores.softmax(-1) @ kv
@@ -116,9 +116,9 @@ def test_the_cpu_kernel_equals_attention_on_rotated_keys(B, H, G, T, D, masked):
     g = torch.Generator().manual_seed(T)
     q, kv = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T, D, generator=g)
     mask = _ragged_mask(B, T, g) if masked else None
-    cos, sin = Rotary(D, T).read_tables(T, "cpu")
-    got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, cos, sin, mask)
-    assert torch.allclose(got, _reference(q, kv, cos, sin, mask), atol=ATOL)
+    rot = Rotary(D, T).read_table(T, "cpu")
+    got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, rot, mask)
+    assert torch.allclose(got, _reference(q, kv, rot, mask), atol=ATOL)
 
 
 def test_the_cpu_kernel_reads_a_cache_slice_in_place():
@@ -126,9 +126,9 @@ def test_the_cpu_kernel_reads_a_cache_slice_in_place():
     buffer = torch.randn(2, 3, 50, 16)
     kv = buffer[:, :, :37]
     q = torch.randn(2, 3, 1, 16)
-    cos, sin = Rotary(16, 50).read_tables(37, "cpu")
-    got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, cos, sin, None)
-    assert torch.allclose(got, _reference(q, kv.contiguous(), cos, sin, None), atol=ATOL)
+    rot = Rotary(16, 50).read_table(37, "cpu")
+    got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, rot, None)
+    assert torch.allclose(got, _reference(q, kv.contiguous(), rot, None), atol=ATOL)
 
 
 def test_other_dtypes_take_the_compiled_path():
@@ -182,14 +182,14 @@ def test_generate_reports_an_unavailable_fused_read_in_one_line(monkeypatch):
                                            (2, 2, 3, 40, 16)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_the_cpu_kernel_without_tables_equals_plain_attention(B, H, G, T, D, masked):
-    """No cos/sin: keys read as stored (learned positions), for every query head of a group."""
+    """No rotation table: keys read as stored (learned positions), for every query head of a group."""
     g = torch.Generator().manual_seed(T + G)
     q, kv = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T, D, generator=g)
     mask = _ragged_mask(B, T, g) if masked else None
     scores = q @ kv.transpose(-2, -1)  # (B, H, G, T)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    got = kv_decode.decode(q, None, kv, None, None, mask)
+    got = kv_decode.decode(q, None, kv, None, mask)
     assert torch.allclose(got, scores.softmax(-1) @ kv, atol=ATOL)
 
 
@@ -210,15 +210,15 @@ def test_the_vectorised_read_equals_softmax_attention(G, D, sharpness, rotate):
     mask[0, 16:80] = False  # four whole blocks of one row
     mask[1, T - 40:] = False  # the tail of the other
     swapped = rotary_read.pair_swap(q)
-    cos, sin = Rotary(D, T, rotary_dim=int(D * rotate)).read_tables(T, "cpu") if rotate else (None, None)
+    rot = Rotary(D, T, rotary_dim=int(D * rotate)).read_table(T, "cpu") if rotate else None
     if rotate:
-        scores = rotary_read.rotary_scores(q.double(), swapped.double(), k.double(), cos.double(),
-                                           sin.double()).permute(1, 2, 3, 0)  # (B, H, G, T)
+        scores = rotary_read.rotary_scores(q.double(), swapped.double(), k.double(),
+                                           rot.double()).permute(1, 2, 3, 0)  # (B, H, G, T)
     else:
         scores = q.double() @ k.double().transpose(-2, -1)  # (B, H, G, T)
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     for values in (k,) if rotate else (k, v):
-        got = kv_decode.decode(q, swapped if rotate else None, k, cos, sin, mask,
+        got = kv_decode.decode(q, swapped if rotate else None, k, rot, mask,
                                values=None if values is k else values)
         assert torch.allclose(got.double(), scores.softmax(-1) @ values.double(), atol=ATOL)
 
@@ -270,7 +270,7 @@ def test_the_cpu_kernel_reads_separate_float_keys_and_values(B, H, G, T, D, mask
     scores = q @ k.transpose(-2, -1)  # (B, H, G, T)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    got = kv_decode.decode(q, None, k, None, None, mask, values=v)
+    got = kv_decode.decode(q, None, k, None, mask, values=v)
     assert torch.allclose(got, scores.softmax(-1) @ v, atol=ATOL)
 
 
@@ -303,10 +303,10 @@ def test_the_cpu_kernel_dequantises_a_quantised_cache_as_it_reads(B, H, G, T, D,
     q, x = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T + 3, D, generator=g)
     values, scales = quantize(x, dtype)
     values, scales = values[:, :, :T], scales[:, :, :T]  # views of a longer cache, as the model reads them
-    cos, sin = Rotary(D, T, rotary_dim=int(D * rotate)).read_tables(T, "cpu") if rotate else (None, None)
+    rot = Rotary(D, T, rotary_dim=int(D * rotate)).read_table(T, "cpu") if rotate else None
     swapped = rotary_read.pair_swap(q) if rotate else None
-    want = kv_decode.decode(q, swapped, dequantize(values, scales), cos, sin, None)
-    assert torch.allclose(kv_decode.decode(q, swapped, values, cos, sin, None, scales), want, atol=ATOL)
+    want = kv_decode.decode(q, swapped, dequantize(values, scales), rot, None)
+    assert torch.allclose(kv_decode.decode(q, swapped, values, rot, None, scales), want, atol=ATOL)
 
 
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 2, 3, 2100, 64), (2, 1, 4, 65, 32)])
@@ -322,7 +322,7 @@ def test_the_cpu_kernel_reads_separate_int8_keys_and_values(B, H, G, T, D, maske
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     want = scores.softmax(-1) @ dequantize(v8, vs)
-    got = kv_decode.decode(q, None, k8, None, None, mask, ks, v8, vs)
+    got = kv_decode.decode(q, None, k8, None, mask, ks, v8, vs)
     assert torch.allclose(got, want, atol=ATOL)
 
 
