@@ -7,6 +7,7 @@ from torch import nn
 
 from qkvlab.arch import ModelConfig
 from qkvlab.errors import QkvlabError
+from qkvlab.nn import decode_step
 from qkvlab.nn.attention import AttentionContext, causal_mask
 from qkvlab.nn.blocks import Block, make_norm
 from qkvlab.nn.kv_cache import KVCache
@@ -69,6 +70,10 @@ class Backbone(nn.Module):
                 need_weights: bool = False):
         """h (B, T, C) -> (B, T, C); with `need_weights`, also one {"scores", "probs"} per layer."""
         B, T, _ = h.shape
+        if cache is not None and T == 1 and padding_mask is None and not need_weights:
+            stepped = self._native_step(h, cache)
+            if stepped is not None:
+                return stepped
         ctx = self.context(B, T, h.device, cache, padding_mask)
         if need_weights:
             ctx.maps = []
@@ -81,3 +86,19 @@ class Backbone(nn.Module):
             cache.advance(T)
         h = self.norm(h)
         return (h, ctx.maps) if need_weights else h
+
+    def _native_step(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """One token per row through every block in one native call (`qkvlab.nn.decode_step`), when it serves
+        this step: the final hidden states (B, 1, C), the cache advanced; else None (the blocks run)."""
+        if self.training or not decode_step.serves(self.blocks, h, cache):
+            return None
+        if cache.batch_size != h.shape[0] or cache.key_length(1) > self.config.max_seq_len:
+            return None  # the general path says what is wrong
+        positions = cache.positions(1, h.device)  # (B, 1); raises if the cache is full
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(positions)  # (B, 1, C)
+        out = decode_step.decode_layers(self.blocks, h, cache, self.rotary)
+        if out is None:
+            return None
+        cache.advance(1)
+        return self.norm(out)

@@ -12,7 +12,7 @@ from qkvlab.nn.linear import Linear
 from qkvlab.nn.positions import PairBias, Rotary
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig) -> nn.LayerNorm | nn.RMSNorm:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)

@@ -1,5 +1,6 @@
-"""The CPU decoding kernels: the fused read's one pass over a KV cache (csrc/kv_decode.cpp), and the few-row
-linear layer `qkvlab.nn.linear` uses (csrc/small_linear.cpp), built into one library.
+"""The CPU decoding kernels: the fused read's one pass over a KV cache (csrc/kv_decode.cpp), the few-row
+linear layer `qkvlab.nn.linear` uses (csrc/small_linear.cpp) and the whole decode step over every block that
+`qkvlab.nn.decode_step` calls (csrc/decode_step.cpp), built into one library.
 
 The compiled expression of `qkvlab.nn.rotary_read` reads the cache twice (scores, then values); this
 kernel reads it once, in blocks that stay in L1 between scoring and summing, with an online softmax
@@ -31,8 +32,9 @@ import torch
 from qkvlab.errors import QkvlabError
 from qkvlab.nn.kv_cache import QUANT_MAX
 
-# The CPU decoding kernels, built into one library: the one-pass cache read and the few-row linear layer.
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kv_decode.cpp", "small_linear.cpp")]
+# The CPU decoding kernels, built into one library: the one-pass cache read, the few-row linear layer, and the
+# whole-step decode that calls both (qkvlab.nn.decode_step).
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kv_decode.cpp", "small_linear.cpp", "decode_step.cpp")]
 # -ffast-math lets the compiler vectorise exp and the reductions; infinities stay meaningful (masked keys).
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC",
          "-std=c++17"]
@@ -108,6 +110,8 @@ def library() -> ctypes.CDLL:
     _void = ctypes.c_void_p  # raw data_ptr() integers: no pointer objects built per call (this is per layer)
     lib.qkvlab_small_linear.argtypes = [_void, _void, _void, _void, _i64, _i64, _i64, ctypes.c_int32]
     lib.qkvlab_small_linear.restype = None
+    lib.qkvlab_decode_layers.argtypes = [_void, _void, _void, _void, ctypes.c_float, ctypes.c_int32]
+    lib.qkvlab_decode_layers.restype = None
     return lib
 
 

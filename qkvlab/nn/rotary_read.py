@@ -9,9 +9,10 @@ complex numbers, C and S the cosine and sine of each pair's angle repeated over 
     q . rot_n(k) = sum_d k[d] * (C[n, d] q[d] + S[n, d] q~[d]),   q~ = (q1, -q0) per pair (q0, q1)
 
 so one pass over the unrotated keys gives the scores, with one table (n, D) of each pair's (cos, sin)
-(`Rotary.read_table`) shared by every row, head and layer. Float32 on the CPU runs `qkvlab.nn.kv_decode`, a small C++ kernel that reads the cache once (scores,
-online softmax and values per block of keys). Elsewhere `torch.compile` turns the expression into one loop
-(Triton on GPUs, its C++ backend for other CPU dtypes) and the values are read by one matmul: two passes.
+(`Rotary.read_table`) shared by every row, head and layer. Float32 on the CPU runs `qkvlab.nn.kv_decode`, a
+small C++ kernel that reads the cache once (scores, online softmax and values per block of keys). Elsewhere
+`torch.compile` turns the expression into one loop (Triton on GPUs, its C++ backend for other CPU dtypes) and the
+values are read by one matmul: two passes.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def rotary_scores(q: torch.Tensor, q_swap: torch.Tensor, k: torch.Tensor, rot: t
     """Scores of grouped queries against keys rotated on the fly.
 
     q, q_swap (B, H_kv, G, D) (G query heads per key head, already scaled); k (B, H_kv, Tk, D) unrotated;
-    rot (Tk, D), each pair's (cos, sin). Returns (Tk, B, H_kv, G). Positions are the outermost loop so that a compiled kernel
-    reads each table row once for every row and head (tables read per head would cost more than the keys),
-    and the query heads of a key head innermost, so each key is read once for all of them. Eager, this
+    rot (Tk, D), each pair's (cos, sin). Returns (Tk, B, H_kv, G). Positions are the outermost loop so that a
+    compiled kernel reads each table row once for every row and head (tables read per head would cost more than
+    the keys), and the query heads of a key head innermost, so each key is read once for all of them. Eager, this
     materialises (Tk, B, H_kv, G, D): use it compiled (`compiled_scores`).
     """
     keys = k.permute(2, 0, 1, 3)[:, :, :, None, :]  # (Tk, B, H_kv, 1, D)
@@ -78,8 +79,9 @@ def unavailable(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     return None
 
 
-def decode_attention(q: torch.Tensor, kv: torch.Tensor, rot: torch.Tensor | None, mask: torch.Tensor | None = None, scales: torch.Tensor | None = None,
-                     values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, kv: torch.Tensor, rot: torch.Tensor | None, mask: torch.Tensor | None = None,
+                     scales: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                     value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row over a cache read once (K = V, or keys and values apart).
 
     q (B, H, 1, D) rotated to its own position; kv (B, H_kv, Tk, D) the stored shared tensor; rot (Tk, D) from

@@ -6,7 +6,7 @@ import torch
 from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models import build_model
-from qkvlab.nn import attention, kv_decode, rotary_read
+from qkvlab.nn import attention, decode_step, kv_decode, rotary_read
 from qkvlab.nn.kv_cache import QUANT_MAX, dequantize, quantize
 from qkvlab.nn.positions import Rotary, apply_rotary
 from tests.core.helpers import ATOL, full_and_steps, randomize_, small
@@ -229,6 +229,7 @@ def test_learned_grouped_k_equals_v_reads_once_and_equals_the_full_forward(varia
     """Learned positions, grouped K = V heads: one-token steps go through the one-pass read (the kernel in
     float32, plain matmuls otherwise) and equal the full forward, ragged rows included."""
     monkeypatch.setattr(attention, "GROUPED_READ_MIN_BYTES", 0)  # the test's caches are tiny
+    monkeypatch.setattr(decode_step, "enabled", False)  # the per-layer read, not the whole-step call
     calls = []
     real = kv_decode.decode
     monkeypatch.setattr(kv_decode, "decode", lambda *a: calls.append(1) or real(*a))
@@ -282,6 +283,7 @@ def test_large_float_caches_read_in_one_pass_and_equal_the_full_forward(variant,
     the full forward, ragged rows included; generation gives the same tokens."""
     monkeypatch.setattr(attention, "STORED_READ_MIN_BYTES", 0)
     monkeypatch.setattr(attention, "GROUPED_READ_MIN_BYTES", 0)
+    monkeypatch.setattr(decode_step, "enabled", False)  # the per-layer read, not the whole-step call
     calls = []
     real = kv_decode.decode
     monkeypatch.setattr(kv_decode, "decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))

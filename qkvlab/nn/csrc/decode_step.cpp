@@ -1,0 +1,134 @@
+// Every transformer block of a one-token decode step in one call: pre-norm, the fused projection, rotary, the cache
+// write, the one-pass cache read, the output projection and the MLP, with the residual adds, for B rows at one
+// shared position. The Python path runs the same arithmetic as ~110 small PyTorch operations a layer, whose
+// dispatch (1-4 microseconds each) costs more than the arithmetic of a small model's step; here it is plain
+// loops over a few thousand floats, and the weight and cache reads go through the kernels the Python path calls
+// (qkvlab_small_linear, qkvlab_kv_rotary_decode / qkvlab_kv_decode_pair). Inference only: no dropout.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+extern "C" void qkvlab_small_linear(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t N,
+                                    int64_t K, int32_t threads);
+extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const float* kv, int64_t sb, int64_t sh,
+                                        int64_t st, const float* rot, const uint8_t* mask, int64_t B, int64_t H,
+                                        int64_t G, int64_t D, int64_t T, int64_t splits, int32_t threads, float* out);
+extern "C" void qkvlab_kv_decode_pair(const float* q, const float* k, int64_t ksb, int64_t ksh, int64_t kst,
+                                      const float* v, int64_t vsb, int64_t vsh, int64_t vst, const uint8_t* mask,
+                                      int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
+                                      int32_t threads, float* out);
+
+namespace {
+
+// The model's shape, as the int64 array `cfg` gives it (the order of qkvlab/nn/decode_step.py's CONFIG).
+struct Shape {
+  int64_t layers, B, C, H, H_kv, D, q_width, k_width, v_width, q_source, norm, mlp, hidden, pos, max_len, rotary,
+      splits;
+};
+
+// One block's tensors, as the int64 array `layers` gives them (LAYER_FIELDS pointers a block; 0 = none).
+struct Layer {
+  const float *norm1_w, *norm1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *norm2_w, *norm2_b, *fc_w, *fc_b, *out_w, *out_b;
+  float *keys, *values;  // this layer's slice (B, H_kv, max_len, D) of each stored stream; values null when K = V
+};
+
+constexpr int64_t kQFromQ = 0, kQFromK = 1, kQFromX = 2;  // where the query comes from (VariantSpec.q_source)
+constexpr int64_t kLayerNorm = 0, kRmsNorm = 1;
+constexpr int64_t kGelu = 0, kGeluTanh = 1, kSwiGlu = 2;
+
+// y (B, C) = norm(x) * w (+ b), per row: LayerNorm (biased variance) or RMSNorm.
+void normalize(const float* x, const float* w, const float* b, float* y, int64_t B, int64_t C, int64_t kind,
+               float eps) {
+  for (int64_t r = 0; r < B; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    float mean = 0.f;
+    if (kind == kLayerNorm) {
+      for (int64_t i = 0; i < C; ++i) mean += xr[i];
+      mean /= static_cast<float>(C);
+    }
+    float var = 0.f;
+    for (int64_t i = 0; i < C; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const float inv = 1.f / std::sqrt(var / static_cast<float>(C) + eps);
+    for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - mean) * inv * w[i] + (b == nullptr ? 0.f : b[i]);
+  }
+}
+
+// Each pair (x0, x1) of n heads of D dims rotated by the table row r: (x0 c - x1 s, x1 c + x0 s).
+void rotate(float* x, int64_t n, int64_t D, const float* r) {
+  for (int64_t h = 0; h < n; ++h) {
+    float* v = x + h * D;
+    for (int64_t d = 0; d < D; d += 2) {
+      const float x0 = v[d], x1 = v[d + 1], c = r[d], s = r[d + 1];
+      v[d] = x0 * c - x1 * s;
+      v[d + 1] = x1 * c + x0 * s;
+    }
+  }
+}
+
+}  // namespace
+
+// h (B, C): the rows' hidden states at the new position, updated in place through every block. rot: the rotation
+// table (max positions, D) of (cos, sin) pairs (qkvlab.nn.positions.Rotary.read_table), null without rotary.
+extern "C" void qkvlab_decode_layers(float* h, const int64_t* cfg, const int64_t* layers, const float* rot, float eps,
+                                     int32_t threads) {
+  const Shape& s = *reinterpret_cast<const Shape*>(cfg);
+  const int64_t B = s.B, C = s.C, D = s.D, T = s.pos + 1, G = s.H / s.H_kv;
+  const int64_t width = s.q_width + s.k_width + s.v_width, fc_width = (s.mlp == kSwiGlu ? 2 : 1) * s.hidden;
+  std::vector<float> x(B * C), qkv(B * width), q(B * s.H * D), qs(B * s.H * D), att(B * s.H * D), y(B * C),
+      fc(B * fc_width), act(B * s.hidden);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const float* row = rot == nullptr ? nullptr : rot + s.pos * D;  // the new position's rotation
+  const int64_t sh = s.max_len * D, sb = s.H_kv * sh;  // a stored stream's strides (row, head); a token's is D
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const Layer& p = reinterpret_cast<const Layer*>(layers)[l];
+    normalize(h, p.norm1_w, p.norm1_b, x.data(), B, C, s.norm, eps);
+    qkvlab_small_linear(x.data(), p.qkv_w, p.qkv_b, qkv.data(), B, width, C, threads);  // (B, [q | k | v])
+    for (int64_t r = 0; r < B; ++r) {
+      float* qr = q.data() + r * s.H * D;
+      float* kr = qkv.data() + r * width + s.q_width;
+      const float* src = s.q_source == kQFromQ ? qkv.data() + r * width : s.q_source == kQFromK ? kr : x.data() + r * C;
+      std::copy(src, src + s.H * D, qr);
+      if (row != nullptr) {
+        rotate(qr, s.H, D, row);
+        if (s.v_width > 0) rotate(kr, s.H_kv, D, row);  // separate values: keys are stored rotated
+      }
+      for (int64_t i = 0; i < s.H * D; ++i) qr[i] *= scale;
+      for (int64_t i = 0; i < s.H * D; i += 2) {  // the pair-swapped query (q1, -q0), for keys rotated when read
+        qs[r * s.H * D + i] = qr[i + 1];
+        qs[r * s.H * D + i + 1] = -qr[i];
+      }
+      for (int64_t hk = 0; hk < s.H_kv; ++hk) {  // the cache write at the new position
+        std::copy(kr + hk * D, kr + (hk + 1) * D, p.keys + r * sb + hk * sh + s.pos * D);
+        if (s.v_width > 0) {
+          const float* vr = kr + s.k_width + hk * D;
+          std::copy(vr, vr + D, p.values + r * sb + hk * sh + s.pos * D);
+        }
+      }
+    }
+    if (s.v_width > 0)
+      qkvlab_kv_decode_pair(q.data(), p.keys, sb, sh, D, p.values, sb, sh, D, nullptr, B, s.H_kv, G, D, T, s.splits,
+                            threads, att.data());
+    else
+      qkvlab_kv_rotary_decode(q.data(), qs.data(), p.keys, sb, sh, D, row == nullptr ? nullptr : rot, nullptr, B,
+                              s.H_kv, G, D, T, s.splits, threads, att.data());
+    qkvlab_small_linear(att.data(), p.proj_w, p.proj_b, y.data(), B, C, s.H * D, threads);
+    for (int64_t i = 0; i < B * C; ++i) h[i] += y[i];
+    normalize(h, p.norm2_w, p.norm2_b, x.data(), B, C, s.norm, eps);
+    qkvlab_small_linear(x.data(), p.fc_w, p.fc_b, fc.data(), B, fc_width, C, threads);
+    for (int64_t r = 0; r < B; ++r) {
+      const float* f = fc.data() + r * fc_width;
+      float* a = act.data() + r * s.hidden;
+      for (int64_t i = 0; i < s.hidden; ++i) {
+        const float v = f[i];
+        if (s.mlp == kSwiGlu) a[i] = v / (1.f + std::exp(-v)) * f[s.hidden + i];  // silu(gate) * up
+        else if (s.mlp == kGeluTanh) a[i] = 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
+        else a[i] = 0.5f * v * (1.f + std::erf(v * 0.7071067812f));
+      }
+    }
+    qkvlab_small_linear(act.data(), p.out_w, p.out_b, y.data(), B, C, s.hidden, threads);
+    for (int64_t i = 0; i < B * C; ++i) h[i] += y[i];
+  }
+}

@@ -1,0 +1,95 @@
+"""A one-token decode step through every block in one native call (csrc/decode_step.cpp).
+
+The Python path runs a block's decode step as ~110 small PyTorch operations; at one token per row their
+dispatch costs more than their arithmetic (measured: 2.3 ms of a 12.8 ms six-layer Q-MQA step, 0.86 ms of a
+1.09 ms step of a two-layer d_model 128 model). `decode_layers` hands the blocks' weights and the cache's buffers
+to one C++ function that runs the same arithmetic (norms, the fused projection, rotary, the cache write, the
+one-pass cache read, the output projection, the MLP, the residuals) with the kernels the Python path calls for
+the weights and the cache. It serves float32 CPU inference of one new token per row when every row holds as
+many tokens (`serves`); anything else (training, ragged batches, quantised caches, the "+" variants, tracing,
+other dtypes and devices) runs the modules as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import cast
+
+import torch
+from torch import nn
+
+from qkvlab.nn import kv_decode, linear
+from qkvlab.nn.blocks import Block
+
+MAX_ROWS = linear.MAX_ROWS  # more rows: the Python path's matrix products are as fast
+enabled = True  # False: the blocks always run as modules (benchmarks compare the two; tests of the per-layer path)
+_Q_SOURCE = {"q": 0, "k": 1, "x": 2}
+_ACTIVATION = {"none": 0, "tanh": 1}
+SWIGLU = 2
+
+
+def serves(blocks: nn.ModuleList, h: torch.Tensor, cache) -> bool:
+    """Whether the native step runs this forward of h (B, 1, C) with `cache` (the caller checked one token and
+    no mask or attention maps)."""
+    if not (enabled and cache.fused_rotary and h.dtype == torch.float32 and h.device.type == "cpu"
+            and h.shape[0] <= MAX_ROWS and not cache.quantized and cache.dtype == torch.float32 and cache.uniform
+            and linear.enabled
+            and not torch.is_grad_enabled() and type(h) is torch.Tensor and not kv_decode.watched()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        return False
+    first = cast(Block, blocks[0])
+    attn = first.attn
+    return (not first.training and attn.pair_bias is None and attn.causal
+            and (attn.spec.q_source != "k" or attn.n_heads == attn.n_kv_heads) and linear._kernel() is not None)
+
+
+def _norm(module: nn.LayerNorm | nn.RMSNorm) -> tuple[int, float]:
+    """(kind, eps): 0 LayerNorm, 1 RMSNorm."""
+    eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+    return (1 if isinstance(module, nn.RMSNorm) else 0), float(eps)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError  # not this kernel's case: the caller falls back
+    return t.data_ptr()
+
+
+def decode_layers(blocks: nn.ModuleList, h: torch.Tensor, cache, rotary) -> torch.Tensor | None:
+    """h (B, 1, C) through every block at the cache's next position, the new keys and values written into the
+    cache (its lengths are not advanced). Returns the new hidden states (B, 1, C), or None when a weight is not
+    a contiguous float32 tensor (then the modules run)."""
+    typed = [cast(Block, block) for block in blocks]
+    first = typed[0]
+    attn, mlp = first.attn, first.mlp
+    B, _, C = h.shape
+    pos = cache.longest
+    norm, eps = _norm(first.norm1)
+    mlp_kind = SWIGLU if mlp.swiglu else _ACTIVATION[mlp.approximate]
+    widths = attn.widths
+    T = pos + 1
+    shape = [len(blocks), B, C, attn.n_heads, attn.n_kv_heads, attn.head_dim, widths["q"], widths["k"], widths["v"],
+             _Q_SOURCE[attn.spec.q_source], norm, mlp_kind, mlp.proj.in_features, pos, cache.max_len,
+             int(rotary is not None), kv_decode.splits_for(T)]
+    try:
+        layers = []
+        for i, block in enumerate(typed):
+            a, m = block.attn, block.mlp
+            stored = [buffer[i] for buffer in cache.buffers]  # (B, H_kv, max_len, D) each
+            layers += [_ptr(block.norm1.weight), _ptr(getattr(block.norm1, "bias", None)), _ptr(a.qkv.weight),
+                       _ptr(a.qkv.bias), _ptr(a.proj.weight), _ptr(a.proj.bias), _ptr(block.norm2.weight),
+                       _ptr(getattr(block.norm2, "bias", None)), _ptr(m.fc.weight), _ptr(m.fc.bias),
+                       _ptr(m.proj.weight), _ptr(m.proj.bias), _ptr(stored[0]),
+                       _ptr(stored[1]) if len(stored) > 1 else 0]
+    except ValueError:
+        return None
+    table = None if rotary is None else rotary.read_table(T, h.device, torch.float32)  # (T, D), row pos: the new one
+    out = h.clone(memory_format=torch.contiguous_format)  # (B, 1, C), updated in place
+    config = torch.tensor(shape, dtype=torch.int64)
+    plan = torch.tensor(layers, dtype=torch.int64)
+    kv_decode.library().qkvlab_decode_layers(out.data_ptr(), config.data_ptr(), plan.data_ptr(),
+                                             None if table is None else table.data_ptr(), ctypes.c_float(eps),
+                                             torch.get_num_threads())
+    return out

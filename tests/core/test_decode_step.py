@@ -1,0 +1,151 @@
+"""The whole-step native decode (`qkvlab.nn.decode_step`): every block of a one-token step in one C++ call equals
+the full forward and the per-layer path, writes the cache as they do, and steps aside wherever it does not apply."""
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkvlab.errors import QkvlabError
+from qkvlab.generate import SamplingConfig, generate
+from qkvlab.nn import decode_step
+from tests.core.helpers import ATOL, make, small, variant_grid
+
+NATIVE = variant_grid(plus=False)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """A list that grows by one for every step the native call served."""
+    served = []
+    real = decode_step.decode_layers
+
+    def counting(*args):
+        out = real(*args)
+        if out is not None:
+            served.append(1)
+        return out
+
+    monkeypatch.setattr(decode_step, "decode_layers", counting)
+    return served
+
+
+def _steps(model, x, prefill, native: bool, monkeypatch, **cache_kw):
+    """Logits of x[:, prefill:] decoded one token at a time (B, T - prefill, V), and the cache."""
+    monkeypatch.setattr(decode_step, "enabled", native)
+    B, T = x.shape
+    with torch.no_grad():
+        cache = model.make_cache(B, T, **({"fused_rotary": True} | cache_kw))
+        model(x[:, :prefill], cache)
+        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(prefill, T)], dim=1)
+    return steps, cache
+
+
+@pytest.mark.parametrize("variant", NATIVE)
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_native_steps_equal_the_full_forward_and_the_per_layer_path(variant, positions, native_calls, monkeypatch):
+    """Every variant without a pair bias, MHA / GQA / MQA (8 query heads), learned and rotary positions; the cache
+    the native steps wrote equals the per-layer path's."""
+    model = make(small(variant=variant, positions=positions))
+    x = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        full = model(x)[:, 9:]
+    native, cache = _steps(model, x, 9, True, monkeypatch)
+    assert len(native_calls) == 7
+    layered, reference = _steps(model, x, 9, False, monkeypatch)
+    assert len(native_calls) == 7  # the per-layer run did not take it
+    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(native, layered, atol=ATOL, rtol=0)
+    for mine, theirs in zip(cache.buffers, reference.buffers, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=0)
+    assert cache.lengths.tolist() == reference.lengths.tolist() == [16] * 3
+
+
+@pytest.mark.parametrize("norm, mlp, activation", [("rmsnorm", "swiglu", "gelu"), ("layernorm", "gelu", "gelu_tanh"),
+                                                   ("layernorm", "gelu", "gelu")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_norm_mlp_and_bias_choice(norm, mlp, activation, bias, native_calls, monkeypatch):
+    cfg = small(variant="Q-GQA-2", positions="rotary", norm=norm, mlp=mlp, activation=activation, bias=bias,
+                n_heads=4)
+    model = make(cfg)
+    x = torch.randint(0, 50, (2, 14))
+    with torch.no_grad():
+        full = model(x)[:, 6:]
+    native, _ = _steps(model, x, 6, True, monkeypatch)
+    assert native_calls
+    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(heads=st.sampled_from([(4, 16), (2, 32), (1, 64), (4, 12), (2, 48)]), batch=st.integers(1, 8),
+       fraction=st.sampled_from([1.0, 0.5]), kv=st.sampled_from(["Q-K=V", "QKV", "Q-MQA", "Q=K=V"]))
+def test_head_sizes_batches_and_partial_rotary(heads, batch, fraction, kv):
+    """Unrolled head sizes (16-float multiples) and the general loop (12, 48), any batch up to 8 rows, partial
+    rotary: the native steps equal the full forward."""
+    n_heads, head_dim = heads
+    cfg = small(variant=kv, positions="rotary", n_heads=n_heads, head_dim=head_dim, d_model=n_heads * head_dim,
+                rotary_fraction=fraction)
+    model = make(cfg, seed=batch)
+    x = torch.randint(0, 50, (batch, 12), generator=torch.Generator().manual_seed(batch))
+    real, served = decode_step.decode_layers, []
+    with torch.no_grad(), mock.patch.object(decode_step, "decode_layers",
+                                            lambda *a: served.append(1) or real(*a)):
+        full = model(x)[:, 5:]
+        cache = model.make_cache(batch, 12, fused_rotary=True)
+        model(x[:, :5], cache)
+        steps = torch.cat([model(x[:, i:i + 1], cache) for i in range(5, 12)], dim=1)
+    assert len(served) == 7
+    torch.testing.assert_close(steps, full, atol=ATOL, rtol=0)
+
+
+def test_generation_gives_the_same_tokens_native_or_per_layer(monkeypatch):
+    model = make(small(variant="Q-K=V", positions="rotary", n_heads=4))
+    prompts, sampling = [[1, 2, 3, 4], [5, 6, 7, 8]], SamplingConfig(max_new_tokens=12, temperature=0)
+    native = generate(model, prompts, sampling, fused_rotary=True)
+    monkeypatch.setattr(decode_step, "enabled", False)
+    assert native == generate(model, prompts, sampling, fused_rotary=True)
+
+
+def _fresh_step(model, x, **cache_kw):
+    with torch.no_grad():
+        cache = model.make_cache(x.shape[0], x.shape[1] + 1, **cache_kw)
+        model(x, cache)
+        return model(x[:, -1:], cache), cache
+
+
+@pytest.mark.parametrize("case", ["not asked", "ragged", "int8", "training", "gradients", "pair bias", "float64",
+                                  "nine rows"])
+def test_steps_aside_where_it_does_not_apply(case, native_calls):
+    """The per-layer path runs (and gives the full forward's logits) whenever the native step does not serve."""
+    variant = "QKV+" if case == "pair bias" else "Q-K=V"
+    model = make(small(variant=variant, positions="rotary", n_heads=4))
+    rows = 9 if case == "nine rows" else 2
+    x = torch.randint(0, 50, (rows, 8))
+    kw = {"fused_rotary": case != "not asked"} | ({"dtype": "int8"} if case == "int8" else {})
+    if case == "float64":
+        model = model.double()
+    if case == "training":
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    with torch.no_grad():
+        cache = model.make_cache(rows, 9, **kw)
+        model(x, cache)
+        if case == "ragged":
+            cache.set_lengths([8, 6])
+        with torch.enable_grad() if case == "gradients" else torch.no_grad():
+            model(x[:, -1:], cache)
+    assert native_calls == []
+
+
+def test_a_full_cache_is_the_same_error_as_before(monkeypatch):
+    model = make(small(variant="Q-K=V", positions="rotary", n_heads=4))
+    x = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        cache = model.make_cache(2, 6, fused_rotary=True)
+        model(x, cache)
+        with pytest.raises(QkvlabError, match="holds 6 tokens"):
+            model(x[:, -1:], cache)
