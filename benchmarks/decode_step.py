@@ -1,0 +1,81 @@
+"""The whole-step native decode against the per-layer path, on the same model and cache, interleaved.
+
+Both sides decode one new token per row on the same cached tokens (the cache is rewound after each step) through
+the one-pass cache read (`fused_rotary=True`); one side runs every block in one native call
+(`qkvlab.nn.decode_step`), the other runs the blocks as modules (`decode_step.enabled = False`). Prints medians
+and per-layer / native (above 1: the native step is faster).
+
+    python benchmarks/decode_step.py --threads 2                 # 6 layers d_model 384 and 2 layers d_model 128
+    python benchmarks/decode_step.py --variants Q-K=V --contexts 8192 --batches 4 --rounds 21
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from qkvlab.arch import ModelConfig
+from qkvlab.bench.peers import interleaved
+from qkvlab.models.gpt import GPT
+from qkvlab.nn import decode_step
+
+SIZES = {"small": dict(n_layers=6, d_model=384, n_heads=6), "tiny": dict(n_layers=2, d_model=128, n_heads=4)}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--variants", nargs="+", default=["QKV", "Q-K=V", "Q-MQA"])
+    p.add_argument("--positions", nargs="+", default=["rotary", "learned"])
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 8192])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (each times both sides once)")
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def step_fn(model: GPT, batch: int, context: int, native: bool):
+    """One decode step on `context` cached random tokens, with or without the native call."""
+    cache = model.make_cache(batch, context + 1, fused_rotary=True)
+    with torch.inference_mode():
+        for start in range(0, context, 512):  # fill in chunks (untimed)
+            model(torch.randint(0, model.config.vocab_size, (batch, min(512, context - start))), cache)
+    token = torch.randint(0, model.config.vocab_size, (batch, 1))
+
+    @torch.inference_mode()
+    def step() -> None:
+        decode_step.enabled = native
+        cache.set_lengths([context] * batch)
+        model(token, cache)
+    return step
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} interleaved rounds")
+    print(f"{'size':6} {'positions':9} {'variant':8} {'batch':>5} {'context':>7} {'per-layer ms':>12} "
+          f"{'native ms':>9} {'speed-up':>8}")
+    for size in args.sizes:
+        for positions in args.positions:
+            for variant in args.variants:
+                cfg = ModelConfig(variant=variant, positions=positions, vocab_size=8192,
+                                  max_seq_len=max(args.contexts) + 1, **SIZES[size])
+                model = GPT(cfg, seed=0).eval()
+                for batch in args.batches:
+                    for context in args.contexts:
+                        fns = {"per-layer": step_fn(model, batch, context, False),
+                               "native": step_fn(model, batch, context, True)}
+                        for fn in fns.values():
+                            fn()  # warm-up (builds the kernels on first use)
+                        t = interleaved(fns, args.rounds, torch.device("cpu"))
+                        print(f"{size:6} {positions:9} {variant:8} {batch:5d} {context:7d} "
+                              f"{t['per-layer'] * 1e3:12.2f} {t['native'] * 1e3:9.2f} "
+                              f"{t['per-layer'] / t['native']:7.2f}x", flush=True)
+    decode_step.enabled = True
+
+
+if __name__ == "__main__":
+    main()
