@@ -34,7 +34,8 @@ def serves(blocks: nn.ModuleList, h: torch.Tensor, cache) -> bool:
     if not (enabled and cache.fused_rotary and h.dtype == torch.float32 and h.device.type == "cpu"
             and h.shape[0] <= MAX_ROWS and not cache.quantized and cache.dtype == torch.float32 and cache.uniform
             and linear.enabled
-            and not torch.is_grad_enabled() and type(h) is torch.Tensor and not kv_decode.watched()
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and type(h) is torch.Tensor
+            and not kv_decode.watched()
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         return False
     first = cast(Block, blocks[0])
@@ -72,10 +73,10 @@ def decode_layers(blocks: nn.ModuleList, h: torch.Tensor, cache, rotary) -> torc
     T = pos + 1
     shape = [len(blocks), B, C, attn.n_heads, attn.n_kv_heads, attn.head_dim, widths["q"], widths["k"], widths["v"],
              _Q_SOURCE[attn.spec.q_source], norm, mlp_kind, mlp.proj.in_features, pos, cache.max_len,
-             int(rotary is not None), kv_decode.splits_for(T)]
+             kv_decode.splits_for(T)]  # csrc/decode_step.cpp's Shape, in its order
     try:
         layers = []
-        for i, block in enumerate(typed):
+        for i, block in enumerate(typed):  # csrc/decode_step.cpp's Layer, in its order
             a, m = block.attn, block.mlp
             stored = [buffer[i] for buffer in cache.buffers]  # (B, H_kv, max_len, D) each
             layers += [_ptr(block.norm1.weight), _ptr(getattr(block.norm1, "bias", None)), _ptr(a.qkv.weight),

@@ -22,13 +22,13 @@ extern "C" void qkvlab_kv_decode_pair(const float* q, const float* k, int64_t ks
 
 namespace {
 
-// The model's shape, as the int64 array `cfg` gives it (the order of qkvlab/nn/decode_step.py's CONFIG).
+// The model's shape and the step's position, as the int64 array `cfg` gives them (in this order; built by
+// qkvlab/nn/decode_step.py's decode_layers).
 struct Shape {
-  int64_t layers, B, C, H, H_kv, D, q_width, k_width, v_width, q_source, norm, mlp, hidden, pos, max_len, rotary,
-      splits;
+  int64_t layers, B, C, H, H_kv, D, q_width, k_width, v_width, q_source, norm, mlp, hidden, pos, max_len, splits;
 };
 
-// One block's tensors, as the int64 array `layers` gives them (LAYER_FIELDS pointers a block; 0 = none).
+// One block's tensors, as the int64 array `layers` gives them (14 pointers a block, in this order; 0 = none).
 struct Layer {
   const float *norm1_w, *norm1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *norm2_w, *norm2_b, *fc_w, *fc_b, *out_w, *out_b;
   float *keys, *values;  // this layer's slice (B, H_kv, max_len, D) of each stored stream; values null when K = V
