@@ -149,3 +149,15 @@ def test_a_full_cache_is_the_same_error_as_before(monkeypatch):
         model(x, cache)
         with pytest.raises(QkvlabError, match="holds 6 tokens"):
             model(x[:, -1:], cache)
+
+
+@pytest.mark.parametrize("variant", ["QKV", "Q-K=V", "Q-MQA", "Q=K-V"])
+def test_heads_narrower_than_the_model(variant, native_calls, monkeypatch):
+    """n_heads * head_dim (48) below d_model (64): the projections' widths, not d_model, size the heads."""
+    model = make(small(variant=variant, positions="rotary", n_heads=4, head_dim=12, d_model=64))
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        full = model(x)[:, 5:]
+    native, _ = _steps(model, x, 5, True, monkeypatch)
+    assert len(native_calls) == 5
+    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)

@@ -301,7 +301,7 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
 template <int64_t kD, bool kRotate>
 void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
                 const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t t0,
-                int64_t t1, Partial& out) {
+                int64_t t1, int64_t bh0, int64_t bh1, Partial& out) {
   constexpr int64_t kC = kD / 16;  // vectors per head
   constexpr int kHeads = kC >= 8 ? 2 : 4;  // query heads per pass over the values: their accumulators in registers
   const int64_t HG = B * H * G;
@@ -313,7 +313,7 @@ void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float
   std::vector<float> probs(G * 16), rescale(G);  // this block's softmax weights and accumulator rescaling per head
   std::vector<float*> accs(G);
   Vec16 rotated[16][kC];  // grouped rotary: this block's keys at their positions
-  for (int64_t bh = 0; bh < B * H; ++bh) {  // each (row, key head) streams its keys once for its G query heads
+  for (int64_t bh = bh0; bh < bh1; ++bh) {  // each (row, key head) streams its keys once for its G query heads
     const int64_t b = bh / H, h = bh % H;
     const float* keys = key.data + b * key.sb + h * key.sh;
     const float* vals = val.data + b * val.sb + h * val.sh;
@@ -427,10 +427,17 @@ void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const
     if (D == 32 || D == 64 || D == 128) {  // float32, heads of 16-float vectors: 16 keys per vector of scores
       auto vec = rotate ? (D == 64 ? attend_vec<64, true> : D == 128 ? attend_vec<128, true> : attend_vec<32, true>)
                         : (D == 64 ? attend_vec<64, false> : D == 128 ? attend_vec<128, false> : attend_vec<32, false>);
+      // Fewer key ranges than threads (short caches): the (row, key head) streams are split too, so every thread
+      // reads; a work item's rows outside its group keep m = -inf and the merge skips them.
+      const int64_t rows = B * H;
+      const int64_t groups = std::min(rows, std::max<int64_t>(1, (threads + splits - 1) / splits));
+      parts.resize(splits * groups);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-      for (int64_t s = 0; s < splits; ++s) {
+      for (int64_t w = 0; w < splits * groups; ++w) {
+        const int64_t s = w / groups, g = w % groups;
         const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
-        vec(q, qs, key, val, rot, mp, T, B, H, G, t0, std::max(t0, t1), parts[s]);
+        vec(q, qs, key, val, rot, mp, T, B, H, G, t0, std::max(t0, t1), g * rows / groups, (g + 1) * rows / groups,
+            parts[w]);
       }
       merge(parts, B * H * G, D, threads, out);
       return;
