@@ -379,3 +379,26 @@ def test_int8_generation_reads_in_one_pass_by_default_and_falls_back_without_a_k
     assert generate(model, prompts, sampling, cache_dtype="int8") == slow and not calls
     with pytest.raises(QkvlabError, match="C\\+\\+ compiler"):
         generate(model, prompts, sampling, cache_dtype="int8", fused_rotary=True)  # asked for: one clear error
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_short_caches_split_rows_across_threads_and_equal_one_thread(rotate):
+    """Below 1,024 keys there is one key range; with more threads the (row, head) streams are split between
+    work items instead, which must give what one thread gives (masks included)."""
+    g = torch.Generator().manual_seed(11)
+    B, H, G, T, D = 3, 2, 3, 300, 64
+    q, kv = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    mask = _ragged_mask(B, T, g)
+    rot = Rotary(D, T).read_table(T, "cpu") if rotate else None
+    swapped = rotary_read.pair_swap(q) if rotate else None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kv_decode.decode(q, swapped, kv, rot, mask)
+        torch.set_num_threads(4)  # 4 work items over 6 (row, head) streams
+        split = kv_decode.decode(q, swapped, kv, rot, mask)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(split, one, atol=ATOL, rtol=0)
+    if rotate:
+        torch.testing.assert_close(one, _reference(q, kv, rot, mask), atol=ATOL, rtol=0)
