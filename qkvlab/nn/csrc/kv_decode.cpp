@@ -5,13 +5,14 @@
 //
 // A work item takes one range of key positions for every row and head and streams those keys once, in blocks
 // small enough to stay in L1: the block's scores (q . rot_t(k) = sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]),
-// qs the pair-swapped query, cos and sin of each pair read from one table (T, D) of (cos, sin) pairs), an online softmax (running max m, sum l) and the weighted sum of the same keys as
-// values. Float32 caches with heads of 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each
-// (row, key head) in order); the rest (quantised caches, other head sizes) `attend_range` (four keys at a time
-// without tables; with tables rows and heads inner, so each block of the tables is read once for all of them).
-// Ranges (flash-decoding's split) give every thread work at batch 1 and are merged by log-sum-exp. Plain C++ and
-// OpenMP, no PyTorch headers: built at first use with the system compiler and called through ctypes
-// (qkvlab/nn/kv_decode.py).
+// qs the pair-swapped query, each pair's cos and sin from one table (T, D) of (cos, sin) pairs), an online
+// softmax (running max m, sum l) and the weighted sum of the same keys as values. Float32 caches with heads of
+// 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each (row, key head) in order); the rest
+// (quantised caches, other head sizes) `attend_range` (four keys at a time without a table; with one, rows and
+// heads inner, so each block of the table is read once for all of them). Ranges (flash-decoding's split) give
+// every thread work at batch 1 and are merged by log-sum-exp; short caches split the rows and heads as well.
+// Plain C++ and OpenMP, no PyTorch headers: built at first use with the system compiler and called through
+// ctypes (qkvlab/nn/kv_decode.py).
 
 #include <algorithm>
 #include <cmath>
@@ -413,11 +414,12 @@ void merge(const std::vector<Partial>& parts, int64_t rows, int64_t D, int32_t t
 }
 
 // q, q_swap (B, H, G, D) float32 contiguous, already scaled; key, val: the streams (the same one for K = V); rot
-// (T, D) contiguous, each pair's (cos, sin) at its two dims, or null for unrotated keys (q_swap unread); mask (B, T) bytes (nonzero = attend) or
-// null; splits: key ranges (work items) over `threads` OpenMP threads. Writes out (B, H, G, D).
+// (T, D) contiguous, each pair's (cos, sin) at its two dims, or null for unrotated keys (q_swap unread); mask
+// (B, T) bytes (nonzero = attend) or null; splits: key ranges (work items) over `threads` OpenMP threads.
+// Writes out (B, H, G, D).
 template <typename V>
-void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* rot, const uint8_t* mask, int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits,
-            int32_t threads, float* out) {
+void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* rot, const uint8_t* mask,
+            int64_t B, int64_t H, int64_t G, int64_t D, int64_t T, int64_t splits, int32_t threads, float* out) {
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, (T + kBlock - 1) / kBlock));
   const int64_t per = (T + splits - 1) / splits;
   std::vector<Partial> parts(splits);
