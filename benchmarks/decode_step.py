@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from qkv_vs_tied import decode_step_fn  # benchmarks/, on the path when this script runs
 
 from qkvlab.arch import ModelConfig
 from qkvlab.bench.peers import interleaved
@@ -36,19 +37,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def step_fn(model: GPT, batch: int, context: int, native: bool):
-    """One decode step on `context` cached random tokens, with or without the native call."""
-    cache = model.make_cache(batch, context + 1, fused_rotary=True)
-    with torch.inference_mode():
-        for start in range(0, context, 512):  # fill in chunks (untimed)
-            model(torch.randint(0, model.config.vocab_size, (batch, min(512, context - start))), cache)
-    token = torch.randint(0, model.config.vocab_size, (batch, 1))
+    """One decode step on `context` cached random tokens (qkv_vs_tied's step), with or without the native call."""
+    step, _ = decode_step_fn(model, batch, context, model.config.vocab_size, fused=True)
 
-    @torch.inference_mode()
-    def step() -> None:
+    def toggled() -> None:
         decode_step.enabled = native
-        cache.set_lengths([context] * batch)
-        model(token, cache)
-    return step
+        step()
+    return toggled
 
 
 def main() -> None:
