@@ -48,7 +48,7 @@ wheel-check: $(STAMP)
 	"$$tmp/venv/bin/pip" install --quiet "$$tmp"/dist/qkvlab-*.whl; \
 	cd "$$tmp" && venv/bin/qkvlab variants > variants.txt && \
 	venv/bin/python -c "import qkvlab; assert '$$tmp' in qkvlab.__file__, qkvlab.__file__" && \
-	venv/bin/python -c "from qkvlab.nn.kv_decode import SOURCES; assert all(s.is_file() for s in SOURCES), SOURCES" && \
+	venv/bin/python -c "from qkvlab.nn.kv_decode import HEADERS, SOURCES; assert all(s.is_file() for s in SOURCES + HEADERS), SOURCES" && \
 	QKVLAB_KERNEL_DIR="$$tmp/kernels" venv/bin/python -c "from qkvlab.nn.kv_decode import library; library()" && \
 	echo "wheel-check: $$(ls dist) installs and runs ($$(wc -l < variants.txt) lines from qkvlab variants)"
 

@@ -35,6 +35,7 @@ from qkvlab.nn.kv_cache import QUANT_MAX
 # The CPU decoding kernels, built into one library: the one-pass cache read, the few-row linear layer, and the
 # whole-step decode that calls both (qkvlab.nn.decode_step).
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kv_decode.cpp", "small_linear.cpp", "decode_step.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "vec16.h"]  # included by the sources: part of the build's key
 # -ffast-math lets the compiler vectorise exp and the reductions; infinities stay meaningful (masked keys).
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC",
          "-std=c++17"]
@@ -81,7 +82,7 @@ def library() -> ctypes.CDLL:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise QkvlabError(f"the C++ compiler {cxx!r} does not run: {e}") from None
-    texts = [source.read_text() for source in SOURCES]
+    texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
     path = kernel_dir() / f"kv_decode-{key}.so"
     if not path.is_file():
@@ -112,6 +113,8 @@ def library() -> ctypes.CDLL:
     lib.qkvlab_small_linear.restype = None
     lib.qkvlab_decode_layers.argtypes = [_void, _void, _void, _void, ctypes.c_float, ctypes.c_int32]
     lib.qkvlab_decode_layers.restype = None
+    lib.qkvlab_mlp_activation.argtypes = [_void, _void, _i64, _i64, _i64]
+    lib.qkvlab_mlp_activation.restype = None
     return lib
 
 

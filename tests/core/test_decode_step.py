@@ -161,3 +161,25 @@ def test_heads_narrower_than_the_model(variant, native_calls, monkeypatch):
     native, _ = _steps(model, x, 5, True, monkeypatch)
     assert len(native_calls) == 5
     torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind, reference", [
+    (0, lambda f, h: torch.nn.functional.gelu(f)),
+    (1, lambda f, h: torch.nn.functional.gelu(f, approximate="tanh")),
+    (2, lambda f, h: torch.nn.functional.silu(f[:, :h]) * f[:, h:])])
+def test_the_native_activations_match_pytorch_in_float64(kind, reference):
+    """The native step's vectorised GELU (erf and tanh forms) and SwiGLU, over -30..30 (both exp clamps) and a
+    width that leaves a scalar tail (37 = 2 x 16 + 5): within 1e-6 of float64, relative to max(1, |x|)."""
+    from qkvlab.nn import kv_decode
+
+    rows, hidden = 3, 37
+    width = 2 * hidden if kind == 2 else hidden
+    grid = torch.linspace(-30, 30, rows * width, dtype=torch.float64)
+    f = grid[torch.randperm(grid.numel(), generator=torch.Generator().manual_seed(kind))].reshape(rows, width)
+    f[0, :6] = torch.tensor([0.0, -0.0, 1e-6, -1e-6, 3.0, -3.0], dtype=torch.float64)
+    x = f.float().contiguous()
+    out = torch.empty(rows, hidden)
+    kv_decode.library().qkvlab_mlp_activation(x.data_ptr(), out.data_ptr(), rows, hidden, kind)
+    expected = reference(x.double(), hidden)
+    scale = torch.maximum(expected.abs(), torch.ones(()))
+    assert ((out.double() - expected).abs() / scale).max().item() < 1e-6

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec16.h"
+
 extern "C" void qkvlab_small_linear(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t N,
                                     int64_t K, int32_t threads);
 extern "C" void qkvlab_kv_rotary_decode(const float* q, const float* qs, const float* kv, int64_t sb, int64_t sh,
@@ -21,6 +23,8 @@ extern "C" void qkvlab_kv_decode_pair(const float* q, const float* k, int64_t ks
                                       int32_t threads, float* out);
 
 namespace {
+
+using qkvlab::load16, qkvlab::store16, qkvlab::Vec16, qkvlab::vexp;
 
 // The model's shape and the step's position, as the int64 array `cfg` gives them (in this order; built by
 // qkvlab/nn/decode_step.py's decode_layers).
@@ -68,7 +72,54 @@ void rotate(float* x, int64_t n, int64_t D, const float* r) {
   }
 }
 
+// erf of each lane, |error| < 1.5e-7 (Abramowitz and Stegun 7.1.26: 1 - t P(t) exp(-x^2), t = 1 / (1 + p |x|)).
+inline Vec16 verf(Vec16 x) {
+  const Vec16 ax = x < 0.f ? -x : x;
+  const Vec16 t = 1.f / (1.f + 0.3275911f * ax);
+  Vec16 p = 1.061405429f * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const Vec16 y = 1.f - p * t * vexp(-ax * ax);
+  return x < 0.f ? -y : y;
+}
+
+// The MLP's activation of one row: a (hidden) from f (hidden, or 2 x hidden for SwiGLU: gate then up), 16 lanes at a
+// time through vexp (measured: scalar std::erf took 0.65 ms of a six-layer step at batch 4), the tail scalar.
+void activate(const float* f, float* a, int64_t hidden, int64_t kind) {
+  int64_t i = 0;
+  for (; i + 16 <= hidden; i += 16) {
+    const Vec16 v = load16(f + i);
+    Vec16 out;
+    if (kind == kSwiGlu) {  // silu(gate) * up; sigmoid from exp(-|v|) <= 1
+      const Vec16 e = vexp(v < 0.f ? v : -v);
+      out = v * (v < 0.f ? e : 1.f) / (1.f + e) * load16(f + hidden + i);
+    } else if (kind == kGeluTanh) {  // tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|)
+      const Vec16 u = 0.7978845608f * (v + 0.044715f * v * v * v);
+      const Vec16 e = vexp(u < 0.f ? 2.f * u : -2.f * u);
+      const Vec16 th = (1.f - e) / (1.f + e);
+      out = 0.5f * v * (1.f + (u < 0.f ? -th : th));
+    } else {
+      out = 0.5f * v * (1.f + verf(v * 0.7071067812f));
+    }
+    store16(a + i, out);
+  }
+  for (; i < hidden; ++i) {
+    const float v = f[i];
+    if (kind == kSwiGlu) a[i] = v / (1.f + std::exp(-v)) * f[hidden + i];
+    else if (kind == kGeluTanh) a[i] = 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
+    else a[i] = 0.5f * v * (1.f + std::erf(v * 0.7071067812f));
+  }
+}
+
 }  // namespace
+
+// a (rows, hidden) = the MLP's activation of f (rows, hidden; SwiGLU: rows, 2 x hidden, gate then up): kind 0 GELU,
+// 1 GELU's tanh form, 2 SwiGLU.
+extern "C" void qkvlab_mlp_activation(const float* f, float* a, int64_t rows, int64_t hidden, int64_t kind) {
+  const int64_t width = (kind == kSwiGlu ? 2 : 1) * hidden;
+  for (int64_t r = 0; r < rows; ++r) activate(f + r * width, a + r * hidden, hidden, kind);
+}
 
 // h (B, C): the rows' hidden states at the new position, updated in place through every block. rot: the rotation
 // table (max positions, D) of (cos, sin) pairs (qkvlab.nn.positions.Rotary.read_table), null without rotary.
@@ -118,16 +169,7 @@ extern "C" void qkvlab_decode_layers(float* h, const int64_t* cfg, const int64_t
     for (int64_t i = 0; i < B * C; ++i) h[i] += y[i];
     normalize(h, p.norm2_w, p.norm2_b, x.data(), B, C, s.norm, eps);
     qkvlab_small_linear(x.data(), p.fc_w, p.fc_b, fc.data(), B, fc_width, C, threads);
-    for (int64_t r = 0; r < B; ++r) {
-      const float* f = fc.data() + r * fc_width;
-      float* a = act.data() + r * s.hidden;
-      for (int64_t i = 0; i < s.hidden; ++i) {
-        const float v = f[i];
-        if (s.mlp == kSwiGlu) a[i] = v / (1.f + std::exp(-v)) * f[s.hidden + i];  // silu(gate) * up
-        else if (s.mlp == kGeluTanh) a[i] = 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
-        else a[i] = 0.5f * v * (1.f + std::erf(v * 0.7071067812f));
-      }
-    }
+    qkvlab_mlp_activation(fc.data(), act.data(), B, s.hidden, s.mlp);
     qkvlab_small_linear(act.data(), p.out_w, p.out_b, y.data(), B, C, s.hidden, threads);
     for (int64_t i = 0; i < B * C; ++i) h[i] += y[i];
   }

@@ -21,7 +21,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec16.h"
+
 namespace {
+
+using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::vexp;
 
 constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
 // Grouped rotary reads ask for keys this far ahead (measured 1.1-1.2x on Q-MQA's read; no gain elsewhere).
@@ -197,23 +201,7 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
 // vector. A key's dot product with the query is kD / 16 vector multiply-adds and a sum across lanes; the sums of
 // 16 keys are taken together (a transposing reduction, 45 vector operations) instead of one by one, and the
 // accumulator of each query head stays in registers (measured: 1.3-3x the general loop above, which the other
-// cases keep: quantised caches, other head sizes).
-typedef float Vec16 __attribute__((vector_size(16 * sizeof(float))));
-
-typedef int32_t Int16 __attribute__((vector_size(16 * sizeof(int32_t))));
-
-// Lanes of two vectors picked by constant indices (0-15 from a, 16-31 from b); GCC before 12 spells it otherwise.
-#if defined(__clang__) || __GNUC__ >= 12
-#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, Int16{__VA_ARGS__})
-#endif
-
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  __builtin_memcpy(&v, p, sizeof v);  // unaligned
-  return v;
-}
+// cases keep: quantised caches, other head sizes). Vectors of 16 floats: vec16.h.
 
 // A vector of 8 pairs' (cos, sin) from the rotation table, as each dim's cosine and each dim's sine.
 inline Vec16 coses(Vec16 t) { return SHUFFLE(t, t, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14); }
@@ -249,29 +237,6 @@ inline float hsum(Vec16 v) {  // the sum of the lanes
   v += SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   v += SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   return v[0];
-}
-
-// exp of each lane for x <= 0 (softmax weights; 0 below -87, so exp(-inf) = 0): Cody-Waite reduction to
-// r in about [-ln2/2, ln2/2] and Cephes' degree-6 polynomial (the read that uses it is tested against a float64
-// softmax).
-inline Vec16 vexp(Vec16 x) {
-  const Vec16 zero{};
-  const Vec16 lo = zero - 87.f;
-  const Vec16 xc = x < lo ? lo : x;
-  const Int16 n = __builtin_convertvector(xc * 1.44269504f - 0.5f, Int16);  // round(x / ln2), x <= 0
-  const Vec16 nf = __builtin_convertvector(n, Vec16);
-  const Vec16 r = (xc - nf * 0.693359375f) - nf * -2.12194440e-4f;
-  Vec16 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const Int16 bits = (n + 127) << 23;  // 2^n
-  Vec16 scale;
-  __builtin_memcpy(&scale, &bits, sizeof scale);
-  const Vec16 e = p * scale;
-  return x < lo ? zero : e;
 }
 
 // acc[g] (kC vectors) = acc[g] * r[g] + sum_j probs[g][j] v_j over the n values of a block, for kGN query heads at
