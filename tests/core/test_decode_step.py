@@ -183,3 +183,21 @@ def test_the_native_activations_match_pytorch_in_float64(kind, reference):
     expected = reference(x.double(), hidden)
     scale = torch.maximum(expected.abs(), torch.ones(()))
     assert ((out.double() - expected).abs() / scale).max().item() < 1e-6
+
+
+def test_a_parametrised_weight_is_read_through_its_parametrisation(native_calls, monkeypatch):
+    """A weight computed by torch.nn.utils.parametrize (not in the module's parameters) is what the step uses."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = make(small(variant="Q-K=V", positions="rotary", n_heads=4))
+    parametrize.register_parametrization(model.backbone.blocks[1].attn.qkv, "weight", Doubled())
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        full = model(x)[:, 5:]
+    native, _ = _steps(model, x, 5, True, monkeypatch)
+    assert native_calls
+    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
