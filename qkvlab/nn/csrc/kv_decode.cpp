@@ -25,7 +25,7 @@
 
 namespace {
 
-using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::vexp;
+using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::sum16, qkvlab::vexp;
 
 constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
 // Grouped rotary reads ask for keys this far ahead (measured 1.1-1.2x on Q-MQA's read; no gain elsewhere).
@@ -206,20 +206,6 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
 // A vector of 8 pairs' (cos, sin) from the rotation table, as each dim's cosine and each dim's sine.
 inline Vec16 coses(Vec16 t) { return SHUFFLE(t, t, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14); }
 inline Vec16 sines(Vec16 t) { return SHUFFLE(t, t, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15); }
-
-// Pairwise lane sums of a and b: lanes 0-7 hold a's, lanes 8-15 b's (each in lane order).
-inline Vec16 fold(Vec16 a, Vec16 b) {
-  return SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         SHUFFLE(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// Lane j of the result: the sum of the 16 lanes of v[j].
-inline Vec16 sum16(const Vec16* v) {
-  Vec16 w[8], x[4];
-  for (int i = 0; i < 8; ++i) w[i] = fold(v[2 * i], v[2 * i + 1]);  // 8 partial sums of each
-  for (int i = 0; i < 4; ++i) x[i] = fold(w[2 * i], w[2 * i + 1]);  // 4 of each
-  return fold(fold(x[0], x[1]), fold(x[2], x[3]));  // 2 of each, then 1
-}
 
 inline Vec16 vmax(Vec16 a, Vec16 b) { return a > b ? a : b; }
 

@@ -1,6 +1,6 @@
 // Sixteen floats as one vector (GCC / Clang vector extensions: one AVX-512 register, two AVX2 ones, or what the
-// target has), and the lane-wise exponential, shared by the cache read (kv_decode.cpp) and the whole-step decode
-// (decode_step.cpp).
+// target has), sums across lanes and the lane-wise exponential, shared by the cache read (kv_decode.cpp), the
+// few-row linear layer (small_linear.cpp) and the whole-step decode (decode_step.cpp).
 
 #pragma once
 
@@ -25,6 +25,20 @@ inline Vec16 load16(const float* p) {
 }
 
 inline void store16(float* p, Vec16 v) { __builtin_memcpy(p, &v, sizeof v); }  // unaligned
+
+// Pairwise lane sums of a and b: lanes 0-7 hold a's, lanes 8-15 b's (each in lane order).
+inline Vec16 fold(Vec16 a, Vec16 b) {
+  return SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUFFLE(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Lane j of the result: the sum of the 16 lanes of v[j].
+inline Vec16 sum16(const Vec16* v) {
+  Vec16 w[8], x[4];
+  for (int i = 0; i < 8; ++i) w[i] = fold(v[2 * i], v[2 * i + 1]);  // 8 partial sums of each
+  for (int i = 0; i < 4; ++i) x[i] = fold(w[2 * i], w[2 * i + 1]);  // 4 of each
+  return fold(fold(x[0], x[1]), fold(x[2], x[3]));  // 2 of each, then 1
+}
 
 // exp of each lane for x <= 0 (softmax weights; 0 below -87, so exp(-inf) = 0): Cody-Waite reduction to
 // r in about [-ln2/2, ln2/2] and Cephes' degree-6 polynomial (tested against float64: the cache read's softmax,
