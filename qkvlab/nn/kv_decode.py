@@ -99,22 +99,31 @@ def library() -> ctypes.CDLL:
         except OSError as e:
             raise QkvlabError(f"cannot write the fused rotary read's CPU kernel into {path.parent} ({e.strerror}); "
                               "set QKVLAB_KERNEL_DIR to a writable directory") from None
+    return load(path)
+
+
+_void = ctypes.c_void_p  # raw data_ptr() integers: no pointer objects built per call (this is per layer)
+# Each exported function's argument types (every one returns nothing).
+_SIGNATURES = {
+    "qkvlab_kv_rotary_decode": _ARGTYPES,
+    "qkvlab_kv_decode_pair": _ARGTYPES_PAIR,
+    "qkvlab_kv_rotary_decode_int8": _ARGTYPES_INT8,
+    "qkvlab_kv_rotary_decode_fp8": _ARGTYPES_FP8,
+    "qkvlab_small_linear": [_void, _void, _void, _void, _i64, _i64, _i64, ctypes.c_int32],
+    "qkvlab_decode_layers": [_void, _void, _void, _void, ctypes.c_float, ctypes.c_int32],
+    "qkvlab_mlp_activation": [_void, _void, _i64, _i64, _i64],
+}
+
+
+def load(path: Path, require_all: bool = True) -> ctypes.CDLL:
+    """A built library with its functions' signatures declared; `require_all=False` skips functions it lacks
+    (an older build loaded by benchmarks/kernel_ab.py)."""
     lib = ctypes.CDLL(str(path))
-    lib.qkvlab_kv_rotary_decode.argtypes = _ARGTYPES
-    lib.qkvlab_kv_rotary_decode.restype = None
-    lib.qkvlab_kv_decode_pair.argtypes = _ARGTYPES_PAIR
-    lib.qkvlab_kv_decode_pair.restype = None
-    lib.qkvlab_kv_rotary_decode_int8.argtypes = _ARGTYPES_INT8
-    lib.qkvlab_kv_rotary_decode_int8.restype = None
-    lib.qkvlab_kv_rotary_decode_fp8.argtypes = _ARGTYPES_FP8
-    lib.qkvlab_kv_rotary_decode_fp8.restype = None
-    _void = ctypes.c_void_p  # raw data_ptr() integers: no pointer objects built per call (this is per layer)
-    lib.qkvlab_small_linear.argtypes = [_void, _void, _void, _void, _i64, _i64, _i64, ctypes.c_int32]
-    lib.qkvlab_small_linear.restype = None
-    lib.qkvlab_decode_layers.argtypes = [_void, _void, _void, _void, ctypes.c_float, ctypes.c_int32]
-    lib.qkvlab_decode_layers.restype = None
-    lib.qkvlab_mlp_activation.argtypes = [_void, _void, _i64, _i64, _i64]
-    lib.qkvlab_mlp_activation.restype = None
+    for name, argtypes in _SIGNATURES.items():
+        if not require_all and not hasattr(lib, name):
+            continue
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     return lib
 
 

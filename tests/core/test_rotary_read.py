@@ -223,6 +223,32 @@ def test_the_vectorised_read_equals_softmax_attention(G, D, sharpness, rotate):
         assert torch.allclose(got.double(), scores.softmax(-1) @ values.double(), atol=ATOL)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_query_head_a_key_reads_two_streams_at_a_time(threads):
+    """Rotary K = V with one query head per key head reads two (row, head) streams together: an odd number of
+    streams (3 rows x 3 heads: a pair spans two rows, one stream is left alone), each row's own mask (whole blocks
+    of 16 dropped in one stream of a pair only), any split of the work over threads, against float64."""
+    g = torch.Generator().manual_seed(threads)
+    B, H, T, D = 3, 3, 1300, 64
+    q = torch.randn(B, H, 1, D, generator=g) * 4 / D ** 0.5
+    kv = torch.randn(B, H, T, D, generator=g)
+    mask = _ragged_mask(B, T, g)
+    mask[0, :] = True
+    mask[0, 32:96] = False  # row 0 (streams 0-2; stream 2 pairs with row 1's first head)
+    mask[1, 700:] = False
+    rot = Rotary(D, T).read_table(T, "cpu")
+    swapped = rotary_read.pair_swap(q)
+    scores = rotary_read.rotary_scores(q.double(), swapped.double(), kv.double(), rot.double()).permute(1, 2, 3, 0)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # (B, H, 1, T)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kv_decode.decode(q, swapped, kv, rot, mask)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(got.double(), scores.softmax(-1) @ kv.double(), atol=ATOL)
+
+
 @pytest.mark.parametrize("variant", ["Q-MQA", "Q-GQA-2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_learned_grouped_k_equals_v_reads_once_and_equals_the_full_forward(variant, dtype, monkeypatch):

@@ -7,7 +7,8 @@
 // small enough to stay in L1: the block's scores (q . rot_t(k) = sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]),
 // qs the pair-swapped query, each pair's cos and sin from one table (T, D) of (cos, sin) pairs), an online
 // softmax (running max m, sum l) and the weighted sum of the same keys as values. Float32 caches with heads of
-// 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each (row, key head) in order); the rest
+// 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each (row, key head) in order; rotary keys
+// with one query head a key: `attend_streams`, two (row, key head) streams sharing the table); the rest
 // (quantised caches, other head sizes) `attend_range` (four keys at a time without a table; with one, rows and
 // heads inner, so each block of the table is read once for all of them). Ranges (flash-decoding's split) give
 // every thread work at batch 1 and are merged by log-sum-exp; short caches split the rows and heads as well.
@@ -228,7 +229,8 @@ inline float hsum(Vec16 v) {  // the sum of the lanes
 // acc[g] (kC vectors) = acc[g] * r[g] + sum_j probs[g][j] v_j over the n values of a block, for kGN query heads at
 // once: each value is loaded once for all of them and the accumulators stay in registers.
 template <int64_t kC, int kGN>
-inline void accumulate(const float* vals, int64_t st, int64_t n, const float* probs, const float* r, float* const* acc) {
+inline void accumulate(const float* vals, int64_t st, int64_t n, const float* probs, const float* r,
+                       float* const* acc) {
   Vec16 a[kGN][kC];
   for (int g = 0; g < kGN; ++g)
     for (int64_t c = 0; c < kC; ++c) a[g][c] = load16(acc[g] + 16 * c) * r[g];
@@ -244,9 +246,9 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
   for (int g = 0; g < kGN; ++g) __builtin_memcpy(acc[g], a[g], sizeof a[g]);
 }
 
-// kRotate: keys rotated on the fly by the tables (K = V rotary: a score is sum_d k[d] (cos[t,d] q[d] + sin[t,d]
-// qs[d])); each (row, key head) still streams its keys in order, the table of the whole range re-read from the
-// CPU's cache for each (measured 1.25-1.4x the loop that reads every row and head per block of positions, which
+// kRotate: K = V keys rotated on the fly by the table, for G > 1 query heads a key (one head a key:
+// attend_streams); each (row, key head) still streams its keys in order, the table of the whole range re-read from
+// the CPU's cache for each (measured 1.25-1.4x the loop that reads every row and head per block of positions, which
 // shares each block of the table but interleaves B x H streams of keys; blocks of 128-1024 positions: 0.91-0.96x).
 // The table holds each pair's (cos, sin) once, spread over the pair's dims by two shuffles: half the bytes of
 // separate cosine and sine tables per dim (measured 1.28x on the one-head-a-key read, 1.06x at six heads a key).
@@ -279,10 +281,9 @@ void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float
           if (!row_mask[b0 + j]) keep[j] = -INFINITY;
         if (hmax(keep) == -INFINITY) continue;  // every key of the block masked
       }
-      // Grouped rotary heads: the block's keys rotated once, for every query head of the group (measured 1.07-1.3x
-      // the query-side rotation per head at six heads a key; one head a key keeps the query-side form, as fast).
-      const bool grouped = kRotate && G > 1;
-      if (grouped) {
+      // Rotary (grouped heads): the block's keys rotated once, for every query head of the group (measured
+      // 1.07-1.3x the query-side rotation per head at six heads a key).
+      if constexpr (kRotate) {
         for (int64_t j = 0; j < n; ++j) {
           const float* k = keys + (b0 + j) * key.st;
           const float* r = rot + (b0 + j) * kD;
@@ -297,26 +298,16 @@ void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float
       }
       for (int64_t g = 0; g < G; ++g) {  // scores and softmax weights of each query head
         const int64_t hg = bh * G + g;
-        Vec16 qv[kC], qsv[kC];
+        Vec16 qv[kC];
         for (int64_t c = 0; c < kC; ++c) qv[c] = load16(q + hg * kD + 16 * c);
-        if (kRotate && !grouped)  // the swapped query only serves the query-side rotation
-          for (int64_t c = 0; c < kC; ++c) qsv[c] = load16(qs + hg * kD + 16 * c);
         Vec16 part[16];
         for (int64_t j = 0; j < 16; ++j) {
           Vec16 s{};
-          if (j < n && grouped) {
+          if (j < n && kRotate) {
             for (int64_t c = 0; c < kC; ++c) s += qv[c] * rotated[j][c];
           } else if (j < n) {
             const float* k = keys + (b0 + j) * key.st;
-            if constexpr (kRotate) {
-              const float* r = rot + (b0 + j) * kD;
-              for (int64_t c = 0; c < kC; ++c) {
-                const Vec16 t = load16(r + 16 * c);
-                s += load16(k + 16 * c) * (coses(t) * qv[c] + sines(t) * qsv[c]);
-              }
-            } else {
-              for (int64_t c = 0; c < kC; ++c) s += qv[c] * load16(k + 16 * c);
-            }
+            for (int64_t c = 0; c < kC; ++c) s += qv[c] * load16(k + 16 * c);
           }
           part[j] = s;
         }
@@ -339,6 +330,86 @@ void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float
         accumulate<kC, 1>(block_vals, val.st, n, probs.data() + g * 16, rescale.data() + g, accs.data() + g);
     }
   }
+}
+
+// Rotary K = V keys with one query head per key head (G = 1: Q-K=V, Q=K-V): kS (row, key head) streams at a time,
+// so each block's table vectors are loaded and spread over their pairs' dims once for all of them. A score is the
+// key against the query rotated to the key's position, sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]). Two streams
+// against one, whole Q-K=V decode steps (6 layers, d_model 384, batch 4 / 1, 8,192 cached): 1.24x / 1.19x, 2,048
+// cached: 1.16x, 512: 1.03x; three streams against two: 0.94-1.03x.
+template <int64_t kD, int kS>
+void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
+                    const bool* mask, int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh0,
+                    Partial& out) {
+  constexpr int64_t kC = kD / 16;  // vectors per head
+  const Vec16 lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const float* keys[kS];
+  const float* vals[kS];
+  const bool* row_mask[kS];
+  Vec16 qv[kS][kC], qsv[kS][kC];
+  for (int s = 0; s < kS; ++s) {
+    const int64_t bh = bh0 + s, b = bh / H, h = bh % H;
+    keys[s] = key.data + b * key.sb + h * key.sh;
+    vals[s] = val.data + b * val.sb + h * val.sh;
+    row_mask[s] = mask == nullptr ? nullptr : mask + b * mask_stride;
+    for (int64_t c = 0; c < kC; ++c) {
+      qv[s][c] = load16(q + bh * kD + 16 * c);
+      qsv[s][c] = load16(qs + bh * kD + 16 * c);
+    }
+  }
+  for (int64_t b0 = t0; b0 < t1; b0 += 16) {
+    const int64_t n = std::min<int64_t>(16, t1 - b0);
+    Vec16 keep[kS];  // 0, or -inf on keys past the range or masked
+    bool any[kS];
+    for (int s = 0; s < kS; ++s) {
+      keep[s] = lane < static_cast<float>(n) ? Vec16{} : Vec16{} - INFINITY;
+      if (row_mask[s] != nullptr)
+        for (int64_t j = 0; j < n; ++j)
+          if (!row_mask[s][b0 + j]) keep[s][j] = -INFINITY;
+      any[s] = row_mask[s] == nullptr || hmax(keep[s]) > -INFINITY;
+    }
+    Vec16 part[kS][16];
+    for (int64_t j = 0; j < 16; ++j) {
+      Vec16 sc[kS] = {};
+      if (j < n) {
+        const float* r = rot + (b0 + j) * kD;
+        for (int64_t c = 0; c < kC; ++c) {
+          const Vec16 t = load16(r + 16 * c), cs = coses(t), sn = sines(t);
+          for (int s = 0; s < kS; ++s)
+            sc[s] += load16(keys[s] + (b0 + j) * key.st + 16 * c) * (cs * qv[s][c] + sn * qsv[s][c]);
+        }
+      }
+      for (int s = 0; s < kS; ++s) part[s][j] = sc[s];
+    }
+    for (int s = 0; s < kS; ++s) {
+      if (!any[s]) continue;  // every key of the block masked for this stream
+      const int64_t bh = bh0 + s;
+      const Vec16 sv = sum16(part[s]) + keep[s];
+      float& m = out.m[bh];
+      const float m_new = std::max(m, hmax(sv));
+      const float rescale = m == -INFINITY ? 0.f : m_new > m ? std::exp(m - m_new) : 1.f;
+      const Vec16 pv = vexp(sv - m_new);  // masked and missing keys: 0
+      out.l[bh] = out.l[bh] * rescale + hsum(pv);
+      m = m_new;
+      float probs[16];
+      __builtin_memcpy(probs, &pv, sizeof pv);
+      float* acc = out.acc.data() + bh * kD;
+      accumulate<kC, 1>(vals[s] + b0 * val.st, val.st, n, probs, &rescale, &acc);
+    }
+  }
+}
+
+// The streams bh0..bh1 of a work item (G = 1, rotary), two at a time.
+template <int64_t kD>
+void attend_pairs(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
+                  const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t t0, int64_t t1,
+                  int64_t bh0, int64_t bh1, Partial& out) {
+  out.m.assign(B * H * G, -INFINITY);
+  out.l.assign(B * H * G, 0.f);
+  out.acc.assign(B * H * G * kD, 0.f);
+  int64_t bh = bh0;
+  for (; bh + 2 <= bh1; bh += 2) attend_streams<kD, 2>(q, qs, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
+  for (; bh < bh1; ++bh) attend_streams<kD, 1>(q, qs, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
 }
 
 // The work items' partial softmax states merged by log-sum-exp into out (rows = B * H * G, D).
@@ -378,7 +449,9 @@ void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const
   const bool rotate = rot != nullptr;
   if constexpr (std::is_same_v<V, float>) {
     if (D == 32 || D == 64 || D == 128) {  // float32, heads of 16-float vectors: 16 keys per vector of scores
-      auto vec = rotate ? (D == 64 ? attend_vec<64, true> : D == 128 ? attend_vec<128, true> : attend_vec<32, true>)
+      auto vec = rotate && G == 1
+                     ? (D == 64 ? attend_pairs<64> : D == 128 ? attend_pairs<128> : attend_pairs<32>)
+                 : rotate ? (D == 64 ? attend_vec<64, true> : D == 128 ? attend_vec<128, true> : attend_vec<32, true>)
                         : (D == 64 ? attend_vec<64, false> : D == 128 ? attend_vec<128, false> : attend_vec<32, false>);
       // Fewer key ranges than threads (short caches): the (row, key head) streams are split too, so every thread
       // reads; a work item's rows outside its group keep m = -inf and the merge skips them.
