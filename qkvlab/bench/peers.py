@@ -21,8 +21,11 @@ and reported as medians:
   each step (ours `set_lengths`, Hugging Face's `DynamicCache.crop(-1)`; litgpt writes the same slot again).
 
 Speed-ups are peer time / our time (above 1: ours faster). Utilisation (`qkvlab.bench.roofline`): decode's
-"% of memory bound" is (weights + cache read) / measured read bandwidth over the step time; training's "% of matmul
-peak" is 3 x the forward FLOPs (`qkvlab.cost.measured_flops`) per second over `torch.mm`'s FLOP/s at the step's GEMMs.
+"% of memory bound" is (weights + cache read) / measured read bandwidth over the step time, and its "% roofline"
+the longer of that time and the step's FLOPs (`decode_flops`) at `torch.mm`'s rate on a 1024-square GEMM (the
+compute roof), over the step time: a step that does more arithmetic per byte than the machine's FLOP/s per byte/s
+(several query heads a key, rotations) cannot reach the memory bound. Training's "% of matmul peak" is 3 x the
+forward FLOPs (`qkvlab.cost.measured_flops`) per second over `torch.mm`'s FLOP/s at the step's GEMMs.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ import torch
 from torch import nn
 
 from qkvlab.arch import ModelConfig, is_positive_int
-from qkvlab.bench.roofline import PeakMemory, matmul_peak, read_bandwidth, training_gemms
-from qkvlab.cost import cache_bytes, describe, measured_flops, param_counts
+from qkvlab.bench.roofline import Gemm, PeakMemory, matmul_peak, read_bandwidth, training_gemms
+from qkvlab.cost import cache_bytes, describe, macs, measured_flops, param_counts
 from qkvlab.errors import check
 
 # shape name -> (our variants, ModelConfig fields); sizes come from BenchSettings
@@ -336,10 +339,22 @@ def _train_step(c: Contender, idx: torch.Tensor, dtype: str = "float32") -> Call
     return step
 
 
+ROOF_GEMM = (1024, 1024, 1024)  # (m, k, n) of the compute roof's GEMM
+
+
 def weight_bytes(config: ModelConfig) -> int:
-    """Parameter bytes a decode step reads (float32): all but the learned position table (one row per token)."""
+    """Parameter bytes a decode step reads (float32): all but the tables it looks up one row per token from (the
+    learned positions; the token embedding when the LM head has its own weight, else the head reads it whole)."""
     counts = param_counts(config)
-    return 4 * (counts["total"] - counts["positions"])
+    looked_up = counts["positions"] + (0 if config.tie_embeddings else counts["embedding"])
+    return 4 * (counts["total"] - looked_up)
+
+
+def decode_flops(config: ModelConfig, batch: int, context: int) -> int:
+    """FLOPs (2 per multiply-add) of one decode step: `batch` new tokens through every projection, MLP and the LM
+    head, each query head over `context` + 1 keys (`qkvlab.cost.macs`; norms, softmax, activations and rotations
+    are not counted)."""
+    return 2 * macs(config, seq_len=1, batch=batch, past=context)["total"]
 
 
 # --- the run --------------------------------------------------------------------------------------------------
@@ -352,12 +367,13 @@ class Report:
     machine: dict[str, Any] = field(default_factory=dict)
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     bandwidth: dict[str, Any] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)  # decode's compute roof: torch.mm at a square GEMM
     shapes: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         settings = dataclasses.asdict(self.settings)
         return {"settings": settings, "machine": self.machine, "peers": self.peers, "bandwidth": self.bandwidth,
-                "shapes": self.shapes}
+                "compute": self.compute, "shapes": self.shapes}
 
 
 def _ms(seconds: float) -> str:
@@ -405,10 +421,13 @@ def run(settings: BenchSettings, echo: Callable[[str], None] = print) -> Report:
         if bw:
             echo(f"read bandwidth {bw['read_bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f} "
                  f"GB/s): {bw['method']}")
+        report.compute = matmul_peak([Gemm(*ROOF_GEMM, 1, "square")], max(3, settings.repeats), device)
+        echo(f"compute roof {report.compute['flops_per_s'] / 1e9:.1f} GFLOP/s: torch.mm at "
+             f"{' x '.join(map(str, ROOF_GEMM))} float32, median of {max(3, settings.repeats)}")
     for shape in settings.shapes:  # once at a tiny size: one-time costs (thread pools, lazy imports) fall here
-        _run_shape(_tiny(settings), shape, available, {}, lambda text: None)
+        _run_shape(_tiny(settings), shape, available, {}, {}, lambda text: None)
     for shape in settings.shapes:
-        report.shapes.append(_run_shape(settings, shape, available, report.bandwidth, echo))
+        report.shapes.append(_run_shape(settings, shape, available, report.bandwidth, report.compute, echo))
     return report
 
 
@@ -419,7 +438,7 @@ def _tiny(settings: BenchSettings) -> BenchSettings:
 
 
 def _run_shape(settings: BenchSettings, shape: str, available: dict[str, bool], bandwidth: dict[str, Any],
-               echo: Callable[[str], None]) -> dict[str, Any]:
+               compute: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
     contenders = build_contenders(settings, shape, available)
     base = contenders[0].config
     gen = torch.Generator().manual_seed(settings.seed)
@@ -441,7 +460,7 @@ def _run_shape(settings: BenchSettings, shape: str, available: dict[str, bool], 
         if "prefill" in settings.phases:
             out["prefill"] = _prefill_phase(settings, contenders, gen, echo)
         if "decode" in settings.phases:
-            out["decode"], out["skipped"] = _decode_phase(settings, contenders, gen, bandwidth, echo)
+            out["decode"], out["skipped"] = _decode_phase(settings, contenders, gen, bandwidth, compute, echo)
     return out
 
 
@@ -514,11 +533,12 @@ def _prefill_phase(settings: BenchSettings, contenders: list[Contender], gen: to
 
 
 def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: torch.Generator,
-                  bandwidth: dict[str, Any], echo: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+                  bandwidth: dict[str, Any], compute: dict[str, Any],
+                  echo: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
     device = torch.device(settings.device)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    read_bw = bandwidth.get("read_bytes_per_s")
+    read_bw, flops_per_s = bandwidth.get("read_bytes_per_s"), compute.get("flops_per_s")
     for B in settings.batches:
         for L in settings.contexts:
             need = sum(cache_bytes(c.config, None, L + 1, B, "fp32") for c in contenders)
@@ -556,12 +576,18 @@ def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: tor
                 if read_bw:
                     row["bound_seconds"] = moved / read_bw
                     row["pct_memory_bound"] = 100 * row["bound_seconds"] / medians[c.name]
+                    if flops_per_s:  # the roofline: the longer of reading the bytes and doing the arithmetic
+                        row["flops"] = decode_flops(c.config, B, L)
+                        row["compute_seconds"] = row["flops"] / flops_per_s
+                        roof = max(row["bound_seconds"], row["compute_seconds"])
+                        row["pct_roofline"] = 100 * roof / medians[c.name]
                 rows.append(row)
             for c in contenders:
                 c.release(caches.pop(c.name, None))
     _speedups(rows, contenders, ("batch", "context"))
     echo("decode step: one new token per row on `context` cached tokens; % of memory bound = "
-         "(weights + cache read) / read bandwidth / step time")
+         "(weights + cache read) / read bandwidth / step time; % roofline = the longer of that time and "
+         "FLOPs / compute roof, over the step time")
     _echo_cells(rows, contenders, ("batch", "context"), echo)
     return rows, skipped
 
@@ -579,6 +605,8 @@ def _echo_cells(rows: list[dict[str, Any]], contenders: list[Contender], key: tu
         if "pct_memory_bound" in r:
             line["MB moved"] = f"{r['bytes_moved'] / 1e6:.1f}"
             line["% memory bound"] = f"{r['pct_memory_bound']:.0f} %"
+        if "pct_roofline" in r:
+            line["% roofline"] = f"{r['pct_roofline']:.0f} %"
         line["peak MiB"] = f"{r['peak_bytes'] / 2 ** 20:.1f}"
         table.append(line)
     if table:

@@ -10,7 +10,8 @@ import torch
 from qkvlab.bench import peers as bench
 from qkvlab.bench.roofline import PeakMemory, training_gemms
 from qkvlab.cli.main import main
-from qkvlab.cost import macs
+from qkvlab.arch import ModelConfig
+from qkvlab.cost import macs, param_counts
 
 pytest.importorskip("transformers")
 
@@ -36,8 +37,9 @@ def test_runs_end_to_end_and_writes_json(tmp_path, capsys):
     code, out, err = run_cli(["bench", *TINY_ARGS, "--peers", "hf", "--json", str(path)], capsys)
     assert code == 0, err
     data = json.loads(path.read_text())
-    assert set(data) == {"settings", "machine", "peers", "bandwidth", "shapes"}
+    assert set(data) == {"settings", "machine", "peers", "bandwidth", "compute", "shapes"}
     assert data["peers"]["hf"]["available"] and data["bandwidth"]["read_bytes_per_s"] > 0
+    assert data["compute"]["flops_per_s"] > 0
     assert [s["shape"] for s in data["shapes"]] == ["gpt2", "llama"]
     for shape in data["shapes"]:
         names = [m["model"] for m in shape["models"]]
@@ -49,11 +51,12 @@ def test_runs_end_to_end_and_writes_json(tmp_path, capsys):
             assert (peer in row) == (row["kind"] == "ours")
         for row in shape["decode"]:
             assert row["seconds"] > 0 and row["pct_memory_bound"] > 0 and row["bytes_moved"] > 0
+            assert row["flops"] > 0 and row["pct_roofline"] >= row["pct_memory_bound"]
             assert (peer in row) == (row["kind"] == "ours")
         assert shape["matmul"]["flops_per_s"] > 0
         flops = {r["model"]: r["flops_per_step"] for r in shape["train"]}
         assert flops[names[0]] == flops[names[-1]] > flops[names[1]]  # the peer does our first variant's matmuls
-    assert "% memory bound" in out and "% matmul peak" in out and f"wrote {path}" in out
+    assert "% memory bound" in out and "% roofline" in out and "% matmul peak" in out and f"wrote {path}" in out
 
 
 def test_hf_peers_are_our_models_like_for_like():
@@ -210,3 +213,18 @@ def test_bfloat16_training_steps_run_under_autocast(tmp_path, capsys):
     assert "bfloat16 autocast; torch.mm at these GEMMs (bfloat16)" in out
     data = json.loads(path.read_text())
     assert data["settings"]["train_dtype"] == "bfloat16" and len(data["shapes"][0]["train"]) == 3
+
+
+def test_a_decode_step_reads_every_weight_but_the_tables_it_looks_rows_up_in():
+    """Learned positions are looked up, never read whole; so is an untied token embedding (its LM head is read
+    whole instead); a tied embedding is the LM head's weight and counts once."""
+    tied = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=100, max_seq_len=32, positions="learned")
+    untied = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=100, max_seq_len=32, positions="rotary",
+                         tie_embeddings=False)
+    t, u = param_counts(tied), param_counts(untied)
+    assert bench.weight_bytes(tied) == 4 * (t["total"] - t["positions"])
+    assert bench.weight_bytes(untied) == 4 * (u["total"] - u["embedding"])
+    assert u["head"] == u["embedding"] > 0
+    flops = bench.decode_flops(untied, batch=3, context=10)
+    assert flops == 2 * macs(untied, seq_len=1, batch=3, past=10)["total"]
+    assert bench.decode_flops(untied, batch=3, context=20) > flops  # the cache read grows with the context
