@@ -246,90 +246,122 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
   for (int g = 0; g < kGN; ++g) __builtin_memcpy(acc[g], a[g], sizeof a[g]);
 }
 
-// kRotate: K = V keys rotated on the fly by the table, for G > 1 query heads a key (one head a key:
-// attend_streams); each (row, key head) still streams its keys in order, the table of the whole range re-read from
-// the CPU's cache for each (measured 1.25-1.4x the loop that reads every row and head per block of positions, which
-// shares each block of the table but interleaves B x H streams of keys; blocks of 128-1024 positions: 0.91-0.96x).
-// The table holds each pair's (cos, sin) once, spread over the pair's dims by two shuffles: half the bytes of
-// separate cosine and sine tables per dim (measured 1.28x on the one-head-a-key read, 1.06x at six heads a key).
-template <int64_t kD, bool kRotate>
-void attend_vec(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
-                const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t t0,
-                int64_t t1, int64_t bh0, int64_t bh1, Partial& out) {
+// kS (row, key head) streams starting at bh0, each streaming its keys once for its G query heads; rotary keys
+// are rotated once per block for all G heads, each table vector loaded and spread over its pair's dims once for
+// the kS streams. probs (G x 16), rescale (G), accs (G): scratch.
+template <int64_t kD, bool kRotate, int kS>
+void attend_group(const float* q, Stream<float> key, Stream<float> val, const float* rot, const bool* mask,
+                  int64_t mask_stride, int64_t H, int64_t G, int64_t t0, int64_t t1, int64_t bh0, Partial& out,
+                  float* probs, float* rescale, float** accs) {
   constexpr int64_t kC = kD / 16;  // vectors per head
   constexpr int kHeads = kC >= 8 ? 2 : 4;  // query heads per pass over the values: their accumulators in registers
-  const int64_t HG = B * H * G;
-  out.m.assign(HG, -INFINITY);
-  out.l.assign(HG, 0.f);
-  out.acc.assign(HG * kD, 0.f);
   const Vec16 lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const Vec16 none = Vec16{} - INFINITY;
-  std::vector<float> probs(G * 16), rescale(G);  // this block's softmax weights and accumulator rescaling per head
-  std::vector<float*> accs(G);
-  Vec16 rotated[16][kC];  // grouped rotary: this block's keys at their positions
-  for (int64_t bh = bh0; bh < bh1; ++bh) {  // each (row, key head) streams its keys once for its G query heads
-    const int64_t b = bh / H, h = bh % H;
-    const float* keys = key.data + b * key.sb + h * key.sh;
-    const float* vals = val.data + b * val.sb + h * val.sh;
-    const bool* row_mask = mask == nullptr ? nullptr : mask + b * mask_stride;
-    for (int64_t g = 0; g < G; ++g) accs[g] = out.acc.data() + (bh * G + g) * kD;
-    for (int64_t b0 = t0; b0 < t1; b0 += 16) {
-      const int64_t n = std::min<int64_t>(16, t1 - b0);
-      Vec16 keep = lane < static_cast<float>(n) ? Vec16{} : none;  // -inf on keys past the range or masked
-      if (row_mask != nullptr) {
+  Vec16 rotated[kS][16][kC];  // rotary: this block's keys at their positions
+  const float* keys[kS];
+  const float* vals[kS];
+  const bool* row_mask[kS];
+  for (int s = 0; s < kS; ++s) {
+    const int64_t b = (bh0 + s) / H, h = (bh0 + s) % H;
+    keys[s] = key.data + b * key.sb + h * key.sh;
+    vals[s] = val.data + b * val.sb + h * val.sh;
+    row_mask[s] = mask == nullptr ? nullptr : mask + b * mask_stride;
+  }
+  for (int64_t b0 = t0; b0 < t1; b0 += 16) {
+    const int64_t n = std::min<int64_t>(16, t1 - b0);
+    Vec16 keep[kS];  // 0, or -inf on keys past the range or masked
+    bool any[kS], some = false;
+    for (int s = 0; s < kS; ++s) {
+      keep[s] = lane < static_cast<float>(n) ? Vec16{} : Vec16{} - INFINITY;
+      if (row_mask[s] != nullptr)
         for (int64_t j = 0; j < n; ++j)
-          if (!row_mask[b0 + j]) keep[j] = -INFINITY;
-        if (hmax(keep) == -INFINITY) continue;  // every key of the block masked
-      }
-      // Rotary (grouped heads): the block's keys rotated once, for every query head of the group (measured
-      // 1.07-1.3x the query-side rotation per head at six heads a key).
-      if constexpr (kRotate) {
-        for (int64_t j = 0; j < n; ++j) {
-          const float* k = keys + (b0 + j) * key.st;
-          const float* r = rot + (b0 + j) * kD;
-          for (int64_t c = 0; c < kC; ++c) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
+          if (!row_mask[s][b0 + j]) keep[s][j] = -INFINITY;
+      any[s] = row_mask[s] == nullptr || hmax(keep[s]) > -INFINITY;
+      some = some || any[s];
+    }
+    if (!some) continue;  // every key of the block masked
+    // Rotary (grouped heads): the block's keys rotated once, for every query head of the group (measured
+    // 1.07-1.3x the query-side rotation per head at six heads a key).
+    if constexpr (kRotate) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float* r = rot + (b0 + j) * kD;
+        for (int64_t c = 0; c < kC; ++c) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
+          const Vec16 t = load16(r + 16 * c), cs = coses(t), sn = sines(t);
+          for (int s = 0; s < kS; ++s) {
+            const float* k = keys[s] + (b0 + j) * key.st;
             __builtin_prefetch(k + kPrefetchKeys * key.st + 16 * c);
             const Vec16 kv = load16(k + 16 * c);
             const Vec16 swapped = SHUFFLE(kv, Vec16{} - kv, 17, 0, 19, 2, 21, 4, 23, 6, 25, 8, 27, 10, 29, 12, 31, 14);
-            const Vec16 t = load16(r + 16 * c);
-            rotated[j][c] = kv * coses(t) + swapped * sines(t);
+            rotated[s][j][c] = kv * cs + swapped * sn;
           }
         }
       }
+    }
+    for (int s = 0; s < kS; ++s) {
+      if (!any[s]) continue;
+      const int64_t bh = bh0 + s;
       for (int64_t g = 0; g < G; ++g) {  // scores and softmax weights of each query head
         const int64_t hg = bh * G + g;
         Vec16 qv[kC];
         for (int64_t c = 0; c < kC; ++c) qv[c] = load16(q + hg * kD + 16 * c);
         Vec16 part[16];
         for (int64_t j = 0; j < 16; ++j) {
-          Vec16 s{};
+          Vec16 sc{};
           if (j < n && kRotate) {
-            for (int64_t c = 0; c < kC; ++c) s += qv[c] * rotated[j][c];
+            for (int64_t c = 0; c < kC; ++c) sc += qv[c] * rotated[s][j][c];
           } else if (j < n) {
-            const float* k = keys + (b0 + j) * key.st;
-            for (int64_t c = 0; c < kC; ++c) s += qv[c] * load16(k + 16 * c);
+            const float* k = keys[s] + (b0 + j) * key.st;
+            for (int64_t c = 0; c < kC; ++c) sc += qv[c] * load16(k + 16 * c);
           }
-          part[j] = s;
+          part[j] = sc;
         }
-        const Vec16 s = sum16(part) + keep;
+        const Vec16 sv = sum16(part) + keep[s];
         float& m = out.m[hg];
-        const float m_new = std::max(m, hmax(s));
+        const float m_new = std::max(m, hmax(sv));
         rescale[g] = m == -INFINITY ? 0.f : m_new > m ? std::exp(m - m_new) : 1.f;
-        const Vec16 pv = vexp(s - m_new);  // masked and missing keys: 0
+        const Vec16 pv = vexp(sv - m_new);  // masked and missing keys: 0
         out.l[hg] = out.l[hg] * rescale[g] + hsum(pv);
         m = m_new;
-        __builtin_memcpy(probs.data() + g * 16, &pv, sizeof pv);
+        __builtin_memcpy(probs + g * 16, &pv, sizeof pv);
+        accs[g] = out.acc.data() + hg * kD;
       }
-      const float* block_vals = vals + b0 * val.st;
+      const float* block_vals = vals[s] + b0 * val.st;
       int64_t g = 0;
       for (; g + kHeads <= G; g += kHeads)
-        accumulate<kC, kHeads>(block_vals, val.st, n, probs.data() + g * 16, rescale.data() + g, accs.data() + g);
+        accumulate<kC, kHeads>(block_vals, val.st, n, probs + g * 16, rescale + g, accs + g);
       for (; g + 2 <= G; g += 2)
-        accumulate<kC, 2>(block_vals, val.st, n, probs.data() + g * 16, rescale.data() + g, accs.data() + g);
+        accumulate<kC, 2>(block_vals, val.st, n, probs + g * 16, rescale + g, accs + g);
       for (; g < G; ++g)
-        accumulate<kC, 1>(block_vals, val.st, n, probs.data() + g * 16, rescale.data() + g, accs.data() + g);
+        accumulate<kC, 1>(block_vals, val.st, n, probs + g * 16, rescale + g, accs + g);
     }
   }
+}
+
+// kRotate: K = V keys rotated on the fly by the table, for G > 1 query heads a key (one head a key:
+// attend_streams); each (row, key head) still streams its keys in order, the table of the whole range re-read from
+// the CPU's cache for each (measured 1.25-1.4x the loop that reads every row and head per block of positions, which
+// shares each block of the table but interleaves B x H streams of keys; blocks of 128-1024 positions: 0.91-0.96x),
+// two streams at a time sharing each table vector (heads up to 64 dims: their rotated blocks stay in L1; whole
+// steps against one stream: Q-GQA-2 1.06-1.11x, Q-MQA 1.03-1.08x, an unchanged QKV step 0.97-1.03x). The table
+// holds each pair's (cos, sin) once, spread over the pair's dims by two shuffles: half the bytes of separate
+// cosine and sine tables per dim (measured 1.28x on the one-head-a-key read, 1.06x at six).
+template <int64_t kD, bool kRotate>
+void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<float> val, const float* rot,
+                const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t t0,
+                int64_t t1, int64_t bh0, int64_t bh1, Partial& out) {
+  constexpr int kS = kRotate && kD <= 64 ? 2 : 1;
+  const int64_t HG = B * H * G;
+  out.m.assign(HG, -INFINITY);
+  out.l.assign(HG, 0.f);
+  out.acc.assign(HG * kD, 0.f);
+  std::vector<float> probs(G * 16), rescale(G);  // a block's softmax weights and accumulator rescaling per head
+  std::vector<float*> accs(G);
+  int64_t bh = bh0;
+  for (; bh + kS <= bh1; bh += kS)
+    attend_group<kD, kRotate, kS>(q, key, val, rot, mask, mask_stride, H, G, t0, t1, bh, out, probs.data(),
+                                  rescale.data(), accs.data());
+  for (; bh < bh1; ++bh)
+    attend_group<kD, kRotate, 1>(q, key, val, rot, mask, mask_stride, H, G, t0, t1, bh, out, probs.data(),
+                                 rescale.data(), accs.data());
 }
 
 // Rotary K = V keys with one query head per key head (G = 1: Q-K=V, Q=K-V): kS (row, key head) streams at a time,
