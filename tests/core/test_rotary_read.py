@@ -223,14 +223,15 @@ def test_the_vectorised_read_equals_softmax_attention(G, D, sharpness, rotate):
         assert torch.allclose(got.double(), scores.softmax(-1) @ values.double(), atol=ATOL)
 
 
+@pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_one_query_head_a_key_reads_two_streams_at_a_time(threads):
-    """Rotary K = V with one query head per key head reads two (row, head) streams together: an odd number of
-    streams (3 rows x 3 heads: a pair spans two rows, one stream is left alone), each row's own mask (whole blocks
-    of 16 dropped in one stream of a pair only), any split of the work over threads, against float64."""
+def test_rotary_reads_two_streams_at_a_time(G, threads):
+    """Rotary K = V reads two (row, key head) streams together (one query head a key, and groups): an odd number
+    of streams (3 rows x 3 heads: a pair spans two rows, one stream is left alone), each row's own mask (whole
+    blocks of 16 dropped in one stream of a pair only), any split of the work over threads, against float64."""
     g = torch.Generator().manual_seed(threads)
     B, H, T, D = 3, 3, 1300, 64
-    q = torch.randn(B, H, 1, D, generator=g) * 4 / D ** 0.5
+    q = torch.randn(B, H, G, D, generator=g) * 4 / D ** 0.5
     kv = torch.randn(B, H, T, D, generator=g)
     mask = _ragged_mask(B, T, g)
     mask[0, :] = True
@@ -239,7 +240,7 @@ def test_one_query_head_a_key_reads_two_streams_at_a_time(threads):
     rot = Rotary(D, T).read_table(T, "cpu")
     swapped = rotary_read.pair_swap(q)
     scores = rotary_read.rotary_scores(q.double(), swapped.double(), kv.double(), rot.double()).permute(1, 2, 3, 0)
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # (B, H, 1, T)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # (B, H, G, T)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
