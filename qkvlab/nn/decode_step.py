@@ -96,8 +96,8 @@ def decode_layers(blocks: nn.ModuleList, h: torch.Tensor, cache, rotary) -> torc
     buffers = cache.buffers  # (layers, B, H_kv, max_len, D) each
     try:
         stored = [(_ptr(buffer), buffer.stride(0) * buffer.element_size()) for buffer in buffers]  # (start, layer)
-        tensors = [_tensor(block, path) for block in typed for path in _LAYER]  # held until the call returns:
-        # a parametrised weight is a temporary
+        # Every weight, held until the call returns (a parametrised weight is a temporary).
+        tensors = [_tensor(block, path) for block in typed for path in _LAYER]
         layers = []
         for i in range(len(typed)):  # csrc/decode_step.cpp's Layer, in its order
             layers += [_ptr(t) for t in tensors[i * len(_LAYER):(i + 1) * len(_LAYER)]]
