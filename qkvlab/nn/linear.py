@@ -3,7 +3,7 @@
 Decoding multiplies one token per sequence by every weight matrix: a matrix-vector product bound by reading
 the weight. On the CPUs measured here PyTorch's BLAS path reads it at 5-8 GB/s, a fraction of the memory's
 bandwidth; `csrc/small_linear.cpp` (built with the cache-read kernels, `qkvlab.nn.kv_decode`) reads it at
-16-25 GB/s (2-4.5x, docs/PERFORMANCE.md). `Linear` takes that path for float32 inputs of at most
+18-27 GB/s with one to four rows (1.9-4.5x, docs/PERFORMANCE.md). `Linear` takes that path for float32 inputs of at most
 `MAX_ROWS` rows on the CPU without gradients, outside torch.compile / export, when the weight has at least
 `MIN_WEIGHT` entries; everything else (training, prefill, GPUs, other dtypes, a machine without a C++
 compiler) is `nn.Linear` unchanged. It is an `nn.Linear`: same parameters, state-dict keys and init.
