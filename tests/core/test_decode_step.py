@@ -43,6 +43,14 @@ def _steps(model, x, prefill, native: bool, monkeypatch, **cache_kw):
     return steps, cache
 
 
+def _native_equals_full(model, x, prefill, monkeypatch) -> None:
+    """Native steps over x[:, prefill:] give the full forward's logits."""
+    with torch.no_grad():
+        full = model(x)[:, prefill:]
+    native, _ = _steps(model, x, prefill, True, monkeypatch)
+    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("variant", NATIVE)
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 def test_native_steps_equal_the_full_forward_and_the_per_layer_path(variant, positions, native_calls, monkeypatch):
@@ -69,13 +77,8 @@ def test_native_steps_equal_the_full_forward_and_the_per_layer_path(variant, pos
 def test_every_norm_mlp_and_bias_choice(norm, mlp, activation, bias, native_calls, monkeypatch):
     cfg = small(variant="Q-GQA-2", positions="rotary", norm=norm, mlp=mlp, activation=activation, bias=bias,
                 n_heads=4)
-    model = make(cfg)
-    x = torch.randint(0, 50, (2, 14))
-    with torch.no_grad():
-        full = model(x)[:, 6:]
-    native, _ = _steps(model, x, 6, True, monkeypatch)
+    _native_equals_full(make(cfg), torch.randint(0, 50, (2, 14)), 6, monkeypatch)
     assert native_calls
-    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
 
 
 @settings(max_examples=12, deadline=None)
@@ -155,12 +158,8 @@ def test_a_full_cache_is_the_same_error_as_before(monkeypatch):
 def test_heads_narrower_than_the_model(variant, native_calls, monkeypatch):
     """n_heads * head_dim (48) below d_model (64): the projections' widths, not d_model, size the heads."""
     model = make(small(variant=variant, positions="rotary", n_heads=4, head_dim=12, d_model=64))
-    x = torch.randint(0, 50, (2, 10))
-    with torch.no_grad():
-        full = model(x)[:, 5:]
-    native, _ = _steps(model, x, 5, True, monkeypatch)
+    _native_equals_full(model, torch.randint(0, 50, (2, 10)), 5, monkeypatch)
     assert len(native_calls) == 5
-    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("kind, reference", [
@@ -195,9 +194,5 @@ def test_a_parametrised_weight_is_read_through_its_parametrisation(native_calls,
 
     model = make(small(variant="Q-K=V", positions="rotary", n_heads=4))
     parametrize.register_parametrization(model.backbone.blocks[1].attn.qkv, "weight", Doubled())
-    x = torch.randint(0, 50, (2, 10))
-    with torch.no_grad():
-        full = model(x)[:, 5:]
-    native, _ = _steps(model, x, 5, True, monkeypatch)
+    _native_equals_full(model, torch.randint(0, 50, (2, 10)), 5, monkeypatch)
     assert native_calls
-    torch.testing.assert_close(native, full, atol=ATOL, rtol=0)

@@ -26,7 +26,7 @@
 
 namespace {
 
-using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::sum16, qkvlab::vexp;
+using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::store16, qkvlab::sum16, qkvlab::vexp;
 
 constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
 // Grouped rotary reads ask for keys this far ahead (measured 1.1-1.2x on Q-MQA's read; no gain elsewhere).
@@ -246,6 +246,51 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
   for (int g = 0; g < kGN; ++g) __builtin_memcpy(acc[g], a[g], sizeof a[g]);
 }
 
+// kS (row, key head) streams from bh0 (bh = b * H + h): where each one's keys, values and row mask start.
+template <int kS>
+struct Streams {
+  const float* keys[kS];
+  const float* vals[kS];
+  const bool* mask[kS];
+
+  Streams(Stream<float> key, Stream<float> val, const bool* masks, int64_t mask_stride, int64_t H, int64_t bh0) {
+    for (int s = 0; s < kS; ++s) {
+      const int64_t b = (bh0 + s) / H, h = (bh0 + s) % H;
+      keys[s] = key.data + b * key.sb + h * key.sh;
+      vals[s] = val.data + b * val.sb + h * val.sh;
+      mask[s] = masks == nullptr ? nullptr : masks + b * mask_stride;
+    }
+  }
+
+  // The block of n <= 16 keys from b0: each stream's lanes 0 or -inf (past the range or masked) in keep, whether
+  // it attends to any of them in any; returns whether some stream does.
+  bool block(int64_t b0, int64_t n, Vec16* keep, bool* any) const {
+    const Vec16 lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    bool some = false;
+    for (int s = 0; s < kS; ++s) {
+      keep[s] = lane < static_cast<float>(n) ? Vec16{} : Vec16{} - INFINITY;
+      if (mask[s] != nullptr)
+        for (int64_t j = 0; j < n; ++j)
+          if (!mask[s][b0 + j]) keep[s][j] = -INFINITY;
+      any[s] = mask[s] == nullptr || hmax(keep[s]) > -INFINITY;
+      some = some || any[s];
+    }
+    return some;
+  }
+};
+
+// The online softmax over one block's scores s of query head hg (-inf where not attended): m and l updated; returns
+// the block's weights, and in r the factor that rescales the head's accumulator.
+inline Vec16 softmax_block(Vec16 s, Partial& out, int64_t hg, float& r) {
+  float& m = out.m[hg];
+  const float m_new = std::max(m, hmax(s));
+  r = m == -INFINITY ? 0.f : m_new > m ? std::exp(m - m_new) : 1.f;
+  const Vec16 p = vexp(s - m_new);  // masked and missing keys: 0
+  out.l[hg] = out.l[hg] * r + hsum(p);
+  m = m_new;
+  return p;
+}
+
 // kS (row, key head) streams starting at bh0, each streaming its keys once for its G query heads; rotary keys
 // are rotated once per block for all G heads, each table vector loaded and spread over its pair's dims once for
 // the kS streams. probs (G x 16), rescale (G), accs (G): scratch.
@@ -255,30 +300,14 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
                   float* probs, float* rescale, float** accs) {
   constexpr int64_t kC = kD / 16;  // vectors per head
   constexpr int kHeads = kC >= 8 ? 2 : 4;  // query heads per pass over the values: their accumulators in registers
-  const Vec16 lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   Vec16 rotated[kS][16][kC];  // rotary: this block's keys at their positions
-  const float* keys[kS];
-  const float* vals[kS];
-  const bool* row_mask[kS];
-  for (int s = 0; s < kS; ++s) {
-    const int64_t b = (bh0 + s) / H, h = (bh0 + s) % H;
-    keys[s] = key.data + b * key.sb + h * key.sh;
-    vals[s] = val.data + b * val.sb + h * val.sh;
-    row_mask[s] = mask == nullptr ? nullptr : mask + b * mask_stride;
-  }
+  const Streams<kS> streams(key, val, mask, mask_stride, H, bh0);
+  const auto& keys = streams.keys;
   for (int64_t b0 = t0; b0 < t1; b0 += 16) {
     const int64_t n = std::min<int64_t>(16, t1 - b0);
-    Vec16 keep[kS];  // 0, or -inf on keys past the range or masked
-    bool any[kS], some = false;
-    for (int s = 0; s < kS; ++s) {
-      keep[s] = lane < static_cast<float>(n) ? Vec16{} : Vec16{} - INFINITY;
-      if (row_mask[s] != nullptr)
-        for (int64_t j = 0; j < n; ++j)
-          if (!row_mask[s][b0 + j]) keep[s][j] = -INFINITY;
-      any[s] = row_mask[s] == nullptr || hmax(keep[s]) > -INFINITY;
-      some = some || any[s];
-    }
-    if (!some) continue;  // every key of the block masked
+    Vec16 keep[kS];
+    bool any[kS];
+    if (!streams.block(b0, n, keep, any)) continue;  // every key of the block masked
     // Rotary (grouped heads): the block's keys rotated once, for every query head of the group (measured
     // 1.07-1.3x the query-side rotation per head at six heads a key).
     if constexpr (kRotate) {
@@ -314,17 +343,10 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
           }
           part[j] = sc;
         }
-        const Vec16 sv = sum16(part) + keep[s];
-        float& m = out.m[hg];
-        const float m_new = std::max(m, hmax(sv));
-        rescale[g] = m == -INFINITY ? 0.f : m_new > m ? std::exp(m - m_new) : 1.f;
-        const Vec16 pv = vexp(sv - m_new);  // masked and missing keys: 0
-        out.l[hg] = out.l[hg] * rescale[g] + hsum(pv);
-        m = m_new;
-        __builtin_memcpy(probs + g * 16, &pv, sizeof pv);
+        store16(probs + g * 16, softmax_block(sum16(part) + keep[s], out, hg, rescale[g]));
         accs[g] = out.acc.data() + hg * kD;
       }
-      const float* block_vals = vals[s] + b0 * val.st;
+      const float* block_vals = streams.vals[s] + b0 * val.st;
       int64_t g = 0;
       for (; g + kHeads <= G; g += kHeads)
         accumulate<kC, kHeads>(block_vals, val.st, n, probs + g * 16, rescale + g, accs + g);
@@ -374,32 +396,19 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
                     const bool* mask, int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh0,
                     Partial& out) {
   constexpr int64_t kC = kD / 16;  // vectors per head
-  const Vec16 lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const float* keys[kS];
-  const float* vals[kS];
-  const bool* row_mask[kS];
+  const Streams<kS> streams(key, val, mask, mask_stride, H, bh0);
+  const auto& keys = streams.keys;
   Vec16 qv[kS][kC], qsv[kS][kC];
-  for (int s = 0; s < kS; ++s) {
-    const int64_t bh = bh0 + s, b = bh / H, h = bh % H;
-    keys[s] = key.data + b * key.sb + h * key.sh;
-    vals[s] = val.data + b * val.sb + h * val.sh;
-    row_mask[s] = mask == nullptr ? nullptr : mask + b * mask_stride;
+  for (int s = 0; s < kS; ++s)
     for (int64_t c = 0; c < kC; ++c) {
-      qv[s][c] = load16(q + bh * kD + 16 * c);
-      qsv[s][c] = load16(qs + bh * kD + 16 * c);
+      qv[s][c] = load16(q + (bh0 + s) * kD + 16 * c);
+      qsv[s][c] = load16(qs + (bh0 + s) * kD + 16 * c);
     }
-  }
   for (int64_t b0 = t0; b0 < t1; b0 += 16) {
     const int64_t n = std::min<int64_t>(16, t1 - b0);
-    Vec16 keep[kS];  // 0, or -inf on keys past the range or masked
+    Vec16 keep[kS];
     bool any[kS];
-    for (int s = 0; s < kS; ++s) {
-      keep[s] = lane < static_cast<float>(n) ? Vec16{} : Vec16{} - INFINITY;
-      if (row_mask[s] != nullptr)
-        for (int64_t j = 0; j < n; ++j)
-          if (!row_mask[s][b0 + j]) keep[s][j] = -INFINITY;
-      any[s] = row_mask[s] == nullptr || hmax(keep[s]) > -INFINITY;
-    }
+    if (!streams.block(b0, n, keep, any)) continue;  // every key of the block masked
     Vec16 part[kS][16];
     for (int64_t j = 0; j < 16; ++j) {
       Vec16 sc[kS] = {};
@@ -416,17 +425,10 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
     for (int s = 0; s < kS; ++s) {
       if (!any[s]) continue;  // every key of the block masked for this stream
       const int64_t bh = bh0 + s;
-      const Vec16 sv = sum16(part[s]) + keep[s];
-      float& m = out.m[bh];
-      const float m_new = std::max(m, hmax(sv));
-      const float rescale = m == -INFINITY ? 0.f : m_new > m ? std::exp(m - m_new) : 1.f;
-      const Vec16 pv = vexp(sv - m_new);  // masked and missing keys: 0
-      out.l[bh] = out.l[bh] * rescale + hsum(pv);
-      m = m_new;
-      float probs[16];
-      __builtin_memcpy(probs, &pv, sizeof pv);
+      float rescale, probs[16];
+      store16(probs, softmax_block(sum16(part[s]) + keep[s], out, bh, rescale));
       float* acc = out.acc.data() + bh * kD;
-      accumulate<kC, 1>(vals[s] + b0 * val.st, val.st, n, probs, &rescale, &acc);
+      accumulate<kC, 1>(streams.vals[s] + b0 * val.st, val.st, n, probs, &rescale, &acc);
     }
   }
 }
