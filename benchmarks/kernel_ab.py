@@ -23,6 +23,7 @@ from qkv_vs_tied import decode_step_fn  # benchmarks/, on the path when this scr
 
 from qkvlab.arch import ModelConfig
 from qkvlab.bench.peers import interleaved
+from qkvlab.errors import QkvlabError
 from qkvlab.models.gpt import GPT
 from qkvlab.nn import kv_decode
 
@@ -37,6 +38,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=21, help="interleaved rounds (each times both libraries once)")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args()
+
+
+def parse_cell(cell: str) -> tuple[str, str, int, int]:
+    """variant:positions:batch:context, checked (a one-line error naming the bad cell)."""
+    parts = cell.split(":")
+    ok = (len(parts) == 4 and parts[1] in ("learned", "rotary", "llama") and all(p.isdigit() and int(p) > 0
+                                                                                  for p in parts[2:]))
+    if not ok:
+        raise SystemExit(f"kernel_ab.py: cell {cell!r} is not variant:positions:batch:context with positions "
+                         "learned, rotary or llama and positive batch and context (e.g. Q-K=V:rotary:4:8192)")
+    return parts[0], parts[1], int(parts[2]), int(parts[3])
 
 
 def build_base(rev: str, out: Path):
@@ -81,6 +93,13 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cells = [parse_cell(cell) for cell in args.cells]
+    models = {}
+    for variant, positions, _, context in cells:
+        try:
+            models[variant, positions, context] = model_for(variant, positions, context)
+        except QkvlabError as err:
+            raise SystemExit(f"kernel_ab.py: {err}") from None
     tree = kv_decode.library()
     with tempfile.TemporaryDirectory() as tmp:
         base = build_base(args.base, Path(tmp))
@@ -89,15 +108,14 @@ def main() -> None:
               f"the working tree's; 6 layers, d_model 384, 6 heads; medians of {args.rounds} interleaved rounds")
         print(f"{'variant':8} {'positions':9} {'batch':>5} {'context':>7} {'base ms':>8} {'tree ms':>8} "
               f"{'base/tree':>9}")
-        for cell in args.cells:
-            variant, positions, batch, context = cell.split(":")
-            model = model_for(variant, positions, int(context))
-            step, _ = decode_step_fn(model, int(batch), int(context), SHAPE["vocab_size"], fused=True)
+        for variant, positions, batch, context in cells:
+            model = models[variant, positions, context]
+            step, _ = decode_step_fn(model, batch, context, SHAPE["vocab_size"], fused=True)
             fns = {name: with_library(lib, step) for name, lib in libraries.items()}
             for fn in fns.values():
                 fn()  # warm-up
             t = interleaved(fns, args.rounds, torch.device("cpu"))
-            print(f"{variant:8} {positions:9} {int(batch):5d} {int(context):7d} {t['base'] * 1e3:8.2f} "
+            print(f"{variant:8} {positions:9} {batch:5d} {context:7d} {t['base'] * 1e3:8.2f} "
                   f"{t['tree'] * 1e3:8.2f} {t['base'] / t['tree']:8.2f}x", flush=True)
 
 
