@@ -3,7 +3,8 @@
 Builds `qkvlab/nn/csrc` as of `--base` (read with `git show`) and as in the working tree, then times the same
 model's one-token steps (the cache rewound after each, the one-pass read and the native step on) with each
 library in alternating rounds; the Python side is this tree's for both, so the base must share this tree's native
-step ABI (a39c860 or later). Prints medians and base / tree (above 1: the tree's kernels are faster).
+step ABI (`qkvlab_step_abi`, checked: a base before the whole-step call is refused with a one-line error). Prints
+medians and base / tree (above 1: the tree's kernels are faster).
 
     python benchmarks/kernel_ab.py --base HEAD~1 --threads 2
     python benchmarks/kernel_ab.py --base 004f775~1 --cells QKV:learned:4:512 Q-MQA:rotary:4:8192 --rounds 31
@@ -71,7 +72,12 @@ def build_base(rev: str, out: Path):
                           text=True)
     if done.returncode != 0:
         raise SystemExit(f"kernel_ab.py: building {rev!r} failed: {done.stderr.strip()[:300]}")
-    return kv_decode.load(lib, require_all=False)
+    built = kv_decode.load(lib, require_all=False)
+    tree, base = kv_decode.library().qkvlab_step_abi(), getattr(built, "qkvlab_step_abi", lambda: 1)()
+    if base != tree:
+        raise SystemExit(f"kernel_ab.py: the native step at {rev!r} has ABI {base}, this tree's {tree}: the "
+                         "tree's Python would pass it the wrong arguments; compare against a later revision")
+    return built
 
 
 def model_for(variant: str, positions: str, context: int) -> GPT:

@@ -90,7 +90,7 @@ class Backbone(nn.Module):
     def _native_step(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """One token per row through every block in one native call (`qkvlab.nn.decode_step`), when it serves
         this step: the final hidden states (B, 1, C), the cache advanced; else None (the blocks run)."""
-        if self.training or not decode_step.serves(self.blocks, h, cache):
+        if self.training or not decode_step.serves(self.blocks, h.shape[0], cache):
             return None
         if cache.batch_size != h.shape[0] or cache.key_length(1) > self.config.max_seq_len:
             return None  # the general path says what is wrong

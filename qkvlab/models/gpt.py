@@ -8,6 +8,7 @@ from torch import nn
 from qkvlab.arch import ModelConfig
 from qkvlab.models.backbone import Backbone
 from qkvlab.models.init import draw_seed, init_weights
+from qkvlab.nn import decode_step
 from qkvlab.nn.kv_cache import KVCache, resolve_cache_dtype
 from qkvlab.nn.linear import Linear
 
@@ -26,10 +27,28 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_attention: bool = False):
         """Token ids (B, T) -> logits (B, T, V); with a `cache`, each row continues from its cached length."""
+        if cache is not None and not return_attention and idx.dim() == 2 and idx.shape[1] == 1:
+            logits = self._native_step(idx, cache)
+            if logits is not None:
+                return logits
         out = self.backbone(self.tok_emb(idx), cache=cache, need_weights=return_attention)
         h, weights = out if return_attention else (out, None)
         logits = self.lm_head(h)  # (B, T, V)
         return (logits, weights) if return_attention else logits
+
+    def _native_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """One token per row, embeddings to logits, in one native call (`qkvlab.nn.decode_step`) when it serves
+        this step: the logits (B, 1, V), the cache advanced; else None (the modules run)."""
+        bb = self.backbone
+        if (self.training or bb.training or cache.batch_size != idx.shape[0]
+                or cache.key_length(1) > self.config.max_seq_len
+                or not decode_step.serves(bb.blocks, idx.shape[0], cache)):
+            return None  # the modules say what is wrong, if anything
+        logits = decode_step.decode_tokens(self.tok_emb, bb.pos_emb, bb.blocks, bb.norm, self.lm_head, bb.rotary,
+                                           idx, cache)
+        if logits is not None:
+            cache.advance(1)
+        return logits
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), for callers that need logits at a few positions only."""

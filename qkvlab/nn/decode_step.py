@@ -13,6 +13,7 @@ other dtypes and devices) runs the modules as before.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import cast
 
 import torch
@@ -28,20 +29,32 @@ _ACTIVATION = {"none": 0, "tanh": 1}
 SWIGLU = 2
 
 
-def serves(blocks: nn.ModuleList, h: torch.Tensor, cache) -> bool:
-    """Whether the native step runs this forward of h (B, 1, C) with `cache` (the caller checked one token and
-    no mask or attention maps)."""
-    if not (enabled and cache.fused_rotary and h.dtype == torch.float32 and h.device.type == "cpu"
-            and h.shape[0] <= MAX_ROWS and not cache.quantized and cache.dtype == torch.float32 and cache.uniform
-            and linear.enabled
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and type(h) is torch.Tensor
-            and not kv_decode.watched()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
-        return False
+def _global_state_serves(rows: int, cache) -> bool:
+    """The parts of `serves` that are not the model's: the cache, the batch, grad / autocast / tracing modes."""
+    return (enabled and cache.fused_rotary and rows <= MAX_ROWS and not cache.quantized
+            and cache.dtype == torch.float32 and cache.buffers[0].device.type == "cpu" and cache.uniform
+            and linear.enabled and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not kv_decode.watched() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and linear._kernel() is not None)
+
+
+def _blocks_serve(blocks: nn.ModuleList) -> bool:
+    """Whether the blocks are of a kind the native step runs (no pair bias, causal, in eval mode)."""
     first = cast(Block, blocks[0])
     attn = first.attn
     return (not first.training and attn.pair_bias is None and attn.causal
-            and (attn.spec.q_source != "k" or attn.n_heads == attn.n_kv_heads) and linear._kernel() is not None)
+            and (attn.spec.q_source != "k" or attn.n_heads == attn.n_kv_heads))
+
+
+def serves(blocks: nn.ModuleList, rows: int, cache) -> bool:
+    """Whether the native step runs a one-token forward of `rows` rows with `cache` (the caller checked one token
+    and no mask or attention maps; `decode_layers` and `decode_tokens` check their inputs)."""
+    if not _global_state_serves(rows, cache):
+        return False
+    plan = _plans.get(blocks)
+    if plan is not None and plan.layers.generation == _generation:  # the blocks' kind, known since the plan
+        return plan.servable and not plan.first.training
+    return _blocks_serve(blocks)
 
 
 def _norm(module: nn.LayerNorm | nn.RMSNorm) -> tuple[int, float]:
@@ -53,62 +66,184 @@ def _norm(module: nn.LayerNorm | nn.RMSNorm) -> tuple[int, float]:
 def _ptr(t: torch.Tensor | None) -> int:
     if t is None:
         return 0
-    if t.dtype != torch.float32 or not t.is_contiguous():
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError  # not this kernel's case: the caller falls back
     return t.data_ptr()
 
 
-# csrc/decode_step.cpp's Layer, in its order (before the cache's pointers): each tensor's path in a Block.
+# csrc/decode_step.cpp's Layer, in its order: each tensor's path in a Block.
 _LAYER = (("norm1", "weight"), ("norm1", "bias"), ("attn", "qkv", "weight"), ("attn", "qkv", "bias"),
           ("attn", "proj", "weight"), ("attn", "proj", "bias"), ("norm2", "weight"), ("norm2", "bias"),
           ("mlp", "fc", "weight"), ("mlp", "fc", "bias"), ("mlp", "proj", "weight"), ("mlp", "proj", "bias"))
 
+_generation = 0  # bumped whenever any module registers a submodule (a plan's modules may have been replaced)
 
-def _tensor(module: nn.Module, path: tuple[str, ...]) -> torch.Tensor | None:
-    """module's tensor at `path` (None where it has none: a norm without a bias). Submodules and parameters are
-    read from the modules' own dicts (nn.Module.__getattr__, ~1 microsecond a call, took 0.1 ms of every step
-    of a six-layer model); anything else (a parametrised weight, a property) by getattr."""
-    *names, last = path
-    for name in names:
-        module = module._modules[name]  # type: ignore[assignment]
-    params = module._parameters
-    return params[last] if last in params else getattr(module, last, None)
+
+def _module_registered(*_) -> None:
+    global _generation
+    _generation += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_module_registered)
+
+
+class _Addresses:
+    """Tensors a native call reads, as an int64 array of their addresses (0 for none), built once and reused while
+    every tensor is still its module's, at the address the array holds (`current`): gathering a six-layer model's
+    72 weights from their modules took 70 microseconds of every step. Raises ValueError when one is not a
+    contiguous float32 CPU tensor (the caller falls back to the modules)."""
+
+    def __init__(self, owners: list[tuple[nn.Module | None, str]]):
+        self.generation = _generation
+        # (the owner's parameter or buffer dict, name, tensor or None, address)
+        self.entries: list[tuple[dict, str, torch.Tensor | None, int]] = []
+        self.reusable = True
+        for module, name in owners:
+            if module is None:  # none (no position table)
+                self.entries.append(({}, name, None, 0))
+                continue
+            params, buffers = module._parameters, module._buffers
+            found = params if name in params else buffers if name in buffers else None
+            tensor = found[name] if found is not None else getattr(module, name, None)
+            if tensor is not None and found is None:
+                self.reusable = False  # computed at each access (torch.nn.utils.parametrize): held for one call
+            self.entries.append((found if found is not None else {}, name, tensor, _ptr(tensor)))
+        self.array = (ctypes.c_int64 * len(self.entries))(*(ptr for *_, ptr in self.entries))
+
+    def current(self) -> bool:
+        return self.reusable and self.generation == _generation and all(
+            found.get(name) is tensor and (tensor is None or tensor.data_ptr() == ptr)
+            for found, name, tensor, ptr in self.entries)
+
+
+def _block_owners(blocks: nn.ModuleList) -> list[tuple[nn.Module | None, str]]:
+    owners: list[tuple[nn.Module | None, str]] = []
+    for block in blocks:
+        for *names, last in _LAYER:
+            module = block
+            for name in names:
+                module = cast(nn.Module, module._modules[name])  # nn.Module.__getattr__ costs ~1 us a call
+            owners.append((module, last))
+    return owners
+
+
+class _Plan:
+    """What a native step of `blocks` needs that does not change from step to step: the weights' addresses (csrc's
+    Layer array) and the static part of its Shape."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        first = cast(Block, blocks[0])
+        attn, mlp = first.attn, first.mlp
+        self.norm = _norm(first.norm1)
+        widths = attn.widths
+        self.static = (len(blocks), attn.qkv.in_features, attn.n_heads, attn.n_kv_heads, attn.head_dim, widths["q"],
+                       widths["k"], widths["v"], _Q_SOURCE[attn.spec.q_source], self.norm[0],
+                       SWIGLU if mlp.swiglu else _ACTIVATION[mlp.approximate], mlp.proj.in_features)
+        self.layers = _Addresses(_block_owners(blocks))
+        self.first = first  # its `training` flag is read at every step
+        self.servable = _blocks_serve(blocks)
+        self._rotation: tuple = (None, None, 0)  # (Rotary, its table of rows 0..n-1, n), held across steps
+
+    def table(self, rotary, cache) -> int | None:
+        """The rotation table's address (rows 0..at least the new position), or None without rotary; read from
+        `rotary` only when it has grown (slicing its table cost tens of microseconds of a step)."""
+        if rotary is None:
+            return None
+        held, table, rows = self._rotation
+        if held is not rotary or rows <= cache.longest:
+            table = rotary.read_table(cache.longest + 1, cache.buffers[0].device)  # (n, D)
+            self._rotation = (rotary, table, table.shape[0])
+        return table.data_ptr()
+
+    def shape(self, B: int, cache, vocab: int) -> ctypes.Array | None:
+        """csrc/decode_step.cpp's Shape for a step of B rows at the cache's next position, or None when the cache
+        is full (the modules then raise the error)."""
+        pos = cache.longest
+        if pos >= cache.max_len:
+            return None  # never write past the cache
+        buffers = cache.buffers  # (layers, B, H_kv, max_len, D) each
+        keys = buffers[0]
+        values = buffers[1].data_ptr() if len(buffers) > 1 else 0
+        return (ctypes.c_int64 * 20)(*self.static, B, pos, cache.max_len, kv_decode.splits_for(pos + 1),
+                                     keys.data_ptr(), values, keys.stride(0), vocab)
+
+
+_plans: weakref.WeakKeyDictionary[nn.ModuleList, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _plan(blocks: nn.ModuleList) -> _Plan | None:
+    """The blocks' current plan (None when a weight is not a contiguous float32 tensor: the modules run)."""
+    plan = _plans.get(blocks)
+    if plan is None or not plan.layers.current():
+        try:
+            plan = _Plan(blocks)
+        except ValueError:
+            return None
+        _plans[blocks] = plan
+    return plan
 
 
 def decode_layers(blocks: nn.ModuleList, h: torch.Tensor, cache, rotary) -> torch.Tensor | None:
     """h (B, 1, C) through every block at the cache's next position, the new keys and values written into the
     cache (its lengths are not advanced). Returns the new hidden states (B, 1, C), or None when a weight is not
-    a contiguous float32 tensor (then the modules run)."""
-    typed = [cast(Block, block) for block in blocks]
-    first = typed[0]
-    attn, mlp = first.attn, first.mlp
-    B, _, C = h.shape
-    pos = cache.longest
-    if pos >= cache.max_len:
-        return None  # a full cache: the modules raise the error (Backbone checks first; never write past it)
-    norm, eps = _norm(first.norm1)
-    mlp_kind = SWIGLU if mlp.swiglu else _ACTIVATION[mlp.approximate]
-    widths = attn.widths
-    T = pos + 1
-    shape = [len(blocks), B, C, attn.n_heads, attn.n_kv_heads, attn.head_dim, widths["q"], widths["k"], widths["v"],
-             _Q_SOURCE[attn.spec.q_source], norm, mlp_kind, mlp.proj.in_features, pos, cache.max_len,
-             kv_decode.splits_for(T)]  # csrc/decode_step.cpp's Shape, in its order
-    buffers = cache.buffers  # (layers, B, H_kv, max_len, D) each
-    try:
-        stored = [(_ptr(buffer), buffer.stride(0) * buffer.element_size()) for buffer in buffers]  # (start, layer)
-        # Every weight, held until the call returns (a parametrised weight is a temporary).
-        tensors = [_tensor(block, path) for block in typed for path in _LAYER]
-        layers = []
-        for i in range(len(typed)):  # csrc/decode_step.cpp's Layer, in its order
-            layers += [_ptr(t) for t in tensors[i * len(_LAYER):(i + 1) * len(_LAYER)]]
-            layers += [start + i * step for start, step in stored] + [0] * (2 - len(stored))  # keys, values
-    except ValueError:
+    a contiguous float32 tensor or the cache is full (then the modules run)."""
+    if not (type(h) is torch.Tensor and h.dtype == torch.float32 and h.device.type == "cpu"):
         return None
-    table = None if rotary is None else rotary.read_table(T, h.device, torch.float32)  # (T, D), row pos: the new one
+    plan = _plan(blocks)
+    shape = None if plan is None else plan.shape(h.shape[0], cache, 0)
+    if plan is None or shape is None:
+        return None
     out = h.clone(memory_format=torch.contiguous_format)  # (B, 1, C), updated in place
-    config = (ctypes.c_int64 * len(shape))(*shape)
-    plan = (ctypes.c_int64 * len(layers))(*layers)
-    kv_decode.library().qkvlab_decode_layers(out.data_ptr(), config, plan,
-                                             None if table is None else table.data_ptr(), ctypes.c_float(eps),
-                                             torch.get_num_threads())
+    kv_decode.library().qkvlab_decode_layers(out.data_ptr(), shape, plan.layers.array, plan.table(rotary, cache),
+                                             ctypes.c_float(plan.norm[1]), torch.get_num_threads())
     return out
+
+
+class _Head:
+    """The tensors a whole step reads around the blocks (csrc's Head), for one set of modules."""
+
+    def __init__(self, modules: tuple[nn.Module | None, ...]):
+        tok_emb, positions, norm, lm_head = self.modules = modules
+        table = "weight" if isinstance(positions, nn.Embedding) else "table"  # learned, sinusoidal
+        self.addresses = _Addresses([(tok_emb, "weight"), (positions, table), (norm, "weight"), (norm, "bias"),
+                                     (lm_head, "weight"), (lm_head, "bias")])
+        self.norm = _norm(cast(nn.LayerNorm, norm))
+        table_tensor = self.addresses.entries[1][2]
+        self.positions = 0 if table_tensor is None else table_tensor.shape[0]  # positions it holds
+
+
+_heads: weakref.WeakKeyDictionary[nn.Module, _Head] = weakref.WeakKeyDictionary()
+
+
+def decode_tokens(tok_emb: nn.Embedding, positions: nn.Module | None, blocks: nn.ModuleList, norm: nn.Module,
+                  lm_head: nn.Linear, rotary, idx: torch.Tensor, cache) -> torch.Tensor | None:
+    """A whole one-token step in one native call: token ids idx (B, 1) through the token and (learned or
+    sinusoidal) position embeddings, every block, the final norm and the output layer -> logits (B, 1, V), the
+    cache written (its lengths are not advanced). None where it does not serve (then the modules run; they raise
+    the errors: a token id out of range, a full cache)."""
+    if not (type(idx) is torch.Tensor and idx.dtype == torch.long and idx.device.type == "cpu"):
+        return None
+    idx = idx.contiguous()  # (B, 1): a column of a longer batch is strided
+    modules: tuple[nn.Module | None, ...] = (tok_emb, positions, norm, lm_head)
+    head = _heads.get(tok_emb)
+    if (head is None or any(a is not b for a, b in zip(head.modules, modules, strict=True))
+            or not head.addresses.current()):
+        if tok_emb.max_norm is not None or not (positions is None or isinstance(positions, nn.Embedding)
+                                                or hasattr(positions, "table")):
+            return None  # renormalised embeddings; a position module without a table
+        try:
+            head = _Head(modules)
+        except ValueError:
+            return None
+        _heads[tok_emb] = head
+    plan = _plan(blocks)
+    B, V = idx.shape[0], lm_head.out_features
+    shape = None if plan is None else plan.shape(B, cache, V)
+    if (plan is None or shape is None or plan.norm != head.norm or tok_emb.num_embeddings != V
+            or (positions is not None and head.positions <= cache.longest)):
+        return None
+    logits = torch.empty(B, 1, V)
+    bad = kv_decode.library().qkvlab_decode_tokens(idx.data_ptr(), logits.data_ptr(), shape, plan.layers.array,
+                                                   head.addresses.array, plan.table(rotary, cache),
+                                                   ctypes.c_float(head.norm[1]), torch.get_num_threads())
+    return None if bad else logits

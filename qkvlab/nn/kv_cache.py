@@ -91,7 +91,8 @@ class KVCache:
         # Tokens stored per row, twice: on the host (shapes and bounds are decided from it, so decoding
         # never reads the device) and on the device (the positions a forward pass writes at).
         self._host_lengths = [0] * batch_size
-        self._device_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self._device_lengths: torch.Tensor | None = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self._on_cpu = torch.device(device).type == "cpu"  # there the device's copy is rebuilt when read
         self._steps = torch.arange(max_len, device=device)  # (max_len,) offsets of new tokens
         self._workspace: torch.Tensor | None = None
         # One-token steps read the cache in one pass (qkvlab.nn.rotary_read): K = V rotary keys rotated while
@@ -156,7 +157,12 @@ class KVCache:
         if self.longest + n_new > self.max_len:
             raise QkvlabError(f"the KV cache holds {self.max_len} tokens; "
                               f"{self.longest} + {n_new} new would overflow it")
-        return (self._device_lengths[:, None] + self._steps[:n_new]).to(device)  # (B, n_new)
+        return (self._device_lengths_now()[:, None] + self._steps[:n_new]).to(device)  # (B, n_new)
+
+    def _device_lengths_now(self) -> torch.Tensor:
+        if self._device_lengths is None:  # advanced on the CPU since last read
+            self._device_lengths = torch.tensor(self._host_lengths, dtype=torch.long)
+        return self._device_lengths
 
     def key_length(self, n_new: int) -> int:
         """How many cached positions a forward of `n_new` tokens reads."""
@@ -224,7 +230,10 @@ class KVCache:
 
     def advance(self, n_new: int) -> None:
         self._host_lengths = [n + n_new for n in self._host_lengths]
-        self._device_lengths += n_new
+        if self._on_cpu:
+            self._device_lengths = None  # rebuilt when next read: a native decode step reads none
+        else:
+            self._device_lengths = self._device_lengths_now().add_(n_new)  # on the device: no copy from the host
 
     def set_lengths(self, lengths: torch.Tensor | list[int]) -> None:
         """Set each row's length (after a right-padded batched prefill, or a reordering of the rows)."""
@@ -238,4 +247,4 @@ class KVCache:
 
     def reset(self) -> None:
         self._host_lengths = [0] * len(self._host_lengths)
-        self._device_lengths.zero_()
+        self._device_lengths = torch.zeros_like(self._device_lengths_now())

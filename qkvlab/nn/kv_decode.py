@@ -103,7 +103,7 @@ def library() -> ctypes.CDLL:
 
 
 _void = ctypes.c_void_p  # raw data_ptr() integers: no pointer objects built per call (this is per layer)
-# Each exported function's argument types (every one returns nothing).
+# Each exported function's argument types, and the result types of those that return one.
 _SIGNATURES = {
     "qkvlab_kv_rotary_decode": _ARGTYPES,
     "qkvlab_kv_decode_pair": _ARGTYPES_PAIR,
@@ -111,8 +111,13 @@ _SIGNATURES = {
     "qkvlab_kv_rotary_decode_fp8": _ARGTYPES_FP8,
     "qkvlab_small_linear": [_void, _void, _void, _void, _i64, _i64, _i64, ctypes.c_int32],
     "qkvlab_decode_layers": [_void, _void, _void, _void, ctypes.c_float, ctypes.c_int32],
+    "qkvlab_decode_tokens": [_void, _void, _void, _void, _void, _void, ctypes.c_float, ctypes.c_int32],
+    "qkvlab_step_abi": [],
     "qkvlab_mlp_activation": [_void, _void, _i64, _i64, _i64],
 }
+
+
+_RESTYPES = {"qkvlab_decode_tokens": ctypes.c_int32, "qkvlab_step_abi": ctypes.c_int32}
 
 
 def load(path: Path, require_all: bool = True) -> ctypes.CDLL:
@@ -123,7 +128,7 @@ def load(path: Path, require_all: bool = True) -> ctypes.CDLL:
         if not require_all and not hasattr(lib, name):
             continue
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
     return lib
 
 

@@ -1,6 +1,7 @@
 """The whole-step native decode (`qkvlab.nn.decode_step`): every block of a one-token step in one C++ call equals
 the full forward and the per-layer path, writes the cache as they do, and steps aside wherever it does not apply."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -16,20 +17,29 @@ from tests.core.helpers import ATOL, make, small, variant_grid
 NATIVE = variant_grid(plus=False)
 
 
-@pytest.fixture
-def native_calls(monkeypatch):
-    """A list that grows by one for every step the native call served."""
+@contextlib.contextmanager
+def counting_native_calls():
+    """A list that grows by one for every step a native call served: the call's name ("decode_tokens", the whole
+    step from token ids; "decode_layers", the blocks alone)."""
     served = []
-    real = decode_step.decode_layers
 
-    def counting(*args):
-        out = real(*args)
-        if out is not None:
-            served.append(1)
-        return out
+    def counted(real):
+        def call(*args):
+            out = real(*args)
+            if out is not None:
+                served.append(real.__name__)
+            return out
+        return call
 
-    monkeypatch.setattr(decode_step, "decode_layers", counting)
-    return served
+    with mock.patch.object(decode_step, "decode_layers", counted(decode_step.decode_layers)), \
+            mock.patch.object(decode_step, "decode_tokens", counted(decode_step.decode_tokens)):
+        yield served
+
+
+@pytest.fixture
+def native_calls():
+    with counting_native_calls() as served:
+        yield served
 
 
 def _steps(model, x, prefill, native: bool, monkeypatch, **cache_kw):
@@ -61,7 +71,7 @@ def test_native_steps_equal_the_full_forward_and_the_per_layer_path(variant, pos
     with torch.no_grad():
         full = model(x)[:, 9:]
     native, cache = _steps(model, x, 9, True, monkeypatch)
-    assert len(native_calls) == 7
+    assert native_calls == ["decode_tokens"] * 7  # the whole step, embeddings to logits
     layered, reference = _steps(model, x, 9, False, monkeypatch)
     assert len(native_calls) == 7  # the per-layer run did not take it
     torch.testing.assert_close(native, full, atol=ATOL, rtol=0)
@@ -92,9 +102,7 @@ def test_head_sizes_batches_and_partial_rotary(heads, batch, fraction, kv):
                 rotary_fraction=fraction)
     model = make(cfg, seed=batch)
     x = torch.randint(0, 50, (batch, 12), generator=torch.Generator().manual_seed(batch))
-    real, served = decode_step.decode_layers, []
-    with torch.no_grad(), mock.patch.object(decode_step, "decode_layers",
-                                            lambda *a: served.append(1) or real(*a)):
+    with torch.no_grad(), counting_native_calls() as served:
         full = model(x)[:, 5:]
         cache = model.make_cache(batch, 12, fused_rotary=True)
         model(x[:, :5], cache)
@@ -196,3 +204,84 @@ def test_a_parametrised_weight_is_read_through_its_parametrisation(native_calls,
     parametrize.register_parametrization(model.backbone.blocks[1].attn.qkv, "weight", Doubled())
     _native_equals_full(model, torch.randint(0, 50, (2, 10)), 5, monkeypatch)
     assert native_calls
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "none"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_position_table_and_tied_or_untied_output(positions, tied, native_calls, monkeypatch):
+    """The whole step adds a sinusoidal table or no position at all, and reads a tied or untied output layer."""
+    if positions not in __import__("qkvlab.arch", fromlist=["POSITIONS"]).POSITIONS:
+        pytest.skip(f"no {positions!r} positions")
+    model = make(small(variant="Q-K=V", positions=positions, tie_embeddings=tied))
+    _native_equals_full(model, torch.randint(0, 50, (2, 10)), 5, monkeypatch)
+    assert native_calls == ["decode_tokens"] * 5
+
+
+def _step_logits(model, x):
+    """The logits of the last token of x decoded with a cache filled with the rest."""
+    with torch.no_grad():
+        cache = model.make_cache(x.shape[0], x.shape[1], fused_rotary=True)
+        model(x[:, :-1], cache)
+        return model(x[:, -1:], cache)
+
+
+@pytest.mark.parametrize("change", ["data", "parameter", "module", "state dict", "output layer"])
+def test_the_step_follows_weights_changed_between_steps(change, native_calls, monkeypatch):
+    """The native step keeps its weights' addresses across steps; a weight's data swapped (`.data =`), a new
+    Parameter, a replaced module, a state dict loaded in place or a new output layer are all seen at the next step
+    (the logits equal the modules')."""
+    model = make(small(variant="Q-K=V", positions="rotary", n_heads=4, tie_embeddings=False))
+    x = torch.randint(0, 50, (2, 8))
+    _step_logits(model, x)  # a plan built
+    block = model.backbone.blocks[1]
+    kept = [p.data for p in model.parameters()]  # the old storages stay alive: new data lands at new addresses
+    with torch.no_grad():
+        if change == "data":
+            block.attn.qkv.weight.data = 2 * block.attn.qkv.weight.data
+        elif change == "parameter":
+            block.mlp.fc.weight = torch.nn.Parameter(-block.mlp.fc.weight.detach().clone())
+        elif change == "module":
+            fc = block.mlp.fc
+            block.mlp.fc = type(fc)(fc.in_features, fc.out_features, bias=fc.bias is not None)
+        elif change == "state dict":
+            state = {k: 0.5 * v for k, v in model.state_dict().items()}
+            model.load_state_dict(state)
+        else:
+            model.lm_head.weight.data = torch.randn_like(model.lm_head.weight)
+    calls = len(native_calls)
+    native = _step_logits(model, x)
+    assert len(native_calls) == calls + 1  # the step after the change was native
+    monkeypatch.setattr(decode_step, "enabled", False)
+    torch.testing.assert_close(native, _step_logits(model, x), atol=ATOL, rtol=0)
+
+
+def test_a_token_id_out_of_range_is_the_modules_error_and_writes_nothing(native_calls):
+    model = make(small(variant="Q-K=V", positions="learned", n_heads=4))
+    x = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        cache = model.make_cache(2, 8, fused_rotary=True)
+        model(x, cache)
+        stored = [b.clone() for b in cache.buffers]
+        with pytest.raises(IndexError):
+            model(torch.tensor([[3], [50]]), cache)
+    assert native_calls == []
+    assert cache.lengths.tolist() == [6, 6]
+    for before, after in zip(stored, cache.buffers, strict=True):
+        assert torch.equal(before, after)
+
+
+def test_hidden_states_steps_take_the_blocks_call(native_calls, monkeypatch):
+    """`GPT.hidden` (the Hugging Face wrapper's path) steps through the blocks' native call and equals the modules."""
+    model = make(small(variant="Q-GQA-2", positions="rotary", n_heads=4))
+    x = torch.randint(0, 50, (2, 9))
+
+    def hidden_steps():
+        with torch.no_grad():
+            cache = model.make_cache(2, 9, fused_rotary=True)
+            model.hidden(x[:, :5], cache)
+            return torch.cat([model.hidden(x[:, i:i + 1], cache) for i in range(5, 9)], dim=1)
+
+    native = hidden_steps()
+    assert native_calls == ["decode_layers"] * 4
+    monkeypatch.setattr(decode_step, "enabled", False)
+    torch.testing.assert_close(native, hidden_steps(), atol=ATOL, rtol=0)

@@ -26,16 +26,28 @@ namespace {
 
 using qkvlab::load16, qkvlab::store16, qkvlab::Vec16, qkvlab::vexp;
 
-// The model's shape and the step's position, as the int64 array `cfg` gives them (in this order; built by
-// qkvlab/nn/decode_step.py's decode_layers).
+// The ABI of the structs below: bumped whenever their fields change (benchmarks/kernel_ab.py loads an older
+// revision's library only when its ABI matches).
+constexpr int32_t kAbi = 2;
+
+// The model's shape, then the step's rows, position and cache, as the int64 array `cfg` gives them (in this
+// order; built by qkvlab/nn/decode_step.py). keys / values: the start of each stored stream (layers, B, H_kv,
+// max_len, D), values 0 when K = V; cache_layer: the floats from one layer's slice to the next; vocab: the
+// output layer's rows (a whole step; 0 for the blocks alone).
 struct Shape {
-  int64_t layers, B, C, H, H_kv, D, q_width, k_width, v_width, q_source, norm, mlp, hidden, pos, max_len, splits;
+  int64_t layers, C, H, H_kv, D, q_width, k_width, v_width, q_source, norm, mlp, hidden;
+  int64_t B, pos, max_len, splits, keys, values, cache_layer, vocab;
 };
 
-// One block's tensors, as the int64 array `layers` gives them (14 pointers a block, in this order; 0 = none).
+// One block's weights, as the int64 array `layers` gives them (12 pointers a block, in this order; 0 = none).
 struct Layer {
   const float *norm1_w, *norm1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *norm2_w, *norm2_b, *fc_w, *fc_b, *out_w, *out_b;
-  float *keys, *values;  // this layer's slice (B, H_kv, max_len, D) of each stored stream; values null when K = V
+};
+
+// What a whole step adds around the blocks, as the int64 array `head` gives it: the token and position
+// embeddings (position table null: none, e.g. rotary), the final norm and the output layer (bias null: none).
+struct Head {
+  const float *tok_emb, *pos_emb, *norm_w, *norm_b, *lm_w, *lm_b;
 };
 
 constexpr int64_t kQFromQ = 0, kQFromK = 1, kQFromX = 2;  // where the query comes from (VariantSpec.q_source)
@@ -121,11 +133,11 @@ extern "C" void qkvlab_mlp_activation(const float* f, float* a, int64_t rows, in
   for (int64_t r = 0; r < rows; ++r) activate(f + r * width, a + r * hidden, hidden, kind);
 }
 
+namespace {
+
 // h (B, C): the rows' hidden states at the new position, updated in place through every block. rot: the rotation
 // table (max positions, D) of (cos, sin) pairs (qkvlab.nn.positions.Rotary.read_table), null without rotary.
-extern "C" void qkvlab_decode_layers(float* h, const int64_t* cfg, const int64_t* layers, const float* rot, float eps,
-                                     int32_t threads) {
-  const Shape& s = *reinterpret_cast<const Shape*>(cfg);
+void blocks(float* h, const Shape& s, const Layer* layers, const float* rot, float eps, int32_t threads) {
   const int64_t B = s.B, C = s.C, D = s.D, T = s.pos + 1, G = s.H / s.H_kv;
   const int64_t width = s.q_width + s.k_width + s.v_width, fc_width = (s.mlp == kSwiGlu ? 2 : 1) * s.hidden;
   std::vector<float> x(B * C), qkv(B * width), q(B * s.H * D), qs(B * s.H * D), att(B * s.H * D), y(B * C),
@@ -134,7 +146,9 @@ extern "C" void qkvlab_decode_layers(float* h, const int64_t* cfg, const int64_t
   const float* row = rot == nullptr ? nullptr : rot + s.pos * D;  // the new position's rotation
   const int64_t sh = s.max_len * D, sb = s.H_kv * sh;  // a stored stream's strides (row, head); a token's is D
   for (int64_t l = 0; l < s.layers; ++l) {
-    const Layer& p = reinterpret_cast<const Layer*>(layers)[l];
+    const Layer& p = layers[l];
+    float* keys = reinterpret_cast<float*>(s.keys) + l * s.cache_layer;
+    float* values = s.values == 0 ? nullptr : reinterpret_cast<float*>(s.values) + l * s.cache_layer;
     normalize(h, p.norm1_w, p.norm1_b, x.data(), B, C, s.norm, eps);
     qkvlab_small_linear(x.data(), p.qkv_w, p.qkv_b, qkv.data(), B, width, C, threads);  // (B, [q | k | v])
     for (int64_t r = 0; r < B; ++r) {
@@ -152,18 +166,18 @@ extern "C" void qkvlab_decode_layers(float* h, const int64_t* cfg, const int64_t
         qs[r * s.H * D + i + 1] = -qr[i];
       }
       for (int64_t hk = 0; hk < s.H_kv; ++hk) {  // the cache write at the new position
-        std::copy(kr + hk * D, kr + (hk + 1) * D, p.keys + r * sb + hk * sh + s.pos * D);
+        std::copy(kr + hk * D, kr + (hk + 1) * D, keys + r * sb + hk * sh + s.pos * D);
         if (s.v_width > 0) {
           const float* vr = kr + s.k_width + hk * D;
-          std::copy(vr, vr + D, p.values + r * sb + hk * sh + s.pos * D);
+          std::copy(vr, vr + D, values + r * sb + hk * sh + s.pos * D);
         }
       }
     }
     if (s.v_width > 0)
-      qkvlab_kv_decode_pair(q.data(), p.keys, sb, sh, D, p.values, sb, sh, D, nullptr, B, s.H_kv, G, D, T, s.splits,
+      qkvlab_kv_decode_pair(q.data(), keys, sb, sh, D, values, sb, sh, D, nullptr, B, s.H_kv, G, D, T, s.splits,
                             threads, att.data());
     else
-      qkvlab_kv_rotary_decode(q.data(), qs.data(), p.keys, sb, sh, D, row == nullptr ? nullptr : rot, nullptr, B,
+      qkvlab_kv_rotary_decode(q.data(), qs.data(), keys, sb, sh, D, row == nullptr ? nullptr : rot, nullptr, B,
                               s.H_kv, G, D, T, s.splits, threads, att.data());
     qkvlab_small_linear(att.data(), p.proj_w, p.proj_b, y.data(), B, C, s.H * D, threads);
     for (int64_t i = 0; i < B * C; ++i) h[i] += y[i];
@@ -173,4 +187,38 @@ extern "C" void qkvlab_decode_layers(float* h, const int64_t* cfg, const int64_t
     qkvlab_small_linear(act.data(), p.out_w, p.out_b, y.data(), B, C, s.hidden, threads);
     for (int64_t i = 0; i < B * C; ++i) h[i] += y[i];
   }
+}
+
+}  // namespace
+
+extern "C" int32_t qkvlab_step_abi() { return kAbi; }
+
+// h (B, C) through every block at the cache's next position (see `blocks`); the new keys and values written.
+extern "C" void qkvlab_decode_layers(float* h, const int64_t* cfg, const int64_t* layers, const float* rot, float eps,
+                                     int32_t threads) {
+  blocks(h, *reinterpret_cast<const Shape*>(cfg), reinterpret_cast<const Layer*>(layers), rot, eps, threads);
+}
+
+// A whole one-token step: tokens (B) -> logits (B, vocab), through the embeddings, every block and the final
+// norm and output layer. Returns 1, having written nothing, when a token id is outside 0..vocab-1; else 0.
+extern "C" int32_t qkvlab_decode_tokens(const int64_t* tokens, float* logits, const int64_t* cfg,
+                                        const int64_t* layers, const int64_t* head, const float* rot, float eps,
+                                        int32_t threads) {
+  const Shape& s = *reinterpret_cast<const Shape*>(cfg);
+  const Head& e = *reinterpret_cast<const Head*>(head);
+  const int64_t B = s.B, C = s.C;
+  for (int64_t r = 0; r < B; ++r)
+    if (tokens[r] < 0 || tokens[r] >= s.vocab) return 1;
+  std::vector<float> h(B * C), x(B * C);
+  for (int64_t r = 0; r < B; ++r) {
+    const float* t = e.tok_emb + tokens[r] * C;
+    float* hr = h.data() + r * C;
+    std::copy(t, t + C, hr);
+    if (e.pos_emb != nullptr)
+      for (int64_t i = 0; i < C; ++i) hr[i] += e.pos_emb[s.pos * C + i];
+  }
+  blocks(h.data(), s, reinterpret_cast<const Layer*>(layers), rot, eps, threads);
+  normalize(h.data(), e.norm_w, e.norm_b, x.data(), B, C, s.norm, eps);
+  qkvlab_small_linear(x.data(), e.lm_w, e.lm_b, logits, B, s.vocab, C, threads);
+  return 0;
 }
