@@ -21,7 +21,8 @@ and reported as medians:
   each step (ours `set_lengths`, Hugging Face's `DynamicCache.crop(-1)`; litgpt writes the same slot again).
 
 Speed-ups are peer time / our time (above 1: ours faster). Utilisation (`qkvlab.bench.roofline`): decode's
-"% of memory bound" is (weights + cache read) / measured read bandwidth over the step time, and its "% roofline"
+"% of memory bound" is (weights + cache read) / measured read bandwidth over the step time (the bandwidth of
+`x.sum()` timed in the same interleaved rounds as the cell's steps: this VM's moves by up to 2x), and its "% roofline"
 the longer of that time and the step's FLOPs (`decode_flops`) at `torch.mm`'s rate on a 1024-square GEMM (the
 compute roof), over the step time: a step that does more arithmetic per byte than the machine's FLOP/s per byte/s
 (several query heads a key, rotations) cannot reach the memory bound. Training's "% of matmul peak" is 3 x the
@@ -538,7 +539,11 @@ def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: tor
     device = torch.device(settings.device)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    read_bw, flops_per_s = bandwidth.get("read_bytes_per_s"), compute.get("flops_per_s")
+    flops_per_s = compute.get("flops_per_s")
+    # The read bandwidth of each cell: x.sum() timed in the same interleaved rounds as its steps (this VM's
+    # x.sum() read 23-54 GB/s across runs and moved within one: a bandwidth measured once at the start put later
+    # cells above 100 % of their "bound").
+    probe = torch.ones(settings.bandwidth_mib * 2 ** 20 // 4, device=device) if bandwidth else None  # (N,)
     for B in settings.batches:
         for L in settings.contexts:
             need = sum(cache_bytes(c.config, None, L + 1, B, "fp32") for c in contenders)
@@ -559,7 +564,8 @@ def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: tor
                     c.step(caches[c.name], token, L)
                 peaks[c.name] = peak.bytes
                 fns[c.name] = functools.partial(c.step, caches[c.name], token, L)
-            medians = interleaved(fns, settings.repeats, device)
+            read_bw: dict[str, float] = {}  # contender -> the bytes/s x.sum() read in its rounds
+            medians = _with_probe(fns, probe, settings.repeats, device, read_bw)
             for c in contenders:
                 if c.kind == "litgpt":  # one cache per model: timed on its own after the others
                     with PeakMemory(device) as peak:
@@ -567,14 +573,15 @@ def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: tor
                         c.step(None, token, L)
                     peaks[c.name] = peak.bytes
                     alone = {c.name: functools.partial(c.step, None, token, L)}
-                    medians.update(interleaved(alone, settings.repeats, device))
+                    medians.update(_with_probe(alone, probe, settings.repeats, device, read_bw))
                     c.release(None)
             for c in contenders:
                 moved = weight_bytes(c.config) + cache_bytes(c.config, None, L + 1, B, "fp32")
                 row: dict[str, Any] = {"model": c.name, "kind": c.kind, "batch": B, "context": L,
                                        "seconds": medians[c.name], "bytes_moved": moved, "peak_bytes": peaks[c.name]}
-                if read_bw:
-                    row["bound_seconds"] = moved / read_bw
+                if c.name in read_bw:
+                    row["read_bytes_per_s"] = read_bw[c.name]
+                    row["bound_seconds"] = moved / read_bw[c.name]
                     row["pct_memory_bound"] = 100 * row["bound_seconds"] / medians[c.name]
                     if flops_per_s:  # the roofline: the longer of reading the bytes and doing the arithmetic
                         row["flops"] = decode_flops(c.config, B, L)
@@ -586,10 +593,26 @@ def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: tor
                 c.release(caches.pop(c.name, None))
     _speedups(rows, contenders, ("batch", "context"))
     echo("decode step: one new token per row on `context` cached tokens; % of memory bound = "
-         "(weights + cache read) / read bandwidth / step time; % roofline = the longer of that time and "
-         "FLOPs / compute roof, over the step time")
+         "(weights + cache read) / read bandwidth / step time, the bandwidth that of x.sum() timed in the same "
+         "interleaved rounds as the step (GB/s read); % roofline = the longer of that time and FLOPs / compute "
+         "roof, over the step time")
     _echo_cells(rows, contenders, ("batch", "context"), echo)
     return rows, skipped
+
+
+READ_PROBE = "x.sum()"
+
+
+def _with_probe(fns: dict[str, Callable[[], object]], probe: torch.Tensor | None, repeats: int, device: torch.device,
+                read_bw: dict[str, float]) -> dict[str, float]:
+    """`interleaved(fns)` with `probe.sum()` as one more function in the same rounds; read_bw gets, for each of
+    fns, the bytes/s the probe read in them."""
+    if probe is None:
+        return interleaved(fns, repeats, device)
+    medians = interleaved({**fns, READ_PROBE: probe.sum}, repeats, device)
+    seconds = medians.pop(READ_PROBE)
+    read_bw.update(dict.fromkeys(fns, probe.numel() * probe.element_size() / seconds))
+    return medians
 
 
 def _echo_cells(rows: list[dict[str, Any]], contenders: list[Contender], key: tuple[str, ...],
@@ -604,6 +627,7 @@ def _echo_cells(rows: list[dict[str, Any]], contenders: list[Contender], key: tu
         line.update({p: (f"{r[p]:.2f}x" if p in r else "") for p in peers})
         if "pct_memory_bound" in r:
             line["MB moved"] = f"{r['bytes_moved'] / 1e6:.1f}"
+            line["GB/s read"] = f"{r['read_bytes_per_s'] / 1e9:.1f}"
             line["% memory bound"] = f"{r['pct_memory_bound']:.0f} %"
         if "pct_roofline" in r:
             line["% roofline"] = f"{r['pct_roofline']:.0f} %"

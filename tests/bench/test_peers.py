@@ -53,10 +53,14 @@ def test_runs_end_to_end_and_writes_json(tmp_path, capsys):
             assert row["seconds"] > 0 and row["pct_memory_bound"] > 0 and row["bytes_moved"] > 0
             assert row["flops"] > 0 and row["pct_roofline"] >= row["pct_memory_bound"]
             assert (peer in row) == (row["kind"] == "ours")
+            # the bound from the bandwidth x.sum() read in the cell's own rounds, shared by the cell's models
+            assert row["bound_seconds"] == pytest.approx(row["bytes_moved"] / row["read_bytes_per_s"])
+            same_cell = [r for r in shape["decode"] if (r["batch"], r["context"]) == (row["batch"], row["context"])]
+            assert {r["read_bytes_per_s"] for r in same_cell} == {row["read_bytes_per_s"]}
         assert shape["matmul"]["flops_per_s"] > 0
         flops = {r["model"]: r["flops_per_step"] for r in shape["train"]}
         assert flops[names[0]] == flops[names[-1]] > flops[names[1]]  # the peer does our first variant's matmuls
-    assert "% memory bound" in out and "% roofline" in out and "% matmul peak" in out and f"wrote {path}" in out
+    assert "% memory bound" in out and "GB/s read" in out and "% roofline" in out and "% matmul peak" in out and f"wrote {path}" in out
 
 
 def test_hf_peers_are_our_models_like_for_like():
