@@ -603,7 +603,7 @@ def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: tor
 READ_PROBE = "x.sum()"
 
 
-def _with_probe(fns: dict[str, Callable[[], object]], probe: torch.Tensor | None, repeats: int, device: torch.device,
+def _with_probe(fns: Mapping[str, Callable[[], object]], probe: torch.Tensor | None, repeats: int, device: torch.device,
                 read_bw: dict[str, float]) -> dict[str, float]:
     """`interleaved(fns)` with `probe.sum()` as one more function in the same rounds; read_bw gets, for each of
     fns, the bytes/s the probe read in them."""
