@@ -8,7 +8,8 @@
 // qs the pair-swapped query, each pair's cos and sin from one table (T, D) of (cos, sin) pairs), an online
 // softmax (running max m, sum l) and the weighted sum of the same keys as values. Float32 caches with heads of
 // 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each (row, key head) in order; rotary keys
-// with one query head a key: `attend_streams`, two (row, key head) streams sharing the table); the rest
+// with one query head a key: `attend_streams`, two (row, key head) streams sharing the table; with two to four:
+// `attend_rotated`, each key rotated in registers for all of them); the rest
 // (quantised caches, other head sizes) `attend_range` (four keys at a time without a table; with one, rows and
 // heads inner, so each block of the table is read once for all of them). Ranges (flash-decoding's split) give
 // every thread work at batch 1 and are merged by log-sum-exp; short caches split the rows and heads as well.
@@ -386,6 +387,53 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
   }
 }
 
+// Rotary K = V keys with kG = 2-4 query heads a key (Q-GQA) and heads of up to 64 dims: each key rotated in registers
+// and multiplied into every head's scores at once (no rotated block kept in memory), the pair swap an in-lane
+// permute with the sign folded into the sines; the block's values (the same keys, unrotated) read again from L1 for
+// the weighted sums of all kG heads in one pass. Q-GQA-2's read (three heads a key), against the rotated block that
+// attend_group keeps: 1.10-1.41x; six heads in two such passes (each rotating again): 0.98-1.01x, so G > 4 keeps
+// attend_group.
+template <int64_t kD, int kG>
+void attend_rotated(const float* q, Stream<float> key, const float* rot, const bool* mask, int64_t mask_stride,
+                    int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
+  constexpr int64_t kC = kD / 16;  // vectors per head
+  const Streams<1> streams(key, key, mask, mask_stride, H, bh);
+  const float* keys = streams.keys[0];
+  const Vec16 sign{-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};
+  Vec16 qv[kG][kC];
+  float* accs[kG];
+  for (int g = 0; g < kG; ++g) {
+    for (int64_t c = 0; c < kC; ++c) qv[g][c] = load16(q + (bh * kG + g) * kD + 16 * c);
+    accs[g] = out.acc.data() + (bh * kG + g) * kD;
+  }
+  float probs[kG * 16], rescale[kG];
+  for (int64_t b0 = t0; b0 < t1; b0 += 16) {
+    const int64_t n = std::min<int64_t>(16, t1 - b0);
+    Vec16 keep[1];
+    bool any[1];
+    if (!streams.block(b0, n, keep, any)) continue;  // every key of the block masked
+    Vec16 part[kG][16];
+    for (int64_t j = 0; j < 16; ++j) {
+      Vec16 sc[kG] = {};
+      if (j < n) {
+        const float* r = rot + (b0 + j) * kD;
+        const float* k = keys + (b0 + j) * key.st;
+        for (int64_t c = 0; c < kC; ++c) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
+          __builtin_prefetch(k + kPrefetchKeys * key.st + 16 * c);
+          const Vec16 t = load16(r + 16 * c), kv = load16(k + 16 * c);
+          const Vec16 rk = kv * coses(t) + SHUFFLE(kv, kv, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14) *
+                                               (sines(t) * sign);
+          for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * rk;
+        }
+      }
+      for (int g = 0; g < kG; ++g) part[g][j] = sc[g];
+    }
+    for (int g = 0; g < kG; ++g)
+      store16(probs + g * 16, softmax_block(sum16(part[g]) + keep[0], out, bh * kG + g, rescale[g]));
+    accumulate<kC, kG>(keys + b0 * key.st, key.st, n, probs, rescale, accs);
+  }
+}
+
 // kRotate: K = V keys rotated on the fly by the table, for G > 1 query heads a key (one head a key:
 // attend_streams); each (row, key head) still streams its keys in order, the table of the whole range re-read from
 // the CPU's cache for each (measured 1.25-1.4x the loop that reads every row and head per block of positions, which
@@ -405,6 +453,16 @@ void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<f
   out.acc.assign(HG * kD, 0.f);
   std::vector<float> probs(G * 16), rescale(G);  // a block's softmax weights and accumulator rescaling per head
   std::vector<float*> accs(G);
+  if constexpr (kRotate && kD <= 64) {
+    if (G >= 2 && G <= 4) {
+      for (int64_t bh = bh0; bh < bh1; ++bh) {
+        if (G == 2) attend_rotated<kD, 2>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
+        else if (G == 3) attend_rotated<kD, 3>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
+        else attend_rotated<kD, 4>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
+      }
+      return;
+    }
+  }
   int64_t bh = bh0;
   for (; bh + kS <= bh1; bh += kS)
     attend_group<kD, kRotate, kS>(q, key, val, rot, mask, mask_stride, H, G, t0, t1, bh, out, probs.data(),
