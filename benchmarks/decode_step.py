@@ -1,9 +1,10 @@
-"""The whole-step native decode against the per-layer path, on the same model and cache, interleaved.
+"""The native decode step against the per-layer path, on the same model and cache, interleaved.
 
-Both sides decode one new token per row on the same cached tokens (the cache is rewound after each step) through
-the one-pass cache read (`fused_rotary=True`); one side runs every block in one native call
-(`qkvlab.nn.decode_step`), the other runs the blocks as modules (`decode_step.enabled = False`). Prints medians
-and per-layer / native (above 1: the native step is faster).
+Every side decodes one new token per row on the same cached tokens (the cache is rewound after each step) through
+the one-pass cache read (`fused_rotary=True`): "whole" runs the step in one native call, token ids to logits (the
+default, `qkvlab.nn.decode_step.decode_tokens`), "blocks" runs only the blocks natively and the embeddings, final
+norm and output layer as modules (`decode_step.whole_step = False`), "per-layer" runs the blocks as modules
+(`decode_step.enabled = False`). Prints medians, per-layer / whole and blocks / whole (above 1: whole is faster).
 
     python benchmarks/decode_step.py --threads 2                 # 6 layers d_model 384 and 2 layers d_model 128
     python benchmarks/decode_step.py --variants Q-K=V --contexts 8192 --batches 4 --rounds 21
@@ -36,12 +37,15 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def step_fn(model: GPT, batch: int, context: int, native: bool):
-    """One decode step on `context` cached random tokens (qkv_vs_tied's step), with or without the native call."""
+MODES = {"per-layer": (False, False), "blocks": (True, False), "whole": (True, True)}  # (enabled, whole_step)
+
+
+def step_fn(model: GPT, batch: int, context: int, mode: str):
+    """One decode step on `context` cached random tokens (qkv_vs_tied's step) in one of MODES."""
     step, _ = decode_step_fn(model, batch, context, model.config.vocab_size, fused=True)
 
     def toggled() -> None:
-        decode_step.enabled = native
+        decode_step.enabled, decode_step.whole_step = MODES[mode]
         step()
     return toggled
 
@@ -52,7 +56,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} interleaved rounds")
     print(f"{'size':6} {'positions':9} {'variant':8} {'batch':>5} {'context':>7} {'per-layer ms':>12} "
-          f"{'native ms':>9} {'speed-up':>8}")
+          f"{'blocks ms':>9} {'whole ms':>8} {'per-layer/whole':>15} {'blocks/whole':>12}")
     for size in args.sizes:
         for positions in args.positions:
             for variant in args.variants:
@@ -61,15 +65,14 @@ def main() -> None:
                 model = GPT(cfg, seed=0).eval()
                 for batch in args.batches:
                     for context in args.contexts:
-                        fns = {"per-layer": step_fn(model, batch, context, False),
-                               "native": step_fn(model, batch, context, True)}
+                        fns = {mode: step_fn(model, batch, context, mode) for mode in MODES}
                         for fn in fns.values():
                             fn()  # warm-up (builds the kernels on first use)
                         t = interleaved(fns, args.rounds, torch.device("cpu"))
                         print(f"{size:6} {positions:9} {variant:8} {batch:5d} {context:7d} "
-                              f"{t['per-layer'] * 1e3:12.2f} {t['native'] * 1e3:9.2f} "
-                              f"{t['per-layer'] / t['native']:7.2f}x", flush=True)
-    decode_step.enabled = True
+                              f"{t['per-layer'] * 1e3:12.2f} {t['blocks'] * 1e3:9.2f} {t['whole'] * 1e3:8.2f} "
+                              f"{t['per-layer'] / t['whole']:14.2f}x {t['blocks'] / t['whole']:11.2f}x", flush=True)
+    decode_step.enabled, decode_step.whole_step = MODES["whole"]
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ dispatch costs more than their arithmetic (measured: 2.3 ms of a 12.8 ms six-lay
 1.09 ms step of a two-layer d_model 128 model). `decode_layers` hands the blocks' weights and the cache's buffers
 to one C++ function that runs the same arithmetic (norms, the fused projection, rotary, the cache write, the
 one-pass cache read, the output projection, the MLP, the residuals) with the kernels the Python path calls for
-the weights and the cache. It serves float32 CPU inference of one new token per row when every row holds as
-many tokens (`serves`); anything else (training, ragged batches, quantised caches, the "+" variants, tracing,
-other dtypes and devices) runs the modules as before.
+the weights and the cache. `decode_tokens` does the whole step in one call, token ids to logits (the embeddings,
+the blocks, the final norm and the output layer): the Python and PyTorch operations around the blocks' call cost
+0.3-0.6 ms of a 2-3 ms step once the step's 50-60 MB of weights have pushed them out of the CPU's caches. The
+weights' addresses are gathered once and kept while every weight is still its module's tensor at that address
+(`_Addresses`). It serves float32 CPU inference of one new token per row when every row holds as many tokens
+(`serves`); anything else (training, ragged batches, quantised caches, the "+" variants, tracing, other dtypes and
+devices) runs the modules as before.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from qkvlab.nn.blocks import Block
 
 MAX_ROWS = linear.MAX_ROWS  # more rows: the Python path's matrix products are as fast
 enabled = True  # False: the blocks always run as modules (benchmarks compare the two; tests of the per-layer path)
+whole_step = True  # False: the native call covers the blocks only, embeddings and logits run as modules (benchmarks)
 _Q_SOURCE = {"q": 0, "k": 1, "x": 2}
 _ACTIVATION = {"none": 0, "tanh": 1}
 SWIGLU = 2
@@ -221,7 +226,7 @@ def decode_tokens(tok_emb: nn.Embedding, positions: nn.Module | None, blocks: nn
     sinusoidal) position embeddings, every block, the final norm and the output layer -> logits (B, 1, V), the
     cache written (its lengths are not advanced). None where it does not serve (then the modules run; they raise
     the errors: a token id out of range, a full cache)."""
-    if not (type(idx) is torch.Tensor and idx.dtype == torch.long and idx.device.type == "cpu"):
+    if not (whole_step and type(idx) is torch.Tensor and idx.dtype == torch.long and idx.device.type == "cpu"):
         return None
     idx = idx.contiguous()  # (B, 1): a column of a longer batch is strided
     modules: tuple[nn.Module | None, ...] = (tok_emb, positions, norm, lm_head)

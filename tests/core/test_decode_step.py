@@ -285,3 +285,15 @@ def test_hidden_states_steps_take_the_blocks_call(native_calls, monkeypatch):
     assert native_calls == ["decode_layers"] * 4
     monkeypatch.setattr(decode_step, "enabled", False)
     torch.testing.assert_close(native, hidden_steps(), atol=ATOL, rtol=0)
+
+
+def test_without_the_whole_step_the_blocks_call_serves_and_agrees(native_calls, monkeypatch):
+    """`whole_step = False` (benchmarks/decode_step.py's "blocks"): embeddings and logits as modules, the blocks
+    native; the logits equal the whole step's."""
+    model = make(small(variant="QKV", positions="learned", n_heads=4))
+    x = torch.randint(0, 50, (2, 8))
+    whole = _step_logits(model, x)
+    monkeypatch.setattr(decode_step, "whole_step", False)
+    blocks = _step_logits(model, x)
+    assert native_calls == ["decode_tokens", "decode_layers"]
+    torch.testing.assert_close(blocks, whole, atol=ATOL, rtol=0)
