@@ -22,9 +22,13 @@ from typing import cast
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qkvlab.nn import kv_decode, linear
-from qkvlab.nn.blocks import Block
+from qkvlab.nn.attention import Attention
+from qkvlab.nn.blocks import MLP, Block
+from qkvlab.nn.linear import Linear
+from qkvlab.nn.positions import SinusoidalPositions
 
 MAX_ROWS = linear.MAX_ROWS  # more rows: the Python path's matrix products are as fast
 enabled = True  # False: the blocks always run as modules (benchmarks compare the two; tests of the per-layer path)
@@ -95,8 +99,10 @@ torch.nn.modules.module.register_module_module_registration_hook(_module_registe
 class _Addresses:
     """Tensors a native call reads, as an int64 array of their addresses (0 for none), built once and reused while
     every tensor is still its module's, at the address the array holds (`current`): gathering a six-layer model's
-    72 weights from their modules took 70 microseconds of every step. Raises ValueError when one is not a
-    contiguous float32 CPU tensor (the caller falls back to the modules)."""
+    72 weights from their modules took 70 microseconds of every step. A module replaced (registered: attribute
+    assignment, `load_state_dict(assign=True)`, parametrize) or a tensor swapped (`.data =`, a new Parameter) is
+    seen at the next step; a module's class changed in place without registering anything is not. Raises
+    ValueError when a tensor is not a contiguous float32 CPU tensor (the caller falls back to the modules)."""
 
     def __init__(self, owners: list[tuple[nn.Module | None, str]]):
         self.generation = _generation
@@ -121,9 +127,28 @@ class _Addresses:
             for found, name, tensor, ptr in self.entries)
 
 
+_LINEARS, _NORMS = (Linear, nn.Linear), (nn.LayerNorm, nn.RMSNorm)
+
+
+def _plain(module: nn.Module | None, kinds: tuple[type, ...]) -> bool:
+    """Whether `module` is exactly one of `kinds` (possibly with parametrised tensors). A subclass or a wrapper
+    (a LoRA adapter, a quantised layer) may compute more than its weight, which the native step would skip."""
+    cls = type(module)
+    if isinstance(module, nn.Module) and parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]  # torch.nn.utils.parametrize's generated subclass
+    return cls in kinds
+
+
 def _block_owners(blocks: nn.ModuleList) -> list[tuple[nn.Module | None, str]]:
+    """Each weight's (module, attribute) in csrc's Layer order; ValueError where a block is not made of the
+    modules the native step reproduces."""
     owners: list[tuple[nn.Module | None, str]] = []
     for block in blocks:
+        b = cast(Block, block)
+        if not (type(b) is Block and type(b.attn) is Attention and type(b.mlp) is MLP and _plain(b.norm1, _NORMS)
+                and _plain(b.norm2, _NORMS) and all(_plain(m, _LINEARS) for m in (b.attn.qkv, b.attn.proj,
+                                                                                   b.mlp.fc, b.mlp.proj))):
+            raise ValueError  # the modules run
         for *names, last in _LAYER:
             module = block
             for name in names:
@@ -209,6 +234,9 @@ class _Head:
 
     def __init__(self, modules: tuple[nn.Module | None, ...]):
         tok_emb, positions, norm, lm_head = self.modules = modules
+        if not (_plain(tok_emb, (nn.Embedding,)) and _plain(positions, (nn.Embedding, SinusoidalPositions, type(None)))
+                and _plain(norm, _NORMS) and _plain(lm_head, _LINEARS)):
+            raise ValueError  # the modules run
         table = "weight" if isinstance(positions, nn.Embedding) else "table"  # learned, sinusoidal
         self.addresses = _Addresses([(tok_emb, "weight"), (positions, table), (norm, "weight"), (norm, "bias"),
                                      (lm_head, "weight"), (lm_head, "bias")])
@@ -233,9 +261,8 @@ def decode_tokens(tok_emb: nn.Embedding, positions: nn.Module | None, blocks: nn
     head = _heads.get(tok_emb)
     if (head is None or any(a is not b for a, b in zip(head.modules, modules, strict=True))
             or not head.addresses.current()):
-        if tok_emb.max_norm is not None or not (positions is None or isinstance(positions, nn.Embedding)
-                                                or hasattr(positions, "table")):
-            return None  # renormalised embeddings; a position module without a table
+        if tok_emb.max_norm is not None:
+            return None  # renormalised embeddings
         try:
             head = _Head(modules)
         except ValueError:

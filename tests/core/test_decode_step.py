@@ -297,3 +297,32 @@ def test_without_the_whole_step_the_blocks_call_serves_and_agrees(native_calls, 
     blocks = _step_logits(model, x)
     assert native_calls == ["decode_tokens", "decode_layers"]
     torch.testing.assert_close(blocks, whole, atol=ATOL, rtol=0)
+
+
+class _Adapted(torch.nn.Linear):
+    """A Linear that computes more than its weight (as a LoRA adapter does): x W^T + b + 0.5 x."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.5 * x[..., :self.out_features]
+
+
+@pytest.mark.parametrize("where", ["block", "output layer"])
+def test_a_module_that_computes_more_than_its_weight_runs_as_a_module(where, native_calls, monkeypatch):
+    """A subclass or wrapper of a layer (LoRA adapters, quantised layers) is not what the native step reproduces:
+    the modules run, so the logits are the modules'."""
+    model = make(small(variant="Q-K=V", positions="rotary", n_heads=4, tie_embeddings=False))
+    x = torch.randint(0, 50, (2, 8))
+    _step_logits(model, x)  # plans built while the model was plain
+    block = model.backbone.blocks[0]
+    with torch.no_grad():
+        if where == "block":
+            old = block.attn.proj
+            block.attn.proj = _Adapted(old.in_features, old.out_features, bias=old.bias is not None)
+        else:
+            old = model.lm_head
+            model.lm_head = _Adapted(old.in_features, old.out_features, bias=False)
+    calls = len(native_calls)
+    stepped = _step_logits(model, x)
+    monkeypatch.setattr(decode_step, "enabled", False)
+    torch.testing.assert_close(stepped, _step_logits(model, x), atol=ATOL, rtol=0)
+    assert native_calls[calls:] == ([] if where == "block" else ["decode_layers"])  # the blocks still native
