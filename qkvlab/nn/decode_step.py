@@ -47,11 +47,11 @@ def _global_state_serves(rows: int, cache) -> bool:
             and linear._kernel() is not None)
 
 
-def _blocks_serve(blocks: nn.ModuleList) -> bool:
-    """Whether the blocks are of a kind the native step runs (no pair bias, causal, in eval mode)."""
-    first = cast(Block, blocks[0])
-    attn = first.attn
-    return (not first.training and attn.pair_bias is None and attn.causal
+def _blocks_kind_serves(blocks: nn.ModuleList) -> bool:
+    """Whether the blocks' attention is of a kind the native step runs (no pair bias, causal; a query taken from
+    the keys only with as many key heads): fixed when the blocks are built."""
+    attn = cast(Block, blocks[0]).attn
+    return (attn.pair_bias is None and attn.causal
             and (attn.spec.q_source != "k" or attn.n_heads == attn.n_kv_heads))
 
 
@@ -63,7 +63,7 @@ def serves(blocks: nn.ModuleList, rows: int, cache) -> bool:
     plan = _plans.get(blocks)
     if plan is not None and plan.layers.generation == _generation:  # the blocks' kind, known since the plan
         return plan.servable and not plan.first.training
-    return _blocks_serve(blocks)
+    return _blocks_kind_serves(blocks) and not cast(Block, blocks[0]).training
 
 
 def _norm(module: nn.LayerNorm | nn.RMSNorm) -> tuple[int, float]:
@@ -171,7 +171,7 @@ class _Plan:
                        SWIGLU if mlp.swiglu else _ACTIVATION[mlp.approximate], mlp.proj.in_features)
         self.layers = _Addresses(_block_owners(blocks))
         self.first = first  # its `training` flag is read at every step
-        self.servable = _blocks_serve(blocks)
+        self.servable = _blocks_kind_serves(blocks)
         self._rotation: tuple = (None, None, 0)  # (Rotary, its table of rows 0..n-1, n), held across steps
 
     def table(self, rotary, cache) -> int | None:
