@@ -8,8 +8,8 @@
 // qs the pair-swapped query, each pair's cos and sin from one table (T, D) of (cos, sin) pairs), an online
 // softmax (running max m, sum l) and the weighted sum of the same keys as values. Float32 caches with heads of
 // 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each (row, key head) in order; rotary keys
-// with one query head a key: `attend_streams`, two (row, key head) streams sharing the table; with two to four:
-// `attend_rotated`, each key rotated in registers for all of them); the rest
+// with one query head a key: `attend_streams`, two (row, key head) streams sharing the table; with two, three, four
+// or six: `attend_rotated`, each key rotated in registers for all of them); the rest
 // (quantised caches, other head sizes) `attend_range` (four keys at a time without a table; with one, rows and
 // heads inner, so each block of the table is read once for all of them). Ranges (flash-decoding's split) give
 // every thread work at batch 1 and are merged by log-sum-exp; short caches split the rows and heads as well.
@@ -387,12 +387,13 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
   }
 }
 
-// Rotary K = V keys with kG = 2-4 query heads a key (Q-GQA) and heads of up to 64 dims: each key rotated in registers
+// Rotary K = V keys with kG = 2, 3, 4 or 6 query heads a key (Q-GQA, Q-MQA of six heads) and heads of up to 64 dims
+// (with six heads some query vectors are read from L1 by the multiply-adds): each key rotated in registers
 // and multiplied into every head's scores at once (no rotated block kept in memory), the pair swap an in-lane
 // permute with the sign folded into the sines; the block's values (the same keys, unrotated) read again from L1 for
-// the weighted sums of all kG heads in one pass. Q-GQA-2's read (three heads a key), against the rotated block that
-// attend_group keeps: 1.10-1.41x; six heads in two such passes (each rotating again): 0.98-1.01x, so G > 4 keeps
-// attend_group.
+// the weighted sums of all kG heads in one pass. Against the rotated block that attend_group keeps: Q-GQA-2's read
+// (three heads a key) 1.10-1.41x, six heads a key 1.06-1.32x (in two passes of three, each rotating again:
+// 0.98-1.01x). Other group sizes keep attend_group.
 template <int64_t kD, int kG>
 void attend_rotated(const float* q, Stream<float> key, const float* rot, const bool* mask, int64_t mask_stride,
                     int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
@@ -454,11 +455,12 @@ void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<f
   std::vector<float> probs(G * 16), rescale(G);  // a block's softmax weights and accumulator rescaling per head
   std::vector<float*> accs(G);
   if constexpr (kRotate && kD <= 64) {
-    if (G >= 2 && G <= 4) {
+    if ((G >= 2 && G <= 4) || G == 6) {
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         if (G == 2) attend_rotated<kD, 2>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
         else if (G == 3) attend_rotated<kD, 3>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
-        else attend_rotated<kD, 4>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
+        else if (G == 4) attend_rotated<kD, 4>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
+        else attend_rotated<kD, 6>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
       }
       return;
     }
