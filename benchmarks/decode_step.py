@@ -19,6 +19,7 @@ from qkv_vs_tied import decode_step_fn  # benchmarks/, on the path when this scr
 
 from qkvlab.arch import ModelConfig
 from qkvlab.bench.peers import interleaved
+from qkvlab.errors import QkvlabError
 from qkvlab.models.gpt import GPT
 from qkvlab.nn import decode_step
 
@@ -34,7 +35,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (each times both sides once)")
     p.add_argument("--threads", type=int, default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    for name in ("contexts", "batches"):
+        bad = [v for v in getattr(args, name) if v <= 0]
+        if bad:
+            raise SystemExit(f"decode_step.py: --{name} must be positive integers, got {bad[0]}")
+    if args.rounds <= 0 or (args.threads is not None and args.threads <= 0):
+        raise SystemExit(f"decode_step.py: --rounds and --threads must be positive, got {args.rounds} and "
+                         f"{args.threads}")
+    return args
 
 
 MODES = {"per-layer": (False, False), "blocks": (True, False), "whole": (True, True)}  # (enabled, whole_step)
@@ -60,8 +69,11 @@ def main() -> None:
     for size in args.sizes:
         for positions in args.positions:
             for variant in args.variants:
-                cfg = ModelConfig(variant=variant, positions=positions, vocab_size=8192,
-                                  max_seq_len=max(args.contexts) + 1, **SIZES[size])
+                try:
+                    cfg = ModelConfig(variant=variant, positions=positions, vocab_size=8192,
+                                      max_seq_len=max(args.contexts) + 1, **SIZES[size])
+                except QkvlabError as err:
+                    raise SystemExit(f"decode_step.py: {err}") from None
                 model = GPT(cfg, seed=0).eval()
                 for batch in args.batches:
                     for context in args.contexts:
