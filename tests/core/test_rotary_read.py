@@ -93,6 +93,25 @@ def test_asking_for_the_fused_read_without_a_compiler_is_one_clear_error_for_eve
         assert generate(model, [[1, 2]], sampling)  # not asked for: SDPA, no compiler needed
 
 
+@pytest.mark.parametrize("G, D", [(4, 64), (6, 32), (6, 64)])
+@pytest.mark.parametrize("T", [1100, 1117, 530])
+def test_rotated_reads_of_32_key_blocks_with_halves_masked(G, D, T):
+    """Four or six heads a key take blocks of 32 keys: a row whose first 16 keys are masked (its first block half
+    empty), a whole block masked, the other row attending only the second half of its blocks here and there; the
+    last block 5-29 keys long, against softmax attention on rotated keys."""
+    g = torch.Generator().manual_seed(T + G)
+    B, H = 2, 2
+    q, kv = torch.randn(B, H, G, D, generator=g) * 2, torch.randn(B, H, T, D, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :16] = False
+    mask[0, 64:96] = False
+    for b0 in range(0, T, 96):
+        mask[1, b0:b0 + 16] = False
+    rot = Rotary(D, T).read_table(T, "cpu")
+    got = kv_decode.decode(q, rotary_read.pair_swap(q), kv, rot, mask)
+    assert torch.allclose(got, _reference(q, kv, rot, mask), atol=ATOL)
+
+
 def _ragged_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
     """(B, T) bool: about 70 % of keys attended per row, always the first."""
     mask = torch.rand(B, T, generator=g) > 0.3

@@ -22,6 +22,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "vec16.h"
 
@@ -30,8 +33,12 @@ namespace {
 using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::store16, qkvlab::sum16, qkvlab::vexp;
 
 constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
-// Grouped rotary reads ask for keys this far ahead (measured 1.1-1.2x on Q-MQA's read; no gain elsewhere).
-constexpr int64_t kPrefetchKeys = 32;
+// Rotary reads ask for keys and table rows this far ahead, into L2 only (locality 2): L1's few miss buffers stay
+// free for the loads. Into L1 (locality 3), 32 keys ahead: 0.8-0.9x on the grouped rotary read (cache read alone,
+// caches flushed); 32-64 keys ahead within the noise of each other, 128-512 slower.
+constexpr int64_t kPrefetchKeys = 48;
+
+inline void prefetch_l2(const float* p) { __builtin_prefetch(p, 0, 2); }
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -209,6 +216,18 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
 inline Vec16 coses(Vec16 t) { return SHUFFLE(t, t, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14); }
 inline Vec16 sines(Vec16 t) { return SHUFFLE(t, t, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15); }
 
+// Each pair (k0, k1) of k turned by its (cos, sin) in t (a table vector): (k0 cos - k1 sin, k1 cos + k0 sin).
+inline Vec16 rotate_pairs(Vec16 k, Vec16 t) {
+  const Vec16 swapped = SHUFFLE(k, k, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#ifdef __AVX512F__
+  return reinterpret_cast<Vec16>(_mm512_fmaddsub_ps(reinterpret_cast<__m512>(k), reinterpret_cast<__m512>(coses(t)),
+                                                   reinterpret_cast<__m512>(swapped * sines(t))));
+#else
+  const Vec16 sign{-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};
+  return k * coses(t) + swapped * (sines(t) * sign);
+#endif
+}
+
 inline Vec16 vmax(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
 inline float hmax(Vec16 v) {  // the largest lane
@@ -229,7 +248,7 @@ inline float hsum(Vec16 v) {  // the sum of the lanes
 
 // acc[g] (kC vectors) = acc[g] * r[g] + sum_j probs[g][j] v_j over the n values of a block, for kGN query heads at
 // once: each value is loaded once for all of them and the accumulators stay in registers.
-template <int64_t kC, int kGN>
+template <int64_t kC, int kGN, int64_t kP = 16>
 inline void accumulate(const float* vals, int64_t st, int64_t n, const float* probs, const float* r,
                        float* const* acc) {
   Vec16 a[kGN][kC];
@@ -240,7 +259,7 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
     Vec16 vv[kC];
     for (int64_t c = 0; c < kC; ++c) vv[c] = load16(v + 16 * c);
     for (int g = 0; g < kGN; ++g) {
-      const float p = probs[g * 16 + j];
+      const float p = probs[g * kP + j];
       for (int64_t c = 0; c < kC; ++c) a[g][c] += p * vv[c];
     }
   }
@@ -290,6 +309,30 @@ inline Vec16 softmax_block(Vec16 s, Partial& out, int64_t hg, float& r) {
   out.l[hg] = out.l[hg] * r + hsum(p);
   m = m_new;
   return p;
+}
+
+// The online softmax of kG query heads over a block of 16 * kV keys: s[g][v] their scores (-inf where not attended,
+// some key attended) become the weights; m, l (kG) updated; lane g of the result rescales head g's accumulator.
+template <int kG, int kV>
+inline Vec16 softmax_heads(Vec16 (*s)[kV], float* m, float* l) {
+  Vec16 m_old{}, m_new{};
+  for (int g = 0; g < kG; ++g) {
+    Vec16 x = s[g][0];
+    for (int v = 1; v < kV; ++v) x = vmax(x, s[g][v]);
+    m_old[g] = m[g];
+    m_new[g] = std::max(m[g], hmax(x));
+  }
+  const Vec16 r = vexp(m_old - m_new);  // a head's first block: exp(-inf) = 0
+  for (int g = 0; g < kG; ++g) {
+    Vec16 total{};
+    for (int v = 0; v < kV; ++v) {
+      s[g][v] = vexp(s[g][v] - m_new[g]);
+      total += s[g][v];
+    }
+    l[g] = l[g] * r[g] + hsum(total);
+    m[g] = m_new[g];
+  }
+  return r;
 }
 
 // The products of kGN query heads from hg0 with the block's keys (rotated: `rotated`; else read from keys at
@@ -342,7 +385,7 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
           const Vec16 t = load16(r + 16 * c), cs = coses(t), sn = sines(t);
           for (int s = 0; s < kS; ++s) {
             const float* k = keys[s] + (b0 + j) * key.st;
-            __builtin_prefetch(k + kPrefetchKeys * key.st + 16 * c);
+            prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
             const Vec16 kv = load16(k + 16 * c);
             const Vec16 swapped = SHUFFLE(kv, Vec16{} - kv, 17, 0, 19, 2, 21, 4, 23, 6, 25, 8, 27, 10, 29, 12, 31, 14);
             rotated[s][j][c] = kv * cs + swapped * sn;
@@ -389,49 +432,68 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
 
 // Rotary K = V keys with kG = 2, 3, 4 or 6 query heads a key (Q-GQA, Q-MQA of six heads) and heads of up to 64 dims
 // (with six heads some query vectors are read from L1 by the multiply-adds): each key rotated in registers
-// and multiplied into every head's scores at once (no rotated block kept in memory), the pair swap an in-lane
-// permute with the sign folded into the sines; the block's values (the same keys, unrotated) read again from L1 for
-// the weighted sums of all kG heads in one pass. Against the rotated block that attend_group keeps: Q-GQA-2's read
-// (three heads a key) 1.10-1.41x, six heads a key 1.06-1.32x (in two passes of three, each rotating again:
-// 0.98-1.01x). Other group sizes keep attend_group.
+// and multiplied into every head's scores at once (no rotated block kept in memory: `rotate_pairs`); the block's
+// values (the same keys, unrotated) read again from L1 for the weighted sums of all kG heads in one pass. Against
+// the rotated block that attend_group keeps: Q-GQA-2's read (three heads a key) 1.10-1.41x, six heads a key
+// 1.06-1.32x (in two passes of three, each rotating again: 0.98-1.01x). The softmax state of all kG heads stays in
+// registers, their block maxima and rescaling factors computed together (`softmax_heads`), four or more heads over
+// blocks of 32 keys: with the pair swap's sign in a multiply-add-subtract, 1.05-1.09x at three heads a key, 1.06x
+// at six (32-key blocks at three heads: 0.96-1.00x). Other group sizes keep attend_group.
 template <int64_t kD, int kG>
 void attend_rotated(const float* q, Stream<float> key, const float* rot, const bool* mask, int64_t mask_stride,
                     int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
   constexpr int64_t kC = kD / 16;  // vectors per head
+  constexpr int kV = kG >= 4 ? 2 : 1;  // score vectors (of 16 keys) a block
   const Streams<1> streams(key, key, mask, mask_stride, H, bh);
   const float* keys = streams.keys[0];
-  const Vec16 sign{-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};
   Vec16 qv[kG][kC];
   float* accs[kG];
+  float m[kG], l[kG];
   for (int g = 0; g < kG; ++g) {
     for (int64_t c = 0; c < kC; ++c) qv[g][c] = load16(q + (bh * kG + g) * kD + 16 * c);
     accs[g] = out.acc.data() + (bh * kG + g) * kD;
+    m[g] = out.m[bh * kG + g];
+    l[g] = out.l[bh * kG + g];
   }
-  float probs[kG * 16], rescale[kG];
-  for (int64_t b0 = t0; b0 < t1; b0 += 16) {
-    const int64_t n = std::min<int64_t>(16, t1 - b0);
-    Vec16 keep[1];
-    bool any[1];
-    if (!streams.block(b0, n, keep, any)) continue;  // every key of the block masked
-    Vec16 part[kG][16];
-    for (int64_t j = 0; j < 16; ++j) {
+  for (int64_t b0 = t0; b0 < t1; b0 += 16 * kV) {
+    const int64_t n = std::min<int64_t>(16 * kV, t1 - b0);
+    Vec16 keep[kV];
+    bool any[kV], some = false;
+    for (int v = 0; v < kV; ++v) {
+      const int64_t nv = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * v));
+      some = streams.block(b0 + 16 * v, nv, keep + v, any + v) || some;  // none past n: all -inf
+    }
+    if (!some) continue;  // every key of the block masked
+    Vec16 part[kG][16 * kV];
+    for (int64_t j = 0; j < 16 * kV; ++j) {
       Vec16 sc[kG] = {};
       if (j < n) {
         const float* r = rot + (b0 + j) * kD;
         const float* k = keys + (b0 + j) * key.st;
         for (int64_t c = 0; c < kC; ++c) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
-          __builtin_prefetch(k + kPrefetchKeys * key.st + 16 * c);
+          prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
+          prefetch_l2(r + kPrefetchKeys * kD + 16 * c);
           const Vec16 t = load16(r + 16 * c), kv = load16(k + 16 * c);
-          const Vec16 rk = kv * coses(t) + SHUFFLE(kv, kv, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14) *
-                                               (sines(t) * sign);
+          const Vec16 rk = rotate_pairs(kv, t);
           for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * rk;
         }
       }
       for (int g = 0; g < kG; ++g) part[g][j] = sc[g];
     }
+    Vec16 s[kG][kV];
     for (int g = 0; g < kG; ++g)
-      store16(probs + g * 16, softmax_block(sum16(part[g]) + keep[0], out, bh * kG + g, rescale[g]));
-    accumulate<kC, kG>(keys + b0 * key.st, key.st, n, probs, rescale, accs);
+      for (int v = 0; v < kV; ++v) s[g][v] = sum16(part[g] + 16 * v) + keep[v];
+    const Vec16 r = softmax_heads<kG, kV>(s, m, l);
+    float probs[kG * 16 * kV], rescale[kG];
+    for (int g = 0; g < kG; ++g) {
+      rescale[g] = r[g];
+      for (int v = 0; v < kV; ++v) store16(probs + g * 16 * kV + 16 * v, s[g][v]);
+    }
+    accumulate<kC, kG, 16 * kV>(keys + b0 * key.st, key.st, n, probs, rescale, accs);
+  }
+  for (int g = 0; g < kG; ++g) {
+    out.m[bh * kG + g] = m[g];
+    out.l[bh * kG + g] = l[g];
   }
 }
 
