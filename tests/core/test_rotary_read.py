@@ -307,15 +307,20 @@ def test_small_unrotated_caches_keep_sdpa(variant, positions, monkeypatch):
 
 
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 2, 3, 2100, 64), (2, 1, 4, 65, 32),
-                                           (3, 2, 1, 1500, 128)])
+                                           (3, 2, 1, 1500, 128), (2, 1, 6, 530, 64), (1, 3, 2, 1100, 32)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_the_cpu_kernel_reads_separate_float_keys_and_values(B, H, G, T, D, masked):
     """QKV / GQA float caches: keys and values from their own streams, read in place from longer caches,
-    against softmax attention."""
+    against softmax attention; two to six query heads a key (all heads scored at once), masks that drop a whole
+    block of 16 keys and the first keys of a row."""
     g = torch.Generator().manual_seed(T * G + D)
     q = torch.randn(B, H, G, D, generator=g)
     k, v = (torch.randn(B, H, T + 5, D, generator=g)[:, :, :T] for _ in range(2))  # views, as the model reads
     mask = _ragged_mask(B, T, g) if masked else None
+    if mask is not None and T > 64:
+        mask[0, 16:32] = False
+        mask[-1, :5] = False
+        mask[-1, 5] = True
     scores = q @ k.transpose(-2, -1)  # (B, H, G, T)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))

@@ -8,8 +8,9 @@
 // qs the pair-swapped query, each pair's cos and sin from one table (T, D) of (cos, sin) pairs), an online
 // softmax (running max m, sum l) and the weighted sum of the same keys as values. Float32 caches with heads of
 // 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each (row, key head) in order; rotary keys
-// with one query head a key: `attend_streams`, two (row, key head) streams sharing the table; with two, three, four
-// or six: `attend_rotated`, each key rotated in registers for all of them); the rest
+// with one query head a key: `attend_streams`, two (row, key head) streams sharing the table; two, three, four or
+// six query heads a key of up to 64 dims, rotary or not: `attend_heads`, each key (rotated in registers) scored
+// for all of them at once; other groups `attend_group`); the rest
 // (quantised caches, other head sizes) `attend_range` (four keys at a time without a table; with one, rows and
 // heads inner, so each block of the table is read once for all of them). Ranges (flash-decoding's split) give
 // every thread work at batch 1 and are merged by log-sum-exp; short caches split the rows and heads as well.
@@ -430,22 +431,25 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
   }
 }
 
-// Rotary K = V keys with kG = 2, 3, 4 or 6 query heads a key (Q-GQA, Q-MQA of six heads) and heads of up to 64 dims
-// (with six heads some query vectors are read from L1 by the multiply-adds): each key rotated in registers
-// and multiplied into every head's scores at once (no rotated block kept in memory: `rotate_pairs`); the block's
-// values (the same keys, unrotated) read again from L1 for the weighted sums of all kG heads in one pass. Against
-// the rotated block that attend_group keeps: Q-GQA-2's read (three heads a key) 1.10-1.41x, six heads a key
-// 1.06-1.32x (in two passes of three, each rotating again: 0.98-1.01x). The softmax state of all kG heads stays in
-// registers, their block maxima and rescaling factors computed together (`softmax_heads`), four or more heads over
-// blocks of 32 keys: with the pair swap's sign in a multiply-add-subtract, 1.05-1.09x at three heads a key, 1.06x
-// at six (32-key blocks at three heads: 0.96-1.00x). Other group sizes keep attend_group.
-template <int64_t kD, int kG>
-void attend_rotated(const float* q, Stream<float> key, const float* rot, const bool* mask, int64_t mask_stride,
-                    int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
+// kG = 2, 3, 4 or 6 query heads a key head (GQA, MQA of six heads; with K = V: Q-GQA, Q-MQA) and heads of up to 64
+// dims (with six heads some query vectors are read from L1 by the multiply-adds), keys rotary (kRotate: K = V, the
+// keys rotated on the fly) or read as stored, values from `val` (the same stream when K = V): each key (rotated in
+// registers by `rotate_pairs`) multiplied into every head's scores at once; the block's values read for the weighted
+// sums of all kG heads in one pass; the softmax state of all kG heads in registers, their block maxima and
+// rescaling factors computed together (`softmax_heads`). Rotary keys: against the rotated block that attend_group
+// keeps, Q-GQA-2's read (three heads a key) 1.10-1.41x, six heads 1.06-1.32x (in two passes of three, each
+// rotating again: 0.98-1.01x); the softmax of all heads together and the pair swap's sign in a multiply-add-subtract
+// 1.05-1.09x more at three heads a key, 1.06x at six (blocks of 32 keys from four heads up; at three: 0.96-1.00x).
+// Keys as stored (GQA-2, MQA; the read alone, caches flushed, against attend_group): three heads a key 1.12-1.29x,
+// six 1.20-1.42x (blocks of 32 keys there: 0.7-0.8x). Other group sizes keep attend_group.
+template <int64_t kD, int kG, bool kRotate>
+void attend_heads(const float* q, Stream<float> key, Stream<float> val, const float* rot, const bool* mask,
+                  int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
   constexpr int64_t kC = kD / 16;  // vectors per head
-  constexpr int kV = kG >= 4 ? 2 : 1;  // score vectors (of 16 keys) a block
-  const Streams<1> streams(key, key, mask, mask_stride, H, bh);
+  constexpr int kV = kRotate && kG >= 4 ? 2 : 1;  // score vectors (of 16 keys) a block
+  const Streams<1> streams(key, val, mask, mask_stride, H, bh);
   const float* keys = streams.keys[0];
+  const float* vals = streams.vals[0];
   Vec16 qv[kG][kC];
   float* accs[kG];
   float m[kG], l[kG];
@@ -468,14 +472,16 @@ void attend_rotated(const float* q, Stream<float> key, const float* rot, const b
     for (int64_t j = 0; j < 16 * kV; ++j) {
       Vec16 sc[kG] = {};
       if (j < n) {
-        const float* r = rot + (b0 + j) * kD;
         const float* k = keys + (b0 + j) * key.st;
-        for (int64_t c = 0; c < kC; ++c) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
-          prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
-          prefetch_l2(r + kPrefetchKeys * kD + 16 * c);
-          const Vec16 t = load16(r + 16 * c), kv = load16(k + 16 * c);
-          const Vec16 rk = rotate_pairs(kv, t);
-          for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * rk;
+        for (int64_t c = 0; c < kC; ++c) {
+          Vec16 kv = load16(k + 16 * c);
+          if constexpr (kRotate) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
+            const float* r = rot + (b0 + j) * kD;
+            prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
+            prefetch_l2(r + kPrefetchKeys * kD + 16 * c);
+            kv = rotate_pairs(kv, load16(r + 16 * c));
+          }
+          for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * kv;
         }
       }
       for (int g = 0; g < kG; ++g) part[g][j] = sc[g];
@@ -489,7 +495,7 @@ void attend_rotated(const float* q, Stream<float> key, const float* rot, const b
       rescale[g] = r[g];
       for (int v = 0; v < kV; ++v) store16(probs + g * 16 * kV + 16 * v, s[g][v]);
     }
-    accumulate<kC, kG, 16 * kV>(keys + b0 * key.st, key.st, n, probs, rescale, accs);
+    accumulate<kC, kG, 16 * kV>(vals + b0 * val.st, val.st, n, probs, rescale, accs);
   }
   for (int g = 0; g < kG; ++g) {
     out.m[bh * kG + g] = m[g];
@@ -516,13 +522,13 @@ void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<f
   out.acc.assign(HG * kD, 0.f);
   std::vector<float> probs(G * 16), rescale(G);  // a block's softmax weights and accumulator rescaling per head
   std::vector<float*> accs(G);
-  if constexpr (kRotate && kD <= 64) {
+  if constexpr (kD <= 64) {
     if ((G >= 2 && G <= 4) || G == 6) {
       for (int64_t bh = bh0; bh < bh1; ++bh) {
-        if (G == 2) attend_rotated<kD, 2>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
-        else if (G == 3) attend_rotated<kD, 3>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
-        else if (G == 4) attend_rotated<kD, 4>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
-        else attend_rotated<kD, 6>(q, key, rot, mask, mask_stride, H, t0, t1, bh, out);
+        if (G == 2) attend_heads<kD, 2, kRotate>(q, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
+        else if (G == 3) attend_heads<kD, 3, kRotate>(q, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
+        else if (G == 4) attend_heads<kD, 4, kRotate>(q, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
+        else attend_heads<kD, 6, kRotate>(q, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
       }
       return;
     }
