@@ -249,7 +249,8 @@ def test_the_vectorised_read_equals_softmax_attention(G, D, sharpness, rotate):
 def test_rotary_reads_two_streams_at_a_time(G, threads):
     """Rotary K = V reads two (row, key head) streams together (one query head a key, and groups): an odd number
     of streams (3 rows x 3 heads: a pair spans two rows, one stream is left alone), each row's own mask (whole
-    blocks of 16 dropped in one stream of a pair only), any split of the work over threads, against float64."""
+    blocks of 16 dropped in one stream of a pair only, a row's first 40 keys dropped), any split of the work over
+    threads, against float64."""
     g = torch.Generator().manual_seed(threads)
     B, H, T, D = 3, 3, 1300, 64
     q = torch.randn(B, H, G, D, generator=g) * 4 / D ** 0.5
@@ -258,6 +259,8 @@ def test_rotary_reads_two_streams_at_a_time(G, threads):
     mask[0, :] = True
     mask[0, 32:96] = False  # row 0 (streams 0-2; stream 2 pairs with row 1's first head)
     mask[1, 700:] = False
+    mask[1, :40] = False  # row 1 attends nothing in its first blocks while its pair (row 0) does
+    mask[1, 40] = True
     rot = Rotary(D, T).read_table(T, "cpu")
     swapped = rotary_read.pair_swap(q)
     scores = rotary_read.rotary_scores(q.double(), swapped.double(), kv.double(), rot.double()).permute(1, 2, 3, 0)

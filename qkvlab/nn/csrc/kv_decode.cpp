@@ -312,8 +312,8 @@ inline Vec16 softmax_block(Vec16 s, Partial& out, int64_t hg, float& r) {
   return p;
 }
 
-// The online softmax of kG query heads over a block of 16 * kV keys: s[g][v] their scores (-inf where not attended,
-// some key attended) become the weights; m, l (kG) updated; lane g of the result rescales head g's accumulator.
+// The online softmax of kG query heads (or streams) over a block of 16 * kV keys: s[g][v] their scores (-inf where
+// not attended) become the weights; m, l (kG) updated; lane g of the result rescales head g's accumulator.
 template <int kG, int kV>
 inline Vec16 softmax_heads(Vec16 (*s)[kV], float* m, float* l) {
   Vec16 m_old{}, m_new{};
@@ -323,11 +323,13 @@ inline Vec16 softmax_heads(Vec16 (*s)[kV], float* m, float* l) {
     m_old[g] = m[g];
     m_new[g] = std::max(m[g], hmax(x));
   }
-  const Vec16 r = vexp(m_old - m_new);  // a head's first block: exp(-inf) = 0
+  // A head with no key attended yet (its streams' own masks): subtract 0 instead, weights exp(-inf) = 0, m stays -inf.
+  const Vec16 shift = m_new == Vec16{} - INFINITY ? Vec16{} : m_new;
+  const Vec16 r = vexp(m_old - shift);  // a head's first block: exp(-inf) = 0
   for (int g = 0; g < kG; ++g) {
     Vec16 total{};
     for (int v = 0; v < kV; ++v) {
-      s[g][v] = vexp(s[g][v] - m_new[g]);
+      s[g][v] = vexp(s[g][v] - shift[g]);
       total += s[g][v];
     }
     l[g] = l[g] * r[g] + hsum(total);
@@ -546,7 +548,11 @@ void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<f
 // so each block's table vectors are loaded and spread over their pairs' dims once for all of them. A score is the
 // key against the query rotated to the key's position, sum_d k[d] (cos[t,d] q[d] + sin[t,d] qs[d]). Two streams
 // against one, whole Q-K=V decode steps (6 layers, d_model 384, batch 4 / 1, 8,192 cached): 1.24x / 1.19x, 2,048
-// cached: 1.16x, 512: 1.03x; three streams against two: 0.94-1.03x.
+// cached: 1.16x, 512: 1.03x; three streams against two: 0.94-1.03x. The streams' softmax states in registers, one
+// pass for both (`softmax_heads`; a stream may have attended nothing yet): the read alone 1.01-1.08x, whole Q-K=V
+// steps 0.99-1.04x (kept: one softmax for every all-heads loop). Asking for keys
+// or table rows into L1 or L2 ahead measured 0.84-0.97x here, and this loop with the keys rotated (attend_heads
+// with one head) 0.76x.
 template <int64_t kD, int kS>
 void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
                     const bool* mask, int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh0,
@@ -555,6 +561,11 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
   const Streams<kS> streams(key, val, mask, mask_stride, H, bh0);
   const auto& keys = streams.keys;
   Vec16 qv[kS][kC], qsv[kS][kC];
+  float m[kS], l[kS];
+  for (int s = 0; s < kS; ++s) {
+    m[s] = out.m[bh0 + s];
+    l[s] = out.l[bh0 + s];
+  }
   for (int s = 0; s < kS; ++s)
     for (int64_t c = 0; c < kC; ++c) {
       qv[s][c] = load16(q + (bh0 + s) * kD + 16 * c);
@@ -578,14 +589,20 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
       }
       for (int s = 0; s < kS; ++s) part[s][j] = sc[s];
     }
+    Vec16 sv[kS][1];
+    for (int s = 0; s < kS; ++s) sv[s][0] = any[s] ? sum16(part[s]) + keep[s] : Vec16{} - INFINITY;
+    const Vec16 r = softmax_heads<kS, 1>(sv, m, l);
     for (int s = 0; s < kS; ++s) {
       if (!any[s]) continue;  // every key of the block masked for this stream
-      const int64_t bh = bh0 + s;
-      float rescale, probs[16];
-      store16(probs, softmax_block(sum16(part[s]) + keep[s], out, bh, rescale));
-      float* acc = out.acc.data() + bh * kD;
+      float rescale = r[s], probs[16];
+      store16(probs, sv[s][0]);
+      float* acc = out.acc.data() + (bh0 + s) * kD;
       accumulate<kC, 1>(streams.vals[s] + b0 * val.st, val.st, n, probs, &rescale, &acc);
     }
+  }
+  for (int s = 0; s < kS; ++s) {
+    out.m[bh0 + s] = m[s];
+    out.l[bh0 + s] = l[s];
   }
 }
 
