@@ -550,9 +550,9 @@ void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<f
 // against one, whole Q-K=V decode steps (6 layers, d_model 384, batch 4 / 1, 8,192 cached): 1.24x / 1.19x, 2,048
 // cached: 1.16x, 512: 1.03x; three streams against two: 0.94-1.03x. The streams' softmax states in registers, one
 // pass for both (`softmax_heads`; a stream may have attended nothing yet): the read alone 1.01-1.08x, whole Q-K=V
-// steps 0.99-1.04x (kept: one softmax for every all-heads loop). Asking for keys
-// or table rows into L1 or L2 ahead measured 0.84-0.97x here, and this loop with the keys rotated (attend_heads
-// with one head) 0.76x.
+// steps 0.99-1.04x (kept: one softmax for every all-heads loop). Asking for keys or table rows into L1 or L2 ahead
+// measured 0.84-1.01x here; a first try of attend_heads with one head (keys rotated) ran 0.76x with the data in
+// cache and was not pursued.
 template <int64_t kD, int kS>
 void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
                     const bool* mask, int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh0,
