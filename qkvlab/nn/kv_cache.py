@@ -93,6 +93,8 @@ class KVCache:
         self._host_lengths = [0] * batch_size
         self._device_lengths: torch.Tensor | None = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._on_cpu = torch.device(device).type == "cpu"  # there the device's copy is rebuilt when read
+        # Float32 values on the CPU (fixed at construction): what the native decode step reads, checked every step.
+        self.float32_cpu = self._on_cpu and cache_dtype == torch.float32
         self._steps = torch.arange(max_len, device=device)  # (max_len,) offsets of new tokens
         self._workspace: torch.Tensor | None = None
         # One-token steps read the cache in one pass (qkvlab.nn.rotary_read): K = V rotary keys rotated while

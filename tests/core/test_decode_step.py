@@ -225,11 +225,12 @@ def _step_logits(model, x):
         return model(x[:, -1:], cache)
 
 
-@pytest.mark.parametrize("change", ["data", "parameter", "module", "state dict", "output layer"])
+@pytest.mark.parametrize("change", ["data", "parameter", "module", "state dict", "assigned state dict",
+                                    "output layer"])
 def test_the_step_follows_weights_changed_between_steps(change, native_calls, monkeypatch):
     """The native step keeps its weights' addresses across steps; a weight's data swapped (`.data =`), a new
-    Parameter, a replaced module, a state dict loaded in place or a new output layer are all seen at the next step
-    (the logits equal the modules')."""
+    Parameter, a replaced module, a state dict loaded in place or by assignment, or a new output layer are all seen
+    at the next step (the logits equal the modules')."""
     model = make(small(variant="Q-K=V", positions="rotary", n_heads=4, tie_embeddings=False))
     x = torch.randint(0, 50, (2, 8))
     _step_logits(model, x)  # a plan built
@@ -243,14 +244,30 @@ def test_the_step_follows_weights_changed_between_steps(change, native_calls, mo
         elif change == "module":
             fc = block.mlp.fc
             block.mlp.fc = type(fc)(fc.in_features, fc.out_features, bias=fc.bias is not None)
-        elif change == "state dict":
+        elif change in ("state dict", "assigned state dict"):
             state = {k: 0.5 * v for k, v in model.state_dict().items()}
-            model.load_state_dict(state)
+            model.load_state_dict(state, assign=change == "assigned state dict")
         else:
             model.lm_head.weight.data = torch.randn_like(model.lm_head.weight)
     calls = len(native_calls)
     native = _step_logits(model, x)
     assert len(native_calls) == calls + 1  # the step after the change was native
+    monkeypatch.setattr(decode_step, "enabled", False)
+    torch.testing.assert_close(native, _step_logits(model, x), atol=ATOL, rtol=0)
+
+
+def test_the_step_follows_a_position_table_assigned_between_steps(native_calls, monkeypatch):
+    """A buffer assigned (the sinusoidal position table: a registered buffer, no Parameter) is seen at the next
+    step through the buffer-registration hook."""
+    model = make(small(variant="QKV", positions="sinusoidal", n_heads=4))
+    x = torch.randint(0, 50, (2, 8))
+    _step_logits(model, x)  # a plan built
+    positions = model.backbone.pos_emb
+    kept = positions.table
+    positions.table = 3 * kept  # a new tensor at a new address, registered as the buffer
+    calls = len(native_calls)
+    native = _step_logits(model, x)
+    assert len(native_calls) == calls + 1
     monkeypatch.setattr(decode_step, "enabled", False)
     torch.testing.assert_close(native, _step_logits(model, x), atol=ATOL, rtol=0)
 
