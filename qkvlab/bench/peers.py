@@ -14,7 +14,10 @@ weights (no downloads):
 Measured, each as its library's own generation does it, interleaved over repeats (the order rotates every round)
 and reported as medians:
 
-- train: one step on `train_batch` x `train_len` tokens: forward, cross-entropy, backward, AdamW;
+- train: one step on `train_batch` x `train_len` tokens: forward, cross-entropy, backward, AdamW; the loss as each
+  library's users compute it (`train_loss="native"`: ours `model(x, targets=y)`, which runs the output layer and
+  the loss in chunks of rows without the full logits; Hugging Face `labels=`; litgpt's `chunked_cross_entropy`),
+  or `F.cross_entropy` on every contender's full logits (`"common"`);
 - prefill: a `prefill_len`-token prompt per row into a fresh cache, logits of the last position (Hugging Face
   with `logits_to_keep=1`; litgpt computes every position's logits, as its `generate` does);
 - decode: one new token per row on `context` cached tokens, for every (batch, context); the cache is rewound after
@@ -64,6 +67,9 @@ FILL_CHUNK = 512  # tokens per forward when filling a cache before decoding (unt
 
 
 TRAIN_DTYPES = ("float32", "bfloat16")
+# "native": each library's own training loss (ours `model(x, targets=y)`, Hugging Face `labels=`, litgpt's
+# `chunked_cross_entropy`); "common": `F.cross_entropy` on every contender's full logits
+TRAIN_LOSSES = ("native", "common")
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class BenchSettings:
     device: str = "cpu"
     fused_rotary: bool = False  # also time our variants through the one-pass cache read, as "(fused)" rows
     train_dtype: str = "float32"  # "bfloat16": every contender's training step under bf16 autocast
+    train_loss: str = "native"  # TRAIN_LOSSES
 
     def __post_init__(self) -> None:
         for name in ("shapes", "peers", "phases"):
@@ -110,6 +117,8 @@ class BenchSettings:
         check(self.max_cache_gib > 0, f"--max-cache-gib must be > 0, got {self.max_cache_gib}")
         check(self.train_dtype in TRAIN_DTYPES,
               f"--train-dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.train_dtype!r}")
+        check(self.train_loss in TRAIN_LOSSES,
+              f"--train-loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.train_loss!r}")
         check(self.d_model % self.heads == 0, f"--heads {self.heads} does not divide --d-model {self.d_model}")
         if "llama" in self.shapes:
             check(self.heads % 2 == 0, f"the llama shape groups heads in 2 (GQA-2): --heads must be even, "
@@ -156,6 +165,11 @@ class Contender:
         """Training forward: (B, T) -> (B, T, V)."""
         return self.model(idx)
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean next-token cross-entropy of inputs x (B, T) against targets y (B, T), as this library's users
+        train: ours through the output layer in chunks of rows (`qkvlab.nn.cross_entropy`)."""
+        return self.model(x, targets=y)
+
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """A fresh cache filled with `idx` (B, T); the last position's logits (B, V)."""
         cache = self.model.make_cache(idx.shape[0], idx.shape[1] + 1, fused_rotary=self.fused_rotary)
@@ -189,6 +203,11 @@ class HFPeer(Contender):
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=idx, use_cache=False).logits
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if _takes_shift_labels():  # `labels=` with the targets already shifted
+            return self.model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+        return super().loss(x, y)
+
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=idx, use_cache=True, logits_to_keep=1).logits[:, -1]
 
@@ -212,6 +231,11 @@ class HFPeer(Contender):
 class LitgptPeer(Contender):
     kind = "litgpt"
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from litgpt.utils import chunked_cross_entropy
+
+        return chunked_cross_entropy(self.model(x), y)  # as litgpt's pretrain.py
+
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         self.model.set_kv_cache(batch_size=B, max_seq_length=T + 1, device=self.device)
@@ -230,6 +254,17 @@ class LitgptPeer(Contender):
 
     def release(self, cache: Any) -> None:
         self.model.clear_kv_cache()
+
+
+@functools.cache
+def _takes_shift_labels() -> bool:
+    """Whether transformers' causal-LM loss takes targets already shifted (`shift_labels`, transformers >= 4.52);
+    older versions fall back to `F.cross_entropy` on the logits."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:
+        return False
+    return "shift_labels" in inspect.signature(ForCausalLMLoss).parameters
 
 
 def _chunks(batch: int, length: int, vocab: int, generator: torch.Generator, device: torch.device):
@@ -324,18 +359,22 @@ def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, device: t
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def _train_step(c: Contender, idx: torch.Tensor, dtype: str = "float32") -> Callable[[], None]:
-    """Forward, backward and AdamW; with dtype "bfloat16" the forward runs under bf16 autocast (weights and
-    optimizer stay float32), as `train.dtype=bfloat16` trains and as litgpt's "bf16-mixed" does."""
+def _train_step(c: Contender, idx: torch.Tensor, dtype: str = "float32", loss: str = "native") -> Callable[[], None]:
+    """Forward, loss, backward and AdamW; with dtype "bfloat16" the forward runs under bf16 autocast (weights and
+    optimizer stay float32), as `train.dtype=bfloat16` trains and as litgpt's "bf16-mixed" does. `loss` "native":
+    the contender's own loss (`Contender.loss`); "common": `F.cross_entropy` on its full float32 logits."""
     opt = torch.optim.AdamW(c.model.parameters(), lr=1e-4)
     device = c.device
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()  # (B, T) each
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = c.logits(idx[:, :-1])  # (B, T, V)
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+            if loss == "native":
+                value = c.loss(x, y)
+            else:
+                value = nn.functional.cross_entropy(c.logits(x).float().flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
     return step
 
@@ -474,7 +513,7 @@ def _train_phase(settings: BenchSettings, contenders: list[Contender], gen: torc
     rows: list[dict[str, Any]] = []
     for c in contenders:
         c.model.train()
-        steps[c.name] = _train_step(c, idx, settings.train_dtype)
+        steps[c.name] = _train_step(c, idx, settings.train_dtype, settings.train_loss)
         with PeakMemory(device) as peak:
             steps[c.name]()  # warm-up; AdamW allocates its state here
         flops = 3 * measured_flops(c.logits, idx[:, :-1])
@@ -493,7 +532,8 @@ def _train_phase(settings: BenchSettings, contenders: list[Contender], gen: torc
         if matmul["flops_per_s"] > 0:
             row["pct_matmul_peak"] = 100 * row["flops_per_s"] / matmul["flops_per_s"]
     _speedups(rows, contenders, ())
-    echo(f"train step: batch {B} x {T} tokens, forward + backward + AdamW, {settings.train_dtype}"
+    echo(f"train step: batch {B} x {T} tokens, forward + {settings.train_loss} loss + backward + AdamW, "
+         f"{settings.train_dtype}"
          + (" autocast" if settings.train_dtype != "float32" else "")
          + f"; torch.mm at these GEMMs ({settings.train_dtype}) {matmul['flops_per_s'] / 1e9:.1f} GFLOP/s")
     peers = [f"vs {c.name}" for c in contenders if c.kind != "ours"]

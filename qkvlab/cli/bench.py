@@ -45,12 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "K = V rotary keys rotated while read, large caches read once), as '(fused)' rows")
     p.add_argument("--train-dtype", help="float32 (default) or bfloat16: every contender's training step under "
                                          "bf16 autocast (what train.dtype=auto picks on a CPU with bf16 hardware)")
+    p.add_argument("--train-loss", help="native (default: each library's own training loss; ours without the full "
+                                        "logits) or common (F.cross_entropy on every contender's full logits)")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
 
 
 _FIELDS = ("shapes", "peers", "phases", "layers", "d_model", "heads", "vocab", "d_mlp", "train_batch", "train_len",
            "prefill_len", "contexts", "batches", "repeats", "bandwidth_mib", "max_cache_gib", "device", "seed",
-           "fused_rotary", "train_dtype")
+           "fused_rotary", "train_dtype", "train_loss")
 
 
 def run(args: argparse.Namespace) -> int:

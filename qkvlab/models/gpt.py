@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qkvlab.arch import ModelConfig
+from qkvlab.errors import check
 from qkvlab.models.backbone import Backbone
 from qkvlab.models.init import draw_seed, init_weights
 from qkvlab.nn import decode_step
+from qkvlab.nn.cross_entropy import linear_cross_entropy
 from qkvlab.nn.kv_cache import KVCache, resolve_cache_dtype
 from qkvlab.nn.linear import Linear
 
@@ -25,8 +28,15 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_attention: bool = False):
-        """Token ids (B, T) -> logits (B, T, V); with a `cache`, each row continues from its cached length."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_attention: bool = False,
+                targets: torch.Tensor | None = None):
+        """Token ids (B, T) -> logits (B, T, V); with a `cache`, each row continues from its cached length.
+        With `targets` (B, T) of next-token ids: their mean cross-entropy (targets of -100 not counted), computed
+        with the output layer in chunks of rows, without the full logits (`qkvlab.nn.cross_entropy`)."""
+        if targets is not None:
+            check(cache is None and not return_attention, "targets= gives the training loss: it takes no cache and "
+                                                          "no return_attention")
+            return self._loss(idx, targets)
         if cache is not None and not return_attention and idx.dim() == 2 and idx.shape[1] == 1:
             logits = self._native_step(idx, cache)
             if logits is not None:
@@ -49,6 +59,13 @@ class GPT(nn.Module):
         if logits is not None:
             cache.advance(1)
         return logits
+
+    def _loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(self.tok_emb(idx))  # (B, T, C)
+        if type(self.lm_head) is Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
+        logits = self.lm_head(h)  # a wrapped or biased output layer: the plain loss  (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), for callers that need logits at a few positions only."""

@@ -99,8 +99,7 @@ class LanguageModelTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         tokens = batch["tokens"].to(device_of(model))  # (B, T+1)
-        logits = model(tokens[:, :-1])  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        return model(tokens[:, :-1], targets=tokens[:, 1:])  # the output layer and loss without the full logits
 
     def evaluate(self, model: nn.Module, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
         split, device = self.tokens.split(self.val_split), device_of(model)

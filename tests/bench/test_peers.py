@@ -112,6 +112,27 @@ def test_litgpt_status_is_one_line():
         assert text.startswith("import litgpt.model failed")
 
 
+def test_each_library_s_own_loss_is_the_common_loss():
+    """The "native" training loss of every contender (ours without the full logits, Hugging Face's `labels=`,
+    litgpt's `chunked_cross_entropy` when importable) is cross-entropy on the contender's logits."""
+    settings = bench.BenchSettings(**TINY)
+    idx = torch.randint(0, 64, (2, 9))
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    available = {"hf": True, "litgpt": bench.peer_status("litgpt")[0]}
+    for shape in ("gpt2", "llama"):
+        contenders = bench.build_contenders(settings, shape, available)
+        assert len(contenders) == 3 + available["litgpt"]
+        for c in contenders:
+            with torch.no_grad():
+                common = torch.nn.functional.cross_entropy(c.logits(x).flatten(0, 1), y.flatten())
+                assert c.loss(x, y).item() == pytest.approx(common.item(), rel=1e-5), c.name
+
+
+def test_bad_train_loss_is_a_one_line_error(capsys):
+    code, _, err = run_cli(["bench", "--train-loss", "fused"], capsys)
+    assert code == 2 and "--train-loss must be one of native, common, got 'fused'" in err
+
+
 @pytest.mark.parametrize("shape", ["gpt2", "llama"])
 def test_litgpt_peer_when_importable(shape):
     """litgpt's GPT from our config: our parameter count (less the position table it lacks), and cached decode
@@ -207,7 +228,7 @@ def test_bfloat16_training_steps_run_under_autocast(tmp_path, capsys):
     for dtype, expect in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         model = Recorder()
         before = model.head.weight.detach().clone()
-        bench._train_step(bench.Contender("m", model, None), idx, dtype)()
+        bench._train_step(bench.Contender("m", model, None), idx, dtype, loss="common")()
         assert seen.pop() == expect and model.head.weight.dtype == torch.float32  # weights stay float32
         assert not torch.equal(model.head.weight, before)  # the step trained
     path = tmp_path / "bf16.json"
