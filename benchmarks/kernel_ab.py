@@ -66,12 +66,11 @@ def build_base(rev: str, out: Path):
             raise SystemExit(f"kernel_ab.py: {rel} not found at {rev!r}: {shown.stderr.strip()}")
         (src / path.name).write_text(shown.stdout)
         if path in kv_decode.SOURCES:
-            sources.append(str(src / path.name))
+            sources.append(src / path.name)
     lib = out / "base.so"
-    done = subprocess.run([kv_decode._compiler(), *kv_decode.FLAGS, *sources, "-o", str(lib)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"kernel_ab.py: building {rev!r} failed: {done.stderr.strip()[:300]}")
+    failed = kv_decode.compile_library(kv_decode._compiler(), sources, lib)
+    if failed:
+        raise SystemExit(f"kernel_ab.py: building {rev!r} failed: {failed[:300]}")
     built = kv_decode.load(lib, require_all=False)
     tree, base = kv_decode.library().qkvlab_step_abi(), getattr(built, "qkvlab_step_abi", lambda: 1)()
     if base != tree:

@@ -37,8 +37,11 @@ from qkvlab.nn.kv_cache import QUANT_MAX
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kv_decode.cpp", "small_linear.cpp", "decode_step.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "vec16.h"]  # included by the sources: part of the build's key
 # -ffast-math lets the compiler vectorise exp and the reductions; infinities stay meaningful (masked keys).
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC",
-         "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC", "-std=c++17"]
+# Linked apart from the compile, without -ffast-math: with it the linker adds crtfastmath.o, whose constructor
+# turns on flush-to-zero and denormals-are-zero for the whole process when the library loads (every later float
+# computation of the user's, NumPy and PyTorch included, then rounds subnormals to zero).
+LINK_FLAGS = ["-shared", "-fopenmp", "-fPIC"]
 MIN_KEYS_PER_SPLIT = 512
 
 _i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
@@ -83,23 +86,33 @@ def library() -> ctypes.CDLL:
     except (OSError, subprocess.CalledProcessError) as e:
         raise QkvlabError(f"the C++ compiler {cxx!r} does not run: {e}") from None
     texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, *LINK_FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
     path = kernel_dir() / f"kv_decode-{key}.so"
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: never half a file
                 built = Path(tmp) / path.name
-                done = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True,
-                                      text=True)
-                if done.returncode != 0:
-                    first = (done.stderr.strip().splitlines() or ["no output"])[0]
-                    raise QkvlabError(f"building the fused rotary read's CPU kernel with {cxx} failed: {first[:200]}")
+                failed = compile_library(cxx, SOURCES, built)
+                if failed:
+                    raise QkvlabError(f"building the fused rotary read's CPU kernel with {cxx} failed: {failed[:200]}")
                 os.replace(built, path)
         except OSError as e:
             raise QkvlabError(f"cannot write the fused rotary read's CPU kernel into {path.parent} ({e.strerror}); "
                               "set QKVLAB_KERNEL_DIR to a writable directory") from None
     return load(path)
+
+
+def compile_library(cxx: str, sources: list[Path], out: Path) -> str:
+    """Compile `sources` with FLAGS and link them into the shared library `out` with LINK_FLAGS (object files
+    beside `out`); the compiler's first error line, or "" when built."""
+    objects = [str(out.parent / f"{source.stem}.o") for source in sources]
+    steps = [[cxx, *FLAGS, "-c", str(source), "-o", obj] for source, obj in zip(sources, objects, strict=True)]
+    for command in [*steps, [cxx, *LINK_FLAGS, *objects, "-o", str(out)]]:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            return (done.stderr.strip().splitlines() or ["no output"])[0]
+    return ""
 
 
 _void = ctypes.c_void_p  # raw data_ptr() integers: no pointer objects built per call (this is per layer)

@@ -1,5 +1,9 @@
 """The fused rotary read: K = V keys rotated inside the score loop equal keys rotated into a workspace."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -188,6 +192,16 @@ def test_a_failed_build_is_one_clear_error_and_leaves_nothing(monkeypatch, tmp_p
     with pytest.raises(QkvlabError, match="building the fused rotary read's CPU kernel with .* failed"):
         kv_decode.library.__wrapped__()
     assert not any((tmp_path / "kernels").iterdir())  # the temporary build directory is gone
+
+
+def test_loading_the_kernel_leaves_the_process_s_subnormal_floats_alone(tmp_path):
+    """Built with -ffast-math, the library once linked crtfastmath.o, which turned on flush-to-zero for the whole
+    process at load: NumPy's and PyTorch's subnormals became 0 (and hypothesis refused to run)."""
+    code = ("import sys, torch; from qkvlab.nn import kv_decode; kv_decode.library(); "
+            "sys.exit(0 if (torch.tensor([1e-45]) * 1.0).item() > 0 else 3)")
+    env = {**os.environ, "QKVLAB_KERNEL_DIR": str(tmp_path / "kernels")}  # a fresh build, as a new user gets
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
 
 
 def test_generate_reports_an_unavailable_fused_read_in_one_line(monkeypatch):
