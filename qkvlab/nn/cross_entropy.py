@@ -48,9 +48,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
           f"weight of shape {tuple(weight.shape)} does not take inputs of width {h.shape[-1]}")
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(weight.shape[0])
     check(rows > 0, f"chunk_rows must be positive, got {rows}")
-    loss = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index,
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index,
                                      reduction == "mean", rows)
-    return loss
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
