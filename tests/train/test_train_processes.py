@@ -65,3 +65,23 @@ def test_two_processes_follow_one_process_on_the_same_global_batch(tmp_path, str
     assert wa.keys() == wb.keys()
     for name in wa:
         assert (wa[name] - wb[name]).abs().max() < 1e-4, name
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_language_model_through_the_chunked_loss(tmp_path):
+    """The language tasks' loss (`GPT(x, targets=y)`, qkvlab.nn.cross_entropy) under DDP: the two processes'
+    losses and weights follow one process's."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    overrides = ["train.steps=6", "train.eval_batches=2", "train.dtype=float32"]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "qkvlab", "train", "task=shakespeare-char",
+           "preset=tiny", "train.progress=false", "train.tensorboard=false", "train.device=cpu", "train.threads=1",
+           "distributed.strategy=ddp", "distributed.backend=gloo", f"train.out_dir={tmp_path / 'two'}", *overrides]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=150, cwd=HERE)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    train(toy_config(tmp_path / "one", *overrides, task="shakespeare-char"))
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
+    assert [x for _, x in two] == pytest.approx([x for _, x in one], rel=1e-5)
+    wa, wb = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() < 1e-4, name
