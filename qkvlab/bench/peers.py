@@ -206,7 +206,7 @@ class HFPeer(Contender):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if _takes_shift_labels():  # `labels=` with the targets already shifted
             return self.model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
-        return super().loss(x, y)
+        return common_loss(self, x, y)
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=idx, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -254,6 +254,11 @@ class LitgptPeer(Contender):
 
     def release(self, cache: Any) -> None:
         self.model.clear_kv_cache()
+
+
+def common_loss(c: Contender, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy` on the contender's full float32 logits: the same loss for every library."""
+    return nn.functional.cross_entropy(c.logits(x).float().flatten(0, 1), y.flatten())
 
 
 @functools.cache
@@ -369,10 +374,7 @@ def _train_step(c: Contender, idx: torch.Tensor, dtype: str = "float32", loss: s
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            if loss == "native":
-                value = c.loss(x, y)
-            else:
-                value = nn.functional.cross_entropy(c.logits(x).float().flatten(0, 1), y.flatten())
+            value = c.loss(x, y) if loss == "native" else common_loss(c, x, y)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()

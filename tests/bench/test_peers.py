@@ -128,6 +128,17 @@ def test_each_library_s_own_loss_is_the_common_loss():
                 assert c.loss(x, y).item() == pytest.approx(common.item(), rel=1e-5), c.name
 
 
+def test_hf_loss_without_shift_labels_is_the_common_loss(monkeypatch):
+    """Older transformers (no `shift_labels`): the Hugging Face peer's loss falls back to the common one."""
+    monkeypatch.setattr(bench, "_takes_shift_labels", lambda: False)
+    settings = bench.BenchSettings(**TINY)
+    hf = bench.build_contenders(settings, "llama", {"hf": True})[-1]
+    idx = torch.randint(0, 64, (2, 9))
+    x, y = idx[:, :-1], idx[:, 1:]
+    with torch.no_grad():
+        assert hf.loss(x, y).item() == pytest.approx(bench.common_loss(hf, x, y).item())
+
+
 def test_bad_train_loss_is_a_one_line_error(capsys):
     code, _, err = run_cli(["bench", "--train-loss", "fused"], capsys)
     assert code == 2 and "--train-loss must be one of native, common, got 'fused'" in err
