@@ -26,7 +26,7 @@ reproduce: $(STAMP)
 # Ruff (pycodestyle, pyflakes, import order, bugbear, pyupgrade) on the package and benchmarks, mypy on the
 # package; config in pyproject.toml.
 lint: $(STAMP)
-	$(BIN)/ruff check qkvlab benchmarks
+	$(BIN)/ruff check qkvlab benchmarks tests
 	$(BIN)/mypy
 
 data-test: $(STAMP)

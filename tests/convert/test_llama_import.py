@@ -102,7 +102,8 @@ def _edit(path, config=None, drop=None, reshape=None):
 
 @pytest.mark.parametrize("edit, message", [
     (dict(drop="model.layers.1.mlp.up_proj.weight"), r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"),
-    (dict(reshape="model.layers.0.self_attn.k_proj.weight"), r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape"),
+    (dict(reshape="model.layers.0.self_attn.k_proj.weight"),
+     r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape"),
     (dict(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "rope type 'llama3'"),
     (dict(config={"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}), "rope type 'yarn'"),
     (dict(config={"hidden_act": "gelu"}), "hidden_act 'gelu'"),

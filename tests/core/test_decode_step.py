@@ -235,7 +235,7 @@ def test_the_step_follows_weights_changed_between_steps(change, native_calls, mo
     x = torch.randint(0, 50, (2, 8))
     _step_logits(model, x)  # a plan built
     block = model.backbone.blocks[1]
-    kept = [p.data for p in model.parameters()]  # the old storages stay alive: new data lands at new addresses
+    _kept = [p.data for p in model.parameters()]  # the old storages stay alive: new data lands at new addresses
     with torch.no_grad():
         if change == "data":
             block.attn.qkv.weight.data = 2 * block.attn.qkv.weight.data

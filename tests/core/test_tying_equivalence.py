@@ -27,7 +27,7 @@ def _untie(tied_model, untied_model) -> None:
             name = f"backbone.blocks.{i}.attn.qkv.{param}"
             if name not in source:
                 continue
-            parts = dict(zip(tied_attn.widths, source[name].split(list(tied_attn.widths.values()))))
+            parts = dict(zip(tied_attn.widths, source[name].split(list(tied_attn.widths.values())), strict=True))
             k = parts["k"]
             v = parts["v"] if spec.has_v_proj else k
             if spec.q_source == "q":

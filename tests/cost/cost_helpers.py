@@ -11,16 +11,18 @@ from qkvlab.models import build_model
 # Small architectures of every kind, with 8 heads so GQA-4, GQA-8 and MQA all apply.
 SMALL_ARCHS: dict[str, ModelConfig] = {
     "gpt2-style": ModelConfig(n_layers=2, d_model=64, n_heads=8, vocab_size=50, max_seq_len=24),
-    "llama-style": ModelConfig(n_layers=2, d_model=64, n_heads=8, vocab_size=50, max_seq_len=24, mlp="swiglu", norm="rmsnorm", bias=False,
-                            tie_embeddings=False, positions="rotary"),
-    "head-dim": ModelConfig(n_layers=2, d_model=48, n_heads=8, head_dim=4, d_mlp=40, vocab_size=50, max_seq_len=24, bias=False,
-                         positions="sinusoidal"),
-    "encoder": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="encoder", vocab_size=50, max_seq_len=24, n_classes=5),
-    "encoder-vectors": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="encoder", input_dim=6, max_seq_len=24, n_classes=5,
-                                positions="none", pair_bias_dim=8),
-    "vit": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="vit", image_size=8, patch_size=4, in_channels=3, max_seq_len=5, n_classes=5),
-    "vit-dense": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="vit", image_size=8, patch_size=4, in_channels=3, max_seq_len=5,
-                          n_classes=3, dense_head=True, norm="rmsnorm"),
+    "llama-style": ModelConfig(n_layers=2, d_model=64, n_heads=8, vocab_size=50, max_seq_len=24, mlp="swiglu",
+                               norm="rmsnorm", bias=False, tie_embeddings=False, positions="rotary"),
+    "head-dim": ModelConfig(n_layers=2, d_model=48, n_heads=8, head_dim=4, d_mlp=40, vocab_size=50, max_seq_len=24,
+                            bias=False, positions="sinusoidal"),
+    "encoder": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="encoder", vocab_size=50, max_seq_len=24,
+                           n_classes=5),
+    "encoder-vectors": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="encoder", input_dim=6, max_seq_len=24,
+                                   n_classes=5, positions="none", pair_bias_dim=8),
+    "vit": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="vit", image_size=8, patch_size=4, in_channels=3,
+                       max_seq_len=5, n_classes=5),
+    "vit-dense": ModelConfig(n_layers=2, d_model=64, n_heads=8, kind="vit", image_size=8, patch_size=4, in_channels=3,
+                             max_seq_len=5, n_classes=3, dense_head=True, norm="rmsnorm"),
 }
 
 

@@ -6,13 +6,20 @@ from fractions import Fraction
 
 import pytest
 import torch
+from cost_helpers import SMALL_ARCHS
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cost_helpers import SMALL_ARCHS
 from qkvlab.arch import ModelConfig
-from qkvlab.cost import (ARCHS, STUDY_VARIANTS, cache_bytes, cache_bytes_per_token, cache_ratio,
-                         dtype_bytes, resolve_variant)
+from qkvlab.cost import (
+    ARCHS,
+    STUDY_VARIANTS,
+    cache_bytes,
+    cache_bytes_per_token,
+    cache_ratio,
+    dtype_bytes,
+    resolve_variant,
+)
 from qkvlab.errors import QkvlabError
 from qkvlab.models import PRESETS, preset
 from qkvlab.nn.kv_cache import KVCache

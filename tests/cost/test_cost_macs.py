@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cost_helpers import SMALL_ARCHS, example_inputs
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from cost_helpers import SMALL_ARCHS, example_inputs
 from qkvlab.arch import ModelConfig
 from qkvlab.cost import STUDY_VARIANTS, macs, measured_flops, resolve_variant
 from qkvlab.errors import QkvlabError

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from cost_helpers import SMALL_ARCHS, build, numel
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cost_helpers import SMALL_ARCHS, build, numel
 from qkvlab.arch import ModelConfig
 from qkvlab.cost import ARCHS, STUDY_VARIANTS, pair_bias_widths, param_counts, resolve_variant
 from qkvlab.errors import QkvlabError

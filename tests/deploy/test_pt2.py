@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from qkvlab.cost import cache_bytes
 from qkvlab.deploy.pt2 import StaticDecoder, export_programs, export_pt2, generate_with

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from qkvlab.cost import STUDY_VARIANTS, cache_bytes
 from qkvlab.errors import QkvlabError
-from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models import ModelConfig, build_model
 from qkvlab.nn.kv_cache import SCALE_DTYPE, KVCache, dequantize, quantize, resolve_cache_dtype
 from tests.core.helpers import randomize_, small

@@ -54,7 +54,7 @@ def test_stop_token_ends_a_row_and_is_kept():
     stop = free[0][2]
     out = generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0, stop_tokens=(stop,)))
     assert out[0] == free[0][: free[0].index(stop) + 1]
-    for row_free, row in zip(free, out):
+    for row_free, row in zip(free, out, strict=True):
         assert row == (row_free[: row_free.index(stop) + 1] if stop in row_free else row_free)
 
 

@@ -15,8 +15,10 @@ import qkvlab.hf  # noqa: E402,F401  (registers the qkvlab model type)
 from qkvlab.errors import QkvlabError  # noqa: E402
 from qkvlab.generate import SamplingConfig, generate  # noqa: E402
 from qkvlab.hf.export import export, to_llama  # noqa: E402
-from qkvlab.interop.llama import llama_partial_rotary  # noqa: E402
-from qkvlab.interop.llama import llama_config  # noqa: E402
+from qkvlab.interop.llama import (
+    llama_config,  # noqa: E402
+    llama_partial_rotary,  # noqa: E402
+)
 from qkvlab.models import ModelConfig, build_model  # noqa: E402
 
 

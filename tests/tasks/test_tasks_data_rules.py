@@ -31,15 +31,15 @@ def test_each_epoch_visits_every_example_once():
 def test_crop_is_a_shift_and_flip_mirrors():
     images = np.random.default_rng(0).integers(1, 256, size=(16, 8, 8, 1), dtype=np.uint8)
     out = augment(images, Augment(pad=2), np.random.default_rng(1))
-    for img, crop in zip(images, out):
+    for img, crop in zip(images, out, strict=True):
         padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))  # (12, 12, 1)
         matches = [(dy, dx) for dy, dx in itertools.product(range(-2, 3), repeat=2)
                    if np.array_equal(crop, padded[2 + dy:10 + dy, 2 + dx:10 + dx])]
         assert matches  # the crop is the padded image shifted by at most 2 pixels
     flipped = augment(images, Augment(flip=True), np.random.default_rng(2))
-    same = [np.array_equal(a, b) for a, b in zip(images, flipped)]
-    mirrored = [np.array_equal(a[:, ::-1], b) for a, b in zip(images, flipped)]
-    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+    same = [np.array_equal(a, b) for a, b in zip(images, flipped, strict=True)]
+    mirrored = [np.array_equal(a[:, ::-1], b) for a, b in zip(images, flipped, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True)) and any(same) and any(mirrored)
 
 
 def _digits(n_per_class: int = 5) -> ImageSet:
@@ -53,7 +53,7 @@ def test_each_set_has_exactly_one_odd_image():
     data = _digits()
     task = SetAnomalyTask("sets", lambda: data, set_size=6)
     index, odd = task.sets("train", 200, np.random.default_rng(0))
-    for row, o in zip(index, odd):
+    for row, o in zip(index, odd, strict=True):
         classes = data.train_labels[row]
         normal = np.delete(classes, o)
         assert (normal == normal[0]).all() and classes[o] != normal[0]
@@ -88,7 +88,7 @@ def test_segmentation_labels_match_pixels():
         assert np.array_equal(canvas[b], layers.max(0))
         assert np.array_equal(labels[b] == BACKGROUND, canvas[b] < 128)
         ys, xs = np.nonzero(labels[b] != BACKGROUND)
-        for y, x in zip(ys, xs):
+        for y, x in zip(ys, xs, strict=True):
             owners = [d for d in range(3) if layers[d, y, x] == canvas[b, y, x]]
             assert labels[b, y, x] in classes[b, owners]  # the label is the class of a brightest digit there
 

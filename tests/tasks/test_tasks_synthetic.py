@@ -18,7 +18,7 @@ def test_label_rules():
     for kind in RULES:
         x, y = generate(kind, 50, length, gen)
         assert x.shape == y.shape == (50, length) and x.min() >= 0 and x.max() < VOCAB
-        for row_x, row_y in zip(x, y):
+        for row_x, row_y in zip(x, y, strict=True):
             for i in range(length):
                 expected = {"reverse": row_x[length - 1 - i], "sort": sorted(row_x)[i], "copy": row_x[i],
                             "swap": row_x[(i + length // 2) % length], "substitute": 9 - row_x[i]}[kind]
@@ -30,7 +30,7 @@ def test_recall_answers_the_queried_key():
     x, y = generate("recall", 100, length, np.random.default_rng(1))
     pairs = (length - 2) // 2
     assert x.max() < recall_vocab(length) and (x[:, 2 * pairs] == VOCAB + pairs).all()  # the separator
-    for row_x, row_y in zip(x, y):
+    for row_x, row_y in zip(x, y, strict=True):
         keys, values = row_x[0:2 * pairs:2], row_x[1:2 * pairs:2]
         assert len(set(keys.tolist())) == pairs and keys.min() >= VOCAB and values.max() < VOCAB
         query = row_x[-1]

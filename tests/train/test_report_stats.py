@@ -91,7 +91,8 @@ def test_report_table_from_known_seeds(tmp_path):
                                             abs=1e-3)
     md = task_markdown(table)
     lo, hi = row.change.ci95
-    assert f"| Q-K=V | 5.4000 ± 0.2000 (1 diverged) | 3 | +5.9 % | [{lo:+.1f}, {hi:+.1f}] % | **beyond seed noise**" in md
+    row_md = f"| Q-K=V | 5.4000 ± 0.2000 (1 diverged) | 3 | +5.9 % | [{lo:+.1f}, {hi:+.1f}] % | **beyond seed noise**"
+    assert row_md in md
     assert "evaluated on 1,000 held-out examples" in md
     assert "| – | – | – | – | 10 | 4 | 0.01 | 2 | – | 1.23M |" in md  # hyperparameters (no checkpoint: sizes unknown)
 

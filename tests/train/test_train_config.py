@@ -10,8 +10,16 @@ from toy_task import ToyTask
 from qkvlab.cli.main import main
 from qkvlab.errors import QkvlabError
 from qkvlab.models.config import PRESETS
-from qkvlab.train.config import (RUNTIME_KEYS, ResolvedRun, differences, find_config, known_keys, load_config,
-                                 packaged_configs, resolve_run)
+from qkvlab.train.config import (
+    RUNTIME_KEYS,
+    ResolvedRun,
+    differences,
+    find_config,
+    known_keys,
+    load_config,
+    packaged_configs,
+    resolve_run,
+)
 
 
 def test_yaml_and_overrides_map_onto_typed_fields(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -56,7 +57,7 @@ def test_warmup_then_cosine_to_the_floor():
     f = WarmupCosine(total=100, warmup=10, min_ratio=0.1)
     assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
     tail = [f(s) for s in range(10, 100)]
-    assert tail[0] == 1.0 and all(a >= b for a, b in zip(tail, tail[1:]))
+    assert tail[0] == 1.0 and all(a >= b for a, b in itertools.pairwise(tail))
     assert f(55) == pytest.approx(0.55) and f(99) == pytest.approx(0.1, abs=1e-3) and f(500) == pytest.approx(0.1)
     assert WarmupCosine(total=10, warmup=0, kind="constant")(7) == 1.0
 

@@ -10,10 +10,10 @@ from toy_task import NanToyTask, ToyTask
 from trainkit import assert_same_weights, final_weights, losses, toy_config
 
 from qkvlab.errors import QkvlabError
+from qkvlab.train import trainer
 from qkvlab.train.checkpoint import list_checkpoints, load_checkpoint
 from qkvlab.train.metrics import read_metrics
 from qkvlab.train.runs import read_summary
-from qkvlab.train import trainer
 from qkvlab.train.trainer import TrainingDiverged, train
 
 
