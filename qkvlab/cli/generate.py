@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "int8 / fp8 caches dequantised while read. Default: on on the CPU when the kernel builds "
                         "(and for int8 / fp8 caches elsewhere); --no-fused-rotary: off")
     p.add_argument("--compile", action="store_true",
-                   help="decode through a torch.compile'd step over a static cache (CPU, batch 1 per prompt; "
-                        "compiles for tens of seconds first, then each token is one compiled graph)")
+                   help="decode through a torch.compile'd step over a static cache (batch 1 per prompt; on CUDA "
+                        "as a CUDA graph; compiles for tens of seconds first, then each token is one graph)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)

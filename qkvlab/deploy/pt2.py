@@ -80,8 +80,13 @@ class StaticDecoder(nn.Module):
                 specs.append((name + "_scale", shape[:-1], SCALE_DTYPE))
         return specs
 
+    @property
+    def device(self) -> torch.device:
+        """The model's device: where `empty_cache` puts the cache and the step runs."""
+        return self.model.tok_emb.weight.device
+
     def empty_cache(self) -> list[torch.Tensor]:
-        return [torch.zeros(shape, dtype=dtype) for _, shape, dtype in self.cache_specs()]
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _, shape, dtype in self.cache_specs()]
 
     def _write(self, cache: list[torch.Tensor], stream: int, layer: int, pos: torch.Tensor, new: torch.Tensor) -> None:
         """Store new (1, H_kv, T, D) at positions pos (T,) of `stream`, quantised when the cache is."""
@@ -116,7 +121,8 @@ class StaticDecoder(nn.Module):
         rot_q = rot_k = None
         if backbone.rotary is not None:
             r = backbone.rotary
-            inv_freq = r.theta ** (-torch.arange(0, r.rotary_dim, 2, dtype=torch.float32) / r.rotary_dim)  # (R/2,)
+            dims = torch.arange(0, r.rotary_dim, 2, dtype=torch.float32, device=idx.device)  # (R/2,)
+            inv_freq = r.theta ** (-dims / r.rotary_dim)  # (R/2,)
             ang_q, ang_k = q_pos.float()[:, None] * inv_freq, k_pos.float()[:, None] * inv_freq  # (T|C, R/2)
             rot_q, rot_k = (ang_q.cos(), ang_q.sin()), (ang_k.cos(), ang_k.sin())
         for layer, block in enumerate(backbone.blocks):
@@ -237,8 +243,10 @@ class Pt2Runner:
 
 
 def generate_with(step_prefill, step_decode, cache: list[torch.Tensor], prompt: list[int], config,
-                  max_context: int, vocab: int) -> list[int]:
-    """Continue one prompt with the exported programs (ExportedProgram modules or AOTI runners)."""
+                  max_context: int, vocab: int, before_step=None) -> list[int]:
+    """Continue one prompt with the exported programs (ExportedProgram modules or AOTI runners) or a compiled
+    step, on the cache's device (the CPU without a cache); `before_step()`, if given, runs before each call (CUDA
+    graphs: `torch.compiler.cudagraph_mark_step_begin`)."""
     from qkvlab.generate import check_token_ids, sample_next
 
     prompt = check_token_ids([prompt], vocab)[0]
@@ -246,18 +254,23 @@ def generate_with(step_prefill, step_decode, cache: list[torch.Tensor], prompt: 
           f"prompt of {len(prompt)} tokens + {config.max_new_tokens} new tokens exceeds the export's "
           f"max context {max_context}")
     allowed = min(config.vocab_limit or vocab, vocab)
-    idx = torch.tensor([prompt], dtype=torch.long)  # (1, P)
-    start = torch.zeros(1, dtype=torch.long)
+    device = cache[0].device if cache else torch.device("cpu")
+    mark = before_step or (lambda: None)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, P)
+    start = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad():
+        mark()
         logits = (step_prefill if len(prompt) > 1 else step_decode)(idx, start, *cache)  # (1, V)
-        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
         out: list[int] = []
         for step in range(config.max_new_tokens):
-            if allowed < vocab:
-                logits[:, allowed:] = float("-inf")
+            if allowed < vocab:  # a copy: a CUDA graph's output is overwritten by its next replay
+                logits = logits.index_fill(1, torch.arange(allowed, vocab, device=device), float("-inf"))
             token = int(sample_next(logits, config, generator)[0])
             out.append(token)
             if token in config.stop_tokens or step + 1 == config.max_new_tokens:
                 break
-            logits = step_decode(torch.tensor([[token]]), torch.tensor([len(prompt) + step]), *cache)  # (1, V)
+            mark()
+            logits = step_decode(torch.tensor([[token]], device=device),
+                                 torch.tensor([len(prompt) + step], device=device), *cache)  # (1, V)
     return out

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qkvlab.cli.main import main
-from qkvlab.deploy.compiled import CompiledDecoder
+from qkvlab.deploy.compiled import CompiledDecoder, compile_options
+from qkvlab.deploy.pt2 import StaticDecoder, generate_with
 from qkvlab.errors import QkvlabError
 from qkvlab.generate import SamplingConfig, generate
 from qkvlab.models import ModelConfig, build_model
@@ -57,3 +59,49 @@ def test_a_failing_compiler_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(decoder, "step", broken)
     with pytest.raises(QkvlabError, match="compiled decoding needs torch.compile.*no working C\\+\\+ compiler"):
         decoder.generate([[1, 2]], SamplingConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("variant, positions, cache_dtype", [("QKV", "learned", None), ("Q-K=V", "rotary", None),
+                                                             ("Q-MQA", "rotary", "int8"), ("GQA-2", "rotary", None),
+                                                             ("Q-K=V+", "rotary", None)])
+def test_the_static_step_runs_where_its_model_is(variant, positions, cache_dtype):
+    """Every tensor the step makes is on the model's device (what CUDA needs), checked on the "meta" device: a
+    tensor made on the CPU next to meta ones is an error."""
+    model = _model(variant, positions).to("meta")
+    decoder = StaticDecoder(model, 16, cache_dtype)
+    cache = decoder.empty_cache()
+    assert {t.device.type for t in cache} == {"meta"}
+    start = torch.zeros(1, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        for tokens in (3, 1):  # prefill, decode
+            logits = decoder(torch.zeros(1, tokens, dtype=torch.long, device="meta"), start, *cache)
+            assert logits.shape == (1, 40) and logits.device.type == "meta"
+
+
+def test_generation_feeds_the_step_on_the_caches_device():
+    """`generate_with` makes its token and position tensors on the cache's device."""
+    seen = []
+
+    def step(idx, start, *cache):
+        seen.append((idx.device.type, start.device.type))
+        return torch.arange(40.0)[None]  # (1, V): always token 39
+
+    cache = [torch.zeros(2, device="meta")]
+    out = generate_with(step, step, cache, [1, 2, 3], SamplingConfig(max_new_tokens=3, temperature=0), 16, 40)
+    assert out == [39, 39, 39] and seen == [("meta", "meta")] * 3
+
+
+def test_cuda_steps_are_cuda_graphs_and_other_devices_are_refused():
+    assert compile_options(torch.device("cuda", 0)) == {"mode": "reduce-overhead"}
+    assert compile_options(torch.device("cpu")) == {}
+    with pytest.raises(QkvlabError, match="compiled decoding runs on cpu or cuda, got a model on meta"):
+        CompiledDecoder(_model("QKV", "learned").to("meta"), 8)
+
+
+def test_one_cache_serves_every_prompt_zeroed():
+    decoder = CompiledDecoder(_model("Q-K=V", "rotary"), 8)
+    first = decoder.empty_cache()
+    for t in first:
+        t.fill_(1.0)
+    again = decoder.empty_cache()
+    assert all(a is b for a, b in zip(first, again, strict=True)) and all(t.abs().sum() == 0 for t in again)
