@@ -15,6 +15,8 @@ so the loss and gradients agree with `F.cross_entropy` to float32 rounding, not 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -53,10 +55,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the GEMMs run in: the autocast dtype where autocast is on, else the inputs'."""
-    if torch.is_autocast_enabled(device.type):
+    """The dtype the GEMMs run in: the autocast dtype where autocast is on, else the inputs' (also on devices
+    without autocast, such as "meta")."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return dtype
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for `device` (nothing to turn off where the device has none)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -64,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, ignore_index, mean, rows):  # h (N, C), weight (V, C), targets (N,)
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         dtype = _compute_dtype(h.device, h.dtype)
-        with torch.autocast(h.device.type, enabled=False):
+        with _no_autocast(h.device):
             w = weight.to(dtype)  # (V, C); a no-op without autocast
             valid = targets != ignore_index  # (N,)
             real = torch.promote_types(dtype, torch.float32)  # the softmax's dtype: float32, or float64
