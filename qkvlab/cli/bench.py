@@ -6,7 +6,9 @@ The measuring code is `qkvlab.bench.peers`; `benchmarks/peers.py` runs the same 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from qkvlab.atomic import check_output
 from qkvlab.errors import check
 
 DESCRIPTION = ("Our decoders against Hugging Face GPT2LMHeadModel (SDPA) and LlamaForCausalLM, and litgpt's GPT "
@@ -47,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                          "bf16 autocast (what train.dtype=auto picks on a CPU with bf16 hardware)")
     p.add_argument("--train-loss", help="native (default: each library's own training loss; ours without the full "
                                         "logits) or common (F.cross_entropy on every contender's full logits)")
-    p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the full report as JSON (checked before measuring)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
 
 
 _FIELDS = ("shapes", "peers", "phases", "layers", "d_model", "heads", "vocab", "d_mlp", "train_batch", "train_len",
@@ -67,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         if name in given:
             given[name] = tuple(given[name])
     settings = BenchSettings(**given)
+    if args.json:  # checked before minutes of measuring: never overwritten unasked, never a directory
+        check(not Path(args.json).expanduser().is_dir(), f"--json {args.json} is a directory; give a file path")
+        check_output(args.json, args.force, flag="--json")
     check(args.threads is None or args.threads > 0, f"--threads must be a positive integer, got {args.threads}")
     if settings.device != "cpu":
         check(torch.cuda.is_available(), f"--device {settings.device}: CUDA is not available here")

@@ -265,3 +265,17 @@ def test_a_decode_step_reads_every_weight_but_the_tables_it_looks_rows_up_in():
     flops = bench.decode_flops(untied, batch=3, context=10)
     assert flops == 2 * macs(untied, seq_len=1, batch=3, past=10)["total"]
     assert bench.decode_flops(untied, batch=3, context=20) > flops  # the cache read grows with the context
+
+
+def test_the_json_path_is_checked_before_measuring(tmp_path, capsys, monkeypatch):
+    """An existing --json file is never overwritten unasked, nor a directory taken; both refused before any
+    measuring (which takes minutes at the default sizes)."""
+    measured = []
+    monkeypatch.setattr(bench, "run", lambda settings: measured.append(settings))
+    existing = tmp_path / "old.json"
+    existing.write_text("{}\n")
+    code, _, err = run_cli(["bench", *TINY_ARGS, "--json", str(existing)], capsys)
+    assert code == 2 and "--json" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["bench", *TINY_ARGS, "--json", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in err
+    assert measured == [] and existing.read_text() == "{}\n"
