@@ -18,7 +18,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 def measure(package: str, prompt: int, new: int, repeats: int) -> dict:
@@ -71,7 +70,8 @@ def perplexity(run: str, cache_dtype: str | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True)
-    parser.add_argument("--out", required=True, help="directory for the .pt2 files")
+    parser.add_argument("--out", required=True, help="directory for the .pt2 files (new or empty)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new", type=int, default=40)
@@ -81,11 +81,16 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.prompt, args.new, args.repeats)))
         return
+    from qkvlab.atomic import check_output
     from qkvlab.cost import cache_bytes_per_token
     from qkvlab.deploy.pt2 import export_pt2
+    from qkvlab.errors import QkvlabError
     from qkvlab.models.io import load_model
 
-    out = Path(args.out)
+    try:  # its .pt2 files and deploy.json are replaced: only in a new or empty directory unless --force
+        out = check_output(args.out, args.force, sources=args.runs)
+    except QkvlabError as e:
+        raise SystemExit(f"deploy.py: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for run in args.runs:
