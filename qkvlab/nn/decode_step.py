@@ -30,7 +30,6 @@ from qkvlab.nn.blocks import MLP, Block
 from qkvlab.nn.linear import Linear
 from qkvlab.nn.positions import SinusoidalPositions
 
-MAX_ROWS = linear.MAX_ROWS  # more rows: the Python path's matrix products are as fast
 enabled = True  # False: the blocks always run as modules (benchmarks compare the two; tests of the per-layer path)
 whole_step = True  # False: the native call covers the blocks only, embeddings and logits run as modules (benchmarks)
 _Q_SOURCE = {"q": 0, "k": 1, "x": 2}
@@ -40,10 +39,10 @@ SWIGLU = 2
 
 def _global_state_serves(rows: int, cache) -> bool:
     """The parts of `serves` that are not the model's: the cache, the batch, grad / autocast / tracing modes."""
-    return (enabled and cache.fused_rotary and rows <= MAX_ROWS and cache.float32_cpu and cache.uniform
+    return (enabled and cache.fused_rotary and cache.float32_cpu and cache.uniform
             and linear.enabled and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not kv_decode.watched() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and linear._kernel() is not None)
+            and linear._kernel() is not None and rows <= linear.max_rows())
 
 
 def _blocks_kind_serves(blocks: nn.ModuleList) -> bool:

@@ -3,13 +3,21 @@
 Decoding multiplies one token per sequence by every weight matrix: a matrix-vector product bound by reading
 the weight. On the CPUs measured here PyTorch's BLAS path reads it at 5-8 GB/s, a fraction of the memory's
 bandwidth; `csrc/small_linear.cpp` (built with the cache-read kernels, `qkvlab.nn.kv_decode`) reads it at
-18-27 GB/s with one to four rows (1.9-4.5x, docs/PERFORMANCE.md). `Linear` takes that path for float32 inputs of at most
-`MAX_ROWS` rows on the CPU without gradients, outside torch.compile / export, when the weight has at least
+18-27 GB/s with one to four rows (1.9-4.5x, docs/PERFORMANCE.md). `Linear` takes that path for float32 inputs of at
+most `max_rows()` rows on the CPU without gradients, outside torch.compile / export, when the weight has at least
 `MIN_WEIGHT` entries; everything else (training, prefill, GPUs, other dtypes, a machine without a C++
 compiler) is `nn.Linear` unchanged. It is an `nn.Linear`: same parameters, state-dict keys and init.
+
+How many rows the kernel should take depends on the CPU's BLAS (MKL in PyTorch's x86 builds): on an Intel Xeon
+an earlier session measured BLAS as fast from 8 rows; on this project's AMD EPYC the kernel is 1.9-2.6x BLAS at
+16 rows, 1.2-1.5x at 64 and 1.0-1.2x at 128 (`benchmarks/linear_rows.py`, weights from memory as a decode step
+reads them). So AMD CPUs take up to `AMD_ROWS` rows, others `MIN_ROWS` (`max_rows`). A measurement at run time
+was tried and dropped: on this VM two timings of each side picked 8, 32, 64 or 128 from run to run.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +26,8 @@ from torch import nn
 from qkvlab.errors import QkvlabError
 from qkvlab.nn import kv_decode
 
-MAX_ROWS = 8  # more rows: the BLAS matrix-matrix path is as fast
+MIN_ROWS = 8  # the kernel's rows on most CPUs (measured on an Intel Xeon: BLAS as fast from 8 rows)
+AMD_ROWS = 64  # on AMD CPUs (measured on an AMD EPYC, Zen 4: the kernel 1.9-2.6x BLAS at 16 rows, 1.2-1.5x at 64)
 MIN_WEIGHT = 16384  # smaller weights: the call costs more than it saves (measured: equal at 65 x 128)
 enabled = True  # False: always nn.Linear (benchmarks compare the two in one process)
 
@@ -38,18 +47,38 @@ def _kernel():
         return None
 
 
+def _cpu_vendor(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor string (Linux's /proc/cpuinfo), or "" where it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def max_rows() -> int:
+    """The most rows the kernel takes: AMD_ROWS on AMD CPUs, MIN_ROWS elsewhere (see the module's docstring)."""
+    return AMD_ROWS if _cpu_vendor() == "AuthenticAMD" else MIN_ROWS
+
+
 def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T` takes the kernel."""
     return (enabled and type(x) is torch.Tensor  # not a fake, functional or proxy tensor (export, tracing)
             and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.numel() >= MIN_WEIGHT and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and weight.numel() >= MIN_WEIGHT and x.numel() > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and weight.is_contiguous()
-            and not kv_decode.watched())  # a FLOP counter or tracer sees F.linear
+            and not kv_decode.watched()  # a FLOP counter or tracer sees F.linear
+            and x.numel() <= max_rows() * x.shape[-1])
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x (..., K) @ weight (N, K).T + bias for at most MAX_ROWS rows, or None when the kernel is unavailable."""
+    """x (..., K) @ weight (N, K).T + bias (any number of rows; `Linear` sends at most `max_rows()`), or None when
+    the kernel is unavailable."""
     lib = _kernel()
     if lib is None:
         return None

@@ -12,12 +12,12 @@ from qkvlab.nn import kv_decode, linear
 from tests.core.helpers import ATOL, full_and_steps, randomize_, small
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 33, 64, 128])
 @pytest.mark.parametrize("N, K", [(384, 128), (200, 48), (64, 1536), (100, 37), (7, 300), (1, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_kernel_equals_f_linear(M, N, K, bias):
-    """Every row count up to MAX_ROWS (blocks of four and the rest); whole chunks of 64 weight rows (the four
-    streams), a partial chunk after them (200), sizes that are no multiple of the lanes."""
+    """Row counts up to the most `max_rows` allows (blocks of four and the rest); whole chunks of 64 weight rows
+    (the four streams), a partial chunk after them (200), sizes that are no multiple of the lanes."""
     g = torch.Generator().manual_seed(M * N + K)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None
@@ -40,13 +40,14 @@ def _counting(monkeypatch) -> list:
 
 
 def test_the_layer_takes_the_kernel_only_for_few_row_float_inference(monkeypatch):
+    limit = linear.max_rows()
     calls = _counting(monkeypatch)
     layer = linear.Linear(128, 256)
     assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
-    few, many = torch.randn(3, 128), torch.randn(9, 128)
+    few, many = torch.randn(3, 128), torch.randn(limit + 1, 128)
     with torch.no_grad():
         assert torch.allclose(layer(few), F.linear(few, layer.weight, layer.bias), atol=1e-4) and len(calls) == 1
-        layer(many)  # more than MAX_ROWS rows
+        layer(many)  # more than max_rows() rows
         layer.double()(few.double())  # float64
         assert len(calls) == 1
     layer.float()
@@ -56,6 +57,26 @@ def test_the_layer_takes_the_kernel_only_for_few_row_float_inference(monkeypatch
     with torch.no_grad():
         linear.Linear(8, 16)(torch.randn(1, 8))  # a weight below MIN_WEIGHT
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("vendor, rows", [("AuthenticAMD", 64), ("GenuineIntel", 8), ("", 8)])
+def test_the_row_limit_follows_the_cpu(vendor, rows, monkeypatch):
+    """AMD CPUs take up to 64 rows (PyTorch's BLAS is slow there at 16-64), others 8; read once."""
+    asked = []
+    monkeypatch.setattr(linear, "_cpu_vendor", lambda: asked.append(1) or vendor)
+    linear.max_rows.cache_clear()
+    try:
+        assert linear.max_rows() == rows and linear.max_rows() == rows and asked == [1]
+    finally:
+        linear.max_rows.cache_clear()
+
+
+def test_the_vendor_is_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert linear._cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")  # an ARM machine names no vendor_id
+    assert linear._cpu_vendor(str(info)) == "" and linear._cpu_vendor(str(tmp_path / "missing")) == ""
 
 
 def test_the_layer_falls_back_without_a_compiler(monkeypatch):
