@@ -8,15 +8,19 @@ batches with the kernel's row limit at 8 (`linear.MIN_ROWS`) or at this CPU's (`
    or this CPU's, alternating in one process; above 1: this CPU's limit is faster.
 
     python benchmarks/linear_rows.py --threads 2
+    python benchmarks/linear_rows.py --threads 2 --base HEAD~1 --rows 8 16 64   # the kernel of another revision
     python benchmarks/linear_rows.py --threads 2 --rows 8 16 32 --batches 16 --contexts 512
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[16, 32])
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--base", help="git revision: its kernel against the tree's, by rows (instead of the steps)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     for name in ("rows", "batches", "contexts"):
@@ -70,6 +75,32 @@ def kernel_against_blas(rows: list[int], repeats: int) -> None:
               f"{flops / t['kernel'] / 1e9:7.1f}  {t['blas'] / t['kernel']:.2f}x")
 
 
+def kernel_against_base(rev: str, rows: list[int], repeats: int) -> None:
+    """The tree's few-row kernel against the one built at git revision `rev`, on the same weights, alternating."""
+    from kernel_ab import build_base  # benchmarks/, on the path when this script runs
+
+    from qkvlab.nn import kv_decode
+
+    weights = [[torch.randn(n, k) for _ in range(6)] for n, k in SHAPES]
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"base": build_base(rev, Path(tmp)), "tree": kv_decode.library()}
+
+        def run(lib, pairs) -> None:
+            for x, w in pairs:
+                y = torch.empty(x.shape[0], w.shape[0])
+                lib.qkvlab_small_linear(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), x.shape[0], w.shape[0],
+                                        w.shape[1], ctypes.c_int32(torch.get_num_threads()))
+
+        print(f"rows  kernel at {rev} GFLOP/s  tree GFLOP/s  base / tree")
+        for m in rows:
+            xs = [torch.randn(m, k) for _, k in SHAPES]
+            pairs = [(x, w) for ws, x in zip(weights, xs, strict=True) for w in ws]
+            t = alternate({name: lambda lib=lib, pairs=pairs: run(lib, pairs) for name, lib in libs.items()}, repeats)
+            flops = 2 * m * sum(n * k for n, k in SHAPES) * 6
+            print(f"{m:4d}  {flops / t['base'] / 1e9:21.1f}  {flops / t['tree'] / 1e9:12.1f}  "
+                  f"{t['base'] / t['tree']:.3f}x")
+
+
 def decode_steps(batches: list[int], contexts: list[int], repeats: int) -> None:
     measured = linear.max_rows()
     print(f"\nrow limit on this CPU: {measured} (else {linear.MIN_ROWS})")
@@ -105,6 +136,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats} alternating rounds")
+    if args.base:
+        kernel_against_base(args.base, args.rows, args.repeats)
+        return
     kernel_against_blas(args.rows, args.repeats)
     decode_steps(args.batches, args.contexts, args.repeats)
 
