@@ -64,17 +64,22 @@ def _compiler() -> str:
     return cxx
 
 
-def _cpu_id() -> str:
-    """What -march=native compiles for: the CPU's feature flags (Linux), else the platform's names. Part of
-    the library's name, so a home directory shared by different machines never loads a foreign build."""
+def cpuinfo_line(prefixes: tuple[str, ...], path: str = "/proc/cpuinfo") -> str:
+    """The first line of Linux's cpuinfo starting with one of `prefixes`, or "" where there is none."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
+                if line.startswith(prefixes):
                     return line
     except OSError:
         pass
-    return f"{platform.machine()} {platform.processor()}"
+    return ""
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's feature flags (Linux), else the platform's names. Part of
+    the library's name, so a home directory shared by different machines never loads a foreign build."""
+    return cpuinfo_line(("flags", "Features")) or f"{platform.machine()} {platform.processor()}"
 
 
 @functools.cache

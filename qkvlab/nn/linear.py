@@ -49,14 +49,8 @@ def _kernel():
 
 def _cpu_vendor(path: str = "/proc/cpuinfo") -> str:
     """The CPU's vendor string (Linux's /proc/cpuinfo), or "" where it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    line = kv_decode.cpuinfo_line(("vendor_id",), path)
+    return line.split(":", 1)[1].strip() if ":" in line else ""
 
 
 @functools.cache
