@@ -110,13 +110,14 @@ def generate(model: GPT, prompts: list[list[int]], config: SamplingConfig = Samp
 
     `cache_dtype` (default: the model's) may be "int8" or "fp8" for a quantised cache. `fused_rotary`:
     a K = V model with rotary positions rotates its keys as it reads them (`qkvlab.nn.rotary_read`: a C++
-    kernel for float32 on the CPU, torch.compile elsewhere; built on first use), instead of into a workspace
+    kernel for float32 on the CPU, a Triton kernel on CUDA where triton is installed (`qkvlab.nn.triton_read`),
+    torch.compile elsewhere; built on first use), instead of into a workspace
     as large as the cache; with learned positions, K = V models with grouped heads (Q-GQA, Q-MQA) read each
     cached key once for all its query heads through the same kernel, and an int8 / fp8 cache (any variant) is
     dequantised while it is read instead of into a float copy of every layer's cache at every step; the
     unrotated keys of a large float cache (any variant: from 2 MiB a layer, grouped from 512 KiB) are read once
     too. None (the default): on the CPU where the kernel builds, and for quantised caches wherever the read can
-    run (torch.compile off the CPU); else off (int8 then dequantises per step, 5-10x slower).
+    run (Triton or torch.compile off the CPU); else off (int8 then dequantises per step, 5-10x slower).
 
     Prompts are right-padded and prefilled together (in chunks if asked), then each row
     decodes from its own length; a row stops at a stop token (kept) or `max_new_tokens`.

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qkvlab.data.cache import dataset_dir, is_ready
+# Triton (where installed) runs its kernels through its interpreter, so tests/core/test_triton_read.py can run the
+# CUDA cache read on CPU tensors: triton reads this as it is imported, which torch may do at any point.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from qkvlab.data.cache import dataset_dir, is_ready  # noqa: E402
 
 
 @pytest.fixture

@@ -42,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "per value and a bfloat16 scale per token and head); a .pt2 / .pte keeps its export's")
     p.add_argument("--fused-rotary", action=argparse.BooleanOptionalAction, default=None,
                    help="read the KV cache in one pass (a C++ kernel on CPU float32, built on first use: needs a "
-                        "C++ compiler; torch.compile elsewhere): K = V rotary keys rotated while read instead of "
-                        "into a rotated copy, the keys of large caches read once (grouped heads once per group), "
+                        "C++ compiler; a Triton kernel on CUDA where triton is installed; torch.compile elsewhere): "
+                        "K = V rotary keys rotated while read instead of into a rotated copy, the keys of large "
+                        "caches read once (grouped heads once per group), "
                         "int8 / fp8 caches dequantised while read. Default: on on the CPU when the kernel builds "
                         "(and for int8 / fp8 caches elsewhere); --no-fused-rotary: off")
     p.add_argument("--compile", action="store_true",

@@ -10,9 +10,10 @@ complex numbers, C and S the cosine and sine of each pair's angle repeated over 
 
 so one pass over the unrotated keys gives the scores, with one table (n, D) of each pair's (cos, sin)
 (`Rotary.read_table`) shared by every row, head and layer. Float32 on the CPU runs `qkvlab.nn.kv_decode`, a
-small C++ kernel that reads the cache once (scores, online softmax and values per block of keys). Elsewhere
-`torch.compile` turns the expression into one loop (Triton on GPUs, its C++ backend for other CPU dtypes) and the
-values are read by one matmul: two passes.
+small C++ kernel that reads the cache once (scores, online softmax and values per block of keys); on CUDA, where
+Triton is installed, `qkvlab.nn.triton_read` does the same one pass as a Triton kernel. Elsewhere `torch.compile`
+turns the expression into one loop (its C++ backend for other CPU dtypes; Triton on GPUs) and the values are read
+by one matmul: two passes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import functools
 import torch
 
 from qkvlab.errors import QkvlabError
-from qkvlab.nn import kv_decode
+from qkvlab.nn import kv_decode, triton_read
 from qkvlab.nn.kv_cache import dequantize
 
 
@@ -59,15 +60,26 @@ def check_available(device: torch.device | str = "cpu", dtype: torch.dtype = tor
     device = torch.device(device)
     q = torch.ones(1, 1, 1, 4, device=device, dtype=dtype)
     kv, rot = torch.ones(1, 1, 3, 4, device=device, dtype=dtype), torch.tensor([[1.0, 0.0] * 2] * 3, device=device)
+    if triton_read.serves(q, kv):
+        try:
+            triton_read.decode(q, kv, rot, None)
+        except Exception as e:  # noqa: BLE001 - a failed Triton build means the path is unavailable
+            raise QkvlabError(f"the fused rotary read's Triton kernel failed on {device.type}: {_first_line(e)}") \
+                from None
+        return
     if kv_decode.serves(q, kv):
         kv_decode.library()  # raises QkvlabError with the compiler's first line
         return
     try:
         compiled_scores()(q, q, kv, rot.to(dtype))
     except Exception as e:  # noqa: BLE001 - any backend failure means the path is unavailable
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QkvlabError(f"the fused rotary read needs torch.compile on {device.type}, which failed here: "
-                          f"{first[:200]}") from None
+                          f"{_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def unavailable(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
@@ -96,6 +108,9 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, rot: torch.Tensor | None
     if T != 1:
         raise QkvlabError(f"the fused cache read is for one new token per row, got {T}")
     qg = (q * D ** -0.5).reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, G, D): query heads grouped by key head
+    if triton_read.serves(qg, kv, scales, values):  # CUDA (or Triton's interpreter): one pass over the cache
+        flags = None if mask is None else mask.reshape(-1, Tk).expand(B, Tk)  # (B, Tk)
+        return triton_read.decode(qg, kv, rot, flags, scales, values, value_scales).reshape(B, H, 1, D)
     if kv_decode.serves(qg, kv):  # float32 on the CPU: one pass over the cache
         flags = None if mask is None else mask.reshape(-1, Tk).expand(B, Tk)  # (B, Tk)
         swapped = None if rot is None else pair_swap(qg)
