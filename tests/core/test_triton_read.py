@@ -7,6 +7,8 @@ computes (rotation, masks, online softmax, key ranges and their merge, dequantis
 import importlib
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,18 @@ def test_gpu_benchmark_paths_agree_and_time(monkeypatch):
         gpu_read.main(["--device", "cpu"])
     with pytest.raises(SystemExit):
         gpu_read.parse_args(["--groups", "4"])  # 4 does not divide 6 heads
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_a_cuda_gpu_without_spilling():
+    """Triton's compiler, not its interpreter: PTX and a cubin for sm_80 (no GPU needed) in every configuration
+    the read uses, at most 168 registers a thread (three 128-thread programs an SM) and nothing spilled."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    script = Path(__file__).with_name("triton_aot.py")
+    done = subprocess.run([sys.executable, str(script), "sm_80"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert len(rows) == 12
+    for *case, block_t, registers, spills in rows:
+        assert int(spills) == 0 and int(registers) <= 168, (case, block_t, registers, spills)
