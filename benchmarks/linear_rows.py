@@ -1,5 +1,5 @@
 """How many rows the few-row linear kernel should take: it against F.linear by rows, and whole decode steps at larger
-batches with the kernel's row limit at 8 (`linear.MIN_ROWS`) or at this CPU's (`linear.max_rows()`: 64 on AMD).
+batches with the kernel's row limit at 8 (`linear.MIN_ROWS`) or at this CPU's (`linear.max_rows()`: 128 on AMD).
 
 1. The kernel (`qkvlab.nn.linear.small_linear`) and F.linear (PyTorch's BLAS) on the weights of a six-layer
    d_model 384 decoder (six copies of each, so they come from memory), at each row count, interleaved.

@@ -9,9 +9,10 @@ most `max_rows()` rows on the CPU without gradients, outside torch.compile / exp
 compiler) is `nn.Linear` unchanged. It is an `nn.Linear`: same parameters, state-dict keys and init.
 
 How many rows the kernel should take depends on the CPU's BLAS (MKL in PyTorch's x86 builds): on an Intel Xeon
-an earlier session measured BLAS as fast from 8 rows; on this project's AMD EPYC the kernel is 1.9-2.6x BLAS at
-16 rows, 1.2-1.5x at 64 and 1.0-1.2x at 128 (`benchmarks/linear_rows.py`, weights from memory as a decode step
-reads them). So AMD CPUs take up to `AMD_ROWS` rows, others `MIN_ROWS` (`max_rows`). A measurement at run time
+an earlier session measured BLAS as fast from 8 rows; on this project's AMD EPYC the kernel (eight rows of x a
+block) is 2.1x BLAS at 32 rows, 1.6x at 64, 1.4x at 128, 1.1x at 256 and even at 512 (`benchmarks/linear_rows.py`,
+weights from memory as a decode step reads them); whole decode steps of 128 rows 1.10-1.29x with the kernel, of
+256 rows 0.94-1.09x. So AMD CPUs take up to `AMD_ROWS` rows, others `MIN_ROWS` (`max_rows`). A measurement at run time
 was tried and dropped: on this VM two timings of each side picked 8, 32, 64 or 128 from run to run.
 """
 
@@ -27,7 +28,7 @@ from qkvlab.errors import QkvlabError
 from qkvlab.nn import kv_decode
 
 MIN_ROWS = 8  # the kernel's rows on most CPUs (measured on an Intel Xeon: BLAS as fast from 8 rows)
-AMD_ROWS = 64  # on AMD CPUs (measured on an AMD EPYC, Zen 4: the kernel 1.9-2.6x BLAS at 16 rows, 1.2-1.5x at 64)
+AMD_ROWS = 128  # on AMD CPUs (measured on an AMD EPYC, Zen 4: the kernel 1.6-2.6x BLAS at 16-64 rows, 1.4x at 128)
 MIN_WEIGHT = 16384  # smaller weights: the call costs more than it saves (measured: equal at 65 x 128)
 enabled = True  # False: always nn.Linear (benchmarks compare the two in one process)
 
