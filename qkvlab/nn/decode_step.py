@@ -84,6 +84,7 @@ _LAYER = (("norm1", "weight"), ("norm1", "bias"), ("attn", "qkv", "weight"), ("a
           ("mlp", "fc", "weight"), ("mlp", "fc", "bias"), ("mlp", "proj", "weight"), ("mlp", "proj", "bias"))
 
 _generation = 0  # bumped whenever any module registers a submodule, parameter or buffer (a plan's may be replaced)
+_watching: list = []  # the handles of PyTorch's global registration hooks, installed by the first plan
 
 
 def _registered(*_) -> None:
@@ -91,9 +92,14 @@ def _registered(*_) -> None:
     _generation += 1
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_registered)
-torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
-torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
+def _watch_registrations() -> None:
+    """Install the global registration hooks, once, when the first plan is built: before it no plan can go stale,
+    so importing qkvlab (or using it without the native step) leaves every module registration alone."""
+    if not _watching:
+        hooks = torch.nn.modules.module
+        _watching.extend(register(_registered) for register in (
+            hooks.register_module_module_registration_hook, hooks.register_module_parameter_registration_hook,
+            hooks.register_module_buffer_registration_hook))
 
 
 class _Addresses:
@@ -101,12 +107,13 @@ class _Addresses:
     every tensor is still its module's, at the address the array holds (`current`): gathering a six-layer model's
     72 weights from their modules took 70 microseconds of every step. A module, parameter or buffer registered
     anywhere (attribute assignment of a module or a Parameter, `load_state_dict(assign=True)`, parametrize: the
-    global registration hooks above) or a tensor's storage swapped (`.data =`: its address, checked every step) is
-    seen at the next step; a module's class changed in place, or its `_parameters` dict written directly, is not.
-    Raises ValueError when a tensor is not a contiguous float32 CPU tensor (the caller falls back to the
-    modules)."""
+    global registration hooks of `_watch_registrations`) or a tensor's storage swapped (`.data =`: its address,
+    checked every step) is seen at the next step; a module's class changed in place, or its `_parameters` dict
+    written directly, is not. Raises ValueError when a tensor is not a contiguous float32 CPU tensor (the caller
+    falls back to the modules)."""
 
     def __init__(self, owners: list[tuple[nn.Module | None, str]]):
+        _watch_registrations()
         self.generation = _generation
         # (the owner's parameter or buffer dict, name, tensor or None, address)
         self.entries: list[tuple[dict, str, torch.Tensor | None, int]] = []

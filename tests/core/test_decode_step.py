@@ -2,6 +2,9 @@
 the full forward and the per-layer path, writes the cache as they do, and steps aside wherever it does not apply."""
 
 import contextlib
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -270,6 +273,32 @@ def test_the_step_follows_a_position_table_assigned_between_steps(native_calls, 
     assert len(native_calls) == calls + 1
     monkeypatch.setattr(decode_step, "enabled", False)
     torch.testing.assert_close(native, _step_logits(model, x), atol=ATOL, rtol=0)
+
+
+def test_importing_qkvlab_installs_no_global_hooks_until_a_native_step():
+    """PyTorch's process-wide registration hooks are installed by the first native step's plan, not at import."""
+    script = """
+import torch.nn.modules.module as m
+def count():
+    return sum(len(d) for d in (m._global_module_registration_hooks, m._global_parameter_registration_hooks,
+                                m._global_buffer_registration_hooks))
+import qkvlab, qkvlab.generate, qkvlab.models
+from qkvlab.nn import decode_step
+from tests.core.helpers import make, small
+model = make(small(variant="QKV", n_heads=4))
+before = count()
+import torch
+with torch.no_grad():
+    cache = model.make_cache(1, 4, fused_rotary=True)
+    model(torch.tensor([[1, 2]]), cache)
+    model(torch.tensor([[3]]), cache)  # one token: the native step, its plan built
+    model(torch.tensor([[4]]), cache)
+print(before, count())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "3"]
 
 
 def test_a_token_id_out_of_range_is_the_modules_error_and_writes_nothing(native_calls):
