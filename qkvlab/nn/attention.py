@@ -142,8 +142,8 @@ class Attention(nn.Module):
                 k = apply_rotary(k, rotations[0])
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
-            if ctx.cache.quantized and self._fused_read(q, ctx):
-                return self._merge(self._quantized_read(q, ctx))
+            if self._narrow_cache(q, ctx) and self._fused_read(q, ctx):
+                return self._merge(self._stored_read(q, ctx))
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
@@ -191,17 +191,28 @@ class Attention(nn.Module):
         B, _, T, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
-    def _quantized_read(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """One-token attention over an int8 / float8 cache, dequantised while read (K = V rotary keys rotated
-        too; separate keys are stored rotated): (B, H, 1, D)."""
+    @staticmethod
+    def _narrow_cache(q: torch.Tensor, ctx: AttentionContext) -> bool:
+        """Whether the cache stores fewer bytes a value than q has and the fused read takes it as stored: int8 /
+        float8 (any device), or bfloat16 under a float32 model on the CPU (the kernel widens it as it reads,
+        instead of a float32 copy of the layer's cache every step)."""
+        assert ctx.cache is not None
+        return ctx.cache.quantized or (ctx.cache.dtype == torch.bfloat16 and q.dtype == torch.float32
+                                       and q.device.type == "cpu")
+
+    def _stored_read(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """One-token attention over an int8 / float8 / bfloat16 cache, widened (dequantised) while read (K = V
+        rotary keys rotated too; separate keys are stored rotated): (B, H, 1, D)."""
         assert ctx.cache is not None
         streams, scales = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk) each
         separate = len(streams) == 2  # K and V stored apart (keys stored rotated)
         rot = None
         if self.rotary is not None and not separate:
             rot = self.rotary.read_table(ctx.k_len, q.device, q.dtype)  # (Tk, D)
-        return decode_attention(q, streams[0], rot, ctx.mask, scales=scales[0],
-                                values=streams[1] if separate else None, value_scales=scales[1] if separate else None)
+        quantized = bool(scales)
+        return decode_attention(q, streams[0], rot, ctx.mask, scales=scales[0] if quantized else None,
+                                values=streams[1] if separate else None,
+                                value_scales=scales[1] if separate and quantized else None)
 
     def _large(self, k: torch.Tensor) -> bool:
         """Whether unrotated keys (B, H_kv, Tk, D) are many enough for the fused read to beat SDPA."""

@@ -43,6 +43,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopen
 # computation of the user's, NumPy and PyTorch included, then rounds subnormals to zero).
 LINK_FLAGS = ["-shared", "-fopenmp", "-fPIC"]
 MIN_KEYS_PER_SPLIT = 512
+STORED_DTYPES = (torch.float32, torch.bfloat16)  # float caches the kernel reads as stored (bfloat16: widened)
 
 _i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
 _TAIL: list = [_f32p, ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int32, _f32p]
@@ -51,6 +52,8 @@ _ARGTYPES_PAIR: list = [_f32p, _f32p, _i64, _i64, _i64, _f32p, _i64, _i64, _i64,
 _STREAM_INT8: list = [ctypes.c_void_p, _i64, _i64, _i64, ctypes.c_void_p, _i64, _i64]  # values, strides, scales
 _ARGTYPES_INT8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, *_TAIL]
 _ARGTYPES_FP8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, _f32p, *_TAIL]  # + the codes' table
+_STREAM_BF16: list = [ctypes.c_void_p, _i64, _i64, _i64]  # values and strides, no scales
+_ARGTYPES_BF16: list = [_f32p, _f32p, *_STREAM_BF16, *_STREAM_BF16, *_TAIL]
 
 
 def kernel_dir() -> Path:
@@ -127,6 +130,7 @@ _SIGNATURES = {
     "qkvlab_kv_decode_pair": _ARGTYPES_PAIR,
     "qkvlab_kv_rotary_decode_int8": _ARGTYPES_INT8,
     "qkvlab_kv_rotary_decode_fp8": _ARGTYPES_FP8,
+    "qkvlab_kv_rotary_decode_bf16": _ARGTYPES_BF16,
     "qkvlab_small_linear": [_void, _void, _void, _void, _i64, _i64, _i64, ctypes.c_int32],
     "qkvlab_decode_layers": [_void, _void, _void, _void, ctypes.c_float, ctypes.c_int32],
     "qkvlab_decode_tokens": [_void, _void, _void, _void, _void, _void, ctypes.c_float, ctypes.c_int32],
@@ -163,10 +167,10 @@ def watched() -> bool:
 
 
 def serves(q: torch.Tensor, kv: torch.Tensor) -> bool:
-    """Whether the kernel applies: float32 queries on the CPU over a float32, int8 or float8 cache, each key's
-    dims contiguous."""
+    """Whether the kernel applies: float32 queries on the CPU over a float32, bfloat16, int8 or float8 cache,
+    each key's dims contiguous."""
     return (q.device.type == "cpu" and kv.device.type == "cpu" and q.dtype == torch.float32
-            and (kv.dtype == torch.float32 or kv.dtype in QUANT_MAX) and kv.stride(-1) == 1 and not watched())
+            and (kv.dtype in STORED_DTYPES or kv.dtype in QUANT_MAX) and kv.stride(-1) == 1 and not watched())
 
 
 def splits_for(length: int) -> int:
@@ -181,8 +185,8 @@ def _ptr(t: torch.Tensor):
 def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, rot: torch.Tensor | None,
            mask: torch.Tensor | None, scales: torch.Tensor | None = None,
            values: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) the keys, float32 (and the values: K = V), or
-    int8 / float8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); a cache with
+    """q, q_swap (B, H_kv, G, D) scaled; kv (B, H_kv, Tk, D) the keys, float32 or bfloat16 (and the values:
+    K = V), or int8 / float8 with `scales` (B, H_kv, Tk) bfloat16 (a key is its values times its scale); a cache with
     separate values gives them as `values` (and, quantised, `value_scales`). rot (Tk, D), each pair's (cos, sin)
     (`Rotary.read_table`), or it and q_swap None for keys read as stored; mask (B, Tk) bool or None. Returns
     (B, H_kv, G, D)."""
@@ -205,6 +209,12 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, rot: 
     out = torch.empty(B, H, G, D)
     tail = (table, None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk),
             torch.get_num_threads(), _ptr(out))
+    if kv.dtype == torch.bfloat16:  # widened as read; K = V: keys and values from one stream
+        val = kv if values is None else values
+        library().qkvlab_kv_rotary_decode_bf16(_ptr(q), _ptr(swapped), kv.data_ptr(), kv.stride(0), kv.stride(1),
+                                               kv.stride(2), val.data_ptr(), val.stride(0), val.stride(1),
+                                               val.stride(2), *tail)
+        return out
     if scales is None and values is not None:  # float keys and values, two streams
         library().qkvlab_kv_decode_pair(_ptr(q), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(values),
                                         values.stride(0), values.stride(1), values.stride(2), *tail[1:])

@@ -117,6 +117,8 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, rot: torch.Tensor | None
         return kv_decode.decode(qg, swapped, kv, rot, flags, scales, values, value_scales).reshape(B, H, 1, D)
     if scales is not None:
         kv = dequantize(kv, scales, q.dtype)  # (B, H_kv, Tk, D)
+    elif kv.dtype != q.dtype:  # a narrower float cache the kernels did not take (a FLOP counter on): widened here
+        kv, values = kv.to(q.dtype), None if values is None else values.to(q.dtype)
     vals = kv if values is None else values if value_scales is None else dequantize(values, value_scales, q.dtype)
     if rot is None:
         scores = qg @ kv.transpose(-2, -1)  # (B, H_kv, G, Tk)

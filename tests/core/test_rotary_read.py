@@ -381,6 +381,49 @@ def test_the_cpu_kernel_dequantises_a_quantised_cache_as_it_reads(B, H, G, T, D,
     assert torch.allclose(kv_decode.decode(q, swapped, values, rot, None, scales), want, atol=ATOL)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
+                                           (2, 2, 3, 65, 48)])
+def test_the_cpu_kernel_widens_a_bfloat16_cache_as_it_reads(B, H, G, T, D, rotate):
+    """bfloat16 values read in place (one stream, or keys and values apart) give what their float32 copy gives."""
+    g = torch.Generator().manual_seed(T + D + 1)
+    q = torch.randn(B, H, G, D, generator=g)
+    x, v = (torch.randn(B, H, T + 3, D, generator=g).bfloat16()[:, :, :T] for _ in range(2))  # cache views
+    rot = Rotary(D, T).read_table(T, "cpu") if rotate else None
+    swapped = rotary_read.pair_swap(q) if rotate else None
+    mask = _ragged_mask(B, T, g)
+    want = kv_decode.decode(q, swapped, x.float(), rot, mask)
+    assert torch.allclose(kv_decode.decode(q, swapped, x, rot, mask), want, atol=ATOL)
+    if not rotate:
+        want = kv_decode.decode(q, None, x.float(), None, mask, values=v.float())
+        assert torch.allclose(kv_decode.decode(q, None, x, None, mask, values=v), want, atol=ATOL)
+
+
+@pytest.mark.parametrize("variant, positions", [("Q-K=V", "rotary"), ("Q-MQA", "rotary"), ("QKV", "learned"),
+                                                ("GQA-2", "rotary"), ("Q=K=V", "learned")])
+def test_a_bfloat16_cache_is_read_as_stored_and_equals_widening_it_first(variant, positions, monkeypatch):
+    """A float32 model over a bfloat16 cache: one-token steps give the kernel the bfloat16 tensors (no float32
+    copy of the layer's cache); the logits equal those of widening the cache first, greedy tokens too."""
+    calls = []
+    real = kv_decode.decode
+    monkeypatch.setattr(kv_decode, "decode", lambda *a, **kw: calls.append(a[2].dtype) or real(*a, **kw))
+    monkeypatch.setattr(decode_step, "serves", lambda *a, **kw: False)  # (the native step takes float32 caches)
+    torch.manual_seed(5)
+    model = randomize_(build_model(small(variant=variant, positions=positions, n_heads=4)).eval())
+    x = torch.randint(0, 50, (2, 14))
+    with torch.no_grad():
+        logits = []
+        for fused in (False, True):
+            cache = model.make_cache(2, 14, dtype="bf16", fused_rotary=fused)
+            model(x[:, :8], cache)
+            logits.append(torch.cat([model(x[:, i:i + 1], cache) for i in range(8, 14)], dim=1))
+    assert calls and set(calls) == {torch.bfloat16}
+    assert torch.allclose(logits[0], logits[1], atol=ATOL)
+    prompts, sampling = [[1, 2, 3, 4, 5, 6], [7, 8]], SamplingConfig(max_new_tokens=6, temperature=0)
+    assert (generate(model, prompts, sampling, cache_dtype="bf16", fused_rotary=True)
+            == generate(model, prompts, sampling, cache_dtype="bf16", fused_rotary=False))
+
+
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 2, 3, 2100, 64), (2, 1, 4, 65, 32)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_the_cpu_kernel_reads_separate_int8_keys_and_values(B, H, G, T, D, masked):

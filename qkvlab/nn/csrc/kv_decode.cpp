@@ -1,5 +1,6 @@
 // One-token attention over a KV cache in a single pass. K = V: keys rotated on the fly (or read as stored),
-// values the same unrotated vectors; separate keys and values (QKV, GQA) from two streams. A quantised cache
+// values the same unrotated vectors; separate keys and values (QKV, GQA) from two streams. A bfloat16 cache is
+// widened as it is read (its bits shifted into a float32's). A quantised cache
 // (int8, or float8 codes read through a 256-entry table) with one bfloat16 scale per (row, head, token) is
 // dequantised as it is read, with keys and values from one stream (K = V) or from their own streams (QKV, GQA).
 //
@@ -70,18 +71,19 @@ struct Stream {
 template <typename V>
 inline float load(V x, const float* lut) {
   if constexpr (std::is_same_v<V, uint8_t>) return lut[x];
+  else if constexpr (std::is_same_v<V, uint16_t>) return bf16_to_float(x);  // bfloat16 bits
   else return static_cast<float>(x);
 }
 
 // Keys t0..t1 of every row from `key`, values from `val` (the same stream when K = V); q, qs (B, H, G, D).
 // kD > 0 fixes the head size at compile time (unrolled, about 1.5x faster than a runtime trip count); 0 takes
-// `head_dim`. kRotate false: plain scores q . k (rot, qs unread). V: float, or int8_t / uint8_t (float8
-// codes) with scales (a vector is its decoded values times its scale).
+// `head_dim`. kRotate false: plain scores q . k (rot, qs unread). V: float, uint16_t (bfloat16 bits), or int8_t /
+// uint8_t (float8 codes) with scales (a vector is its decoded values times its scale).
 template <typename V, int64_t kD, bool kRotate>
 void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* rot,
                   const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G,
                   int64_t head_dim, int64_t t0, int64_t t1, Partial& out) {
-  constexpr bool kQuantized = !std::is_same_v<V, float>;
+  constexpr bool kQuantized = std::is_same_v<V, int8_t> || std::is_same_v<V, uint8_t>;  // with scales
   const int64_t D = kD > 0 ? kD : head_dim;
   const int64_t HG = B * H * G;  // every (row, query head): the block of tables is read once for all of them
   out.m.assign(HG, 0.f);
@@ -719,6 +721,17 @@ extern "C" void qkvlab_kv_rotary_decode_int8(const float* q, const float* qs, co
   const Stream<int8_t> key{k, ksb, ksh, kst, Scales{ks, kssb, kssh}, nullptr};
   const Stream<int8_t> val{v, vsb, vsh, vst, Scales{vs, vssb, vssh}, nullptr};
   decode<int8_t>(q, qs, key, val, rot, mask, B, H, G, D, T, splits, threads, out);
+}
+
+// Over a bfloat16 cache (no scales): keys k and values v, the same pointers and strides when K = V.
+extern "C" void qkvlab_kv_rotary_decode_bf16(const float* q, const float* qs, const uint16_t* k, int64_t ksb,
+                                             int64_t ksh, int64_t kst, const uint16_t* v, int64_t vsb, int64_t vsh,
+                                             int64_t vst, const float* rot, const uint8_t* mask, int64_t B, int64_t H,
+                                             int64_t G, int64_t D, int64_t T, int64_t splits, int32_t threads,
+                                             float* out) {
+  const Stream<uint16_t> key{k, ksb, ksh, kst, Scales{nullptr, 0, 0}, nullptr};
+  const Stream<uint16_t> val{v, vsb, vsh, vst, Scales{nullptr, 0, 0}, nullptr};
+  decode<uint16_t>(q, qs, key, val, rot, mask, B, H, G, D, T, splits, threads, out);
 }
 
 // The same over a float8 cache, its codes as bytes: lut (256 floats) gives each code's value.
