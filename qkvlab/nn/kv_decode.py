@@ -210,10 +210,10 @@ def decode(q: torch.Tensor, q_swap: torch.Tensor | None, kv: torch.Tensor, rot: 
     tail = (table, None if flags is None else flags.data_ptr(), B, H, G, D, Tk, splits_for(Tk),
             torch.get_num_threads(), _ptr(out))
     if kv.dtype == torch.bfloat16:  # widened as read; K = V: keys and values from one stream
-        val = kv if values is None else values
+        vs = kv if values is None else values
         library().qkvlab_kv_rotary_decode_bf16(_ptr(q), _ptr(swapped), kv.data_ptr(), kv.stride(0), kv.stride(1),
-                                               kv.stride(2), val.data_ptr(), val.stride(0), val.stride(1),
-                                               val.stride(2), *tail)
+                                               kv.stride(2), vs.data_ptr(), vs.stride(0), vs.stride(1),
+                                               vs.stride(2), *tail)
         return out
     if scales is None and values is not None:  # float keys and values, two streams
         library().qkvlab_kv_decode_pair(_ptr(q), _ptr(kv), kv.stride(0), kv.stride(1), kv.stride(2), _ptr(values),
