@@ -11,8 +11,9 @@ token; float8 codes through a 256-entry table PyTorch fills); the head size is u
 
 It is plain C++ with OpenMP and no PyTorch headers, so building it takes a second or two: on first use
 the system C++ compiler (`$CXX`, else `c++`) builds a shared library into `$QKVLAB_KERNEL_DIR` (default
-`~/.cache/qkvlab/kernels`), named by a hash of the source, flags, compiler and CPU features (it is built
-with -march=native), and ctypes calls it.
+`~/.cache/qkvlab/kernels`), named by a hash of the source, flags, compiler and CPU features, and ctypes calls it.
+It is built for the CPU it runs on (-march=native); `$QKVLAB_KERNEL_MARCH` names another target (e.g.
+x86-64-v3: AVX2 without AVX-512, how the tests check the AVX2 code on an AVX-512 machine).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,7 +39,7 @@ from qkvlab.nn.kv_cache import QUANT_MAX
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kv_decode.cpp", "small_linear.cpp", "decode_step.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "vec16.h"]  # included by the sources: part of the build's key
 # -ffast-math lets the compiler vectorise exp and the reductions; infinities stay meaningful (masked keys).
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC", "-std=c++17"]
 # Linked apart from the compile, without -ffast-math: with it the linker adds crtfastmath.o, whose constructor
 # turns on flush-to-zero and denormals-are-zero for the whole process when the library loads (every later float
 # computation of the user's, NumPy and PyTorch included, then rounds subnormals to zero).
@@ -54,6 +56,20 @@ _ARGTYPES_INT8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, *_TAIL]
 _ARGTYPES_FP8: list = [_f32p, _f32p, *_STREAM_INT8, *_STREAM_INT8, _f32p, *_TAIL]  # + the codes' table
 _STREAM_BF16: list = [ctypes.c_void_p, _i64, _i64, _i64]  # values and strides, no scales
 _ARGTYPES_BF16: list = [_f32p, _f32p, *_STREAM_BF16, *_STREAM_BF16, *_TAIL]
+
+
+def march() -> str:
+    """The target the kernels are built for: `$QKVLAB_KERNEL_MARCH`, else native (the CPU it runs on)."""
+    value = os.environ.get("QKVLAB_KERNEL_MARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", value):
+        raise QkvlabError(f"QKVLAB_KERNEL_MARCH={value!r} is not a target name; give one the compiler's -march= "
+                          "accepts, e.g. native, x86-64-v3 or x86-64-v4")
+    return value
+
+
+def flags() -> list[str]:
+    """The compile flags: FLAGS and the target."""
+    return [f"-march={march()}", *FLAGS]
 
 
 def kernel_dir() -> Path:
@@ -94,7 +110,7 @@ def library() -> ctypes.CDLL:
     except (OSError, subprocess.CalledProcessError) as e:
         raise QkvlabError(f"the C++ compiler {cxx!r} does not run: {e}") from None
     texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, *FLAGS, *LINK_FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*texts, *flags(), *LINK_FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
     path = kernel_dir() / f"kv_decode-{key}.so"
     if not path.is_file():
         try:
@@ -112,10 +128,10 @@ def library() -> ctypes.CDLL:
 
 
 def compile_library(cxx: str, sources: list[Path], out: Path) -> str:
-    """Compile `sources` with FLAGS and link them into the shared library `out` with LINK_FLAGS (object files
+    """Compile `sources` with `flags()` and link them into the shared library `out` with LINK_FLAGS (object files
     beside `out`); the compiler's first error line, or "" when built."""
     objects = [str(out.parent / f"{source.stem}.o") for source in sources]
-    steps = [[cxx, *FLAGS, "-c", str(source), "-o", obj] for source, obj in zip(sources, objects, strict=True)]
+    steps = [[cxx, *flags(), "-c", str(source), "-o", obj] for source, obj in zip(sources, objects, strict=True)]
     for command in [*steps, [cxx, *LINK_FLAGS, *objects, "-o", str(out)]]:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

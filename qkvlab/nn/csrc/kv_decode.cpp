@@ -33,6 +33,7 @@
 namespace {
 
 using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::store16, qkvlab::sum16, qkvlab::vexp;
+using qkvlab::swap_eights, qkvlab::swap_fours, qkvlab::swap_pairs, qkvlab::swap_twos;
 
 constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
 // Rotary reads ask for keys and table rows this far ahead, into L2 only (locality 2): L1's few miss buffers stay
@@ -216,36 +217,37 @@ void attend_range(const float* q, const float* qs, Stream<V> key, Stream<V> val,
 // cases keep: quantised caches, other head sizes). Vectors of 16 floats: vec16.h.
 
 // A vector of 8 pairs' (cos, sin) from the rotation table, as each dim's cosine and each dim's sine.
-inline Vec16 coses(Vec16 t) { return SHUFFLE(t, t, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14); }
-inline Vec16 sines(Vec16 t) { return SHUFFLE(t, t, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15); }
+inline Vec16 coses(Vec16 t) { return qkvlab::dup_even(t); }
+inline Vec16 sines(Vec16 t) { return qkvlab::dup_odd(t); }
+
+constexpr Vec16 kSigns{-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};  // each pair's first lane negated
 
 // Each pair (k0, k1) of k turned by its (cos, sin) in t (a table vector): (k0 cos - k1 sin, k1 cos + k0 sin).
 inline Vec16 rotate_pairs(Vec16 k, Vec16 t) {
-  const Vec16 swapped = SHUFFLE(k, k, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  const Vec16 swapped = swap_pairs(k);
 #ifdef __AVX512F__
   return reinterpret_cast<Vec16>(_mm512_fmaddsub_ps(reinterpret_cast<__m512>(k), reinterpret_cast<__m512>(coses(t)),
                                                    reinterpret_cast<__m512>(swapped * sines(t))));
 #else
-  const Vec16 sign{-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1};
-  return k * coses(t) + swapped * (sines(t) * sign);
+  return k * coses(t) + swapped * (sines(t) * kSigns);
 #endif
 }
 
 inline Vec16 vmax(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
 inline float hmax(Vec16 v) {  // the largest lane
-  v = vmax(v, SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = vmax(v, SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = vmax(v, SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  v = vmax(v, SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  v = vmax(v, swap_eights(v));
+  v = vmax(v, swap_fours(v));
+  v = vmax(v, swap_twos(v));
+  v = vmax(v, swap_pairs(v));
   return v[0];
 }
 
 inline float hsum(Vec16 v) {  // the sum of the lanes
-  v += SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v += SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  v += swap_eights(v);
+  v += swap_fours(v);
+  v += swap_twos(v);
+  v += swap_pairs(v);
   return v[0];
 }
 
@@ -392,7 +394,7 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
             const float* k = keys[s] + (b0 + j) * key.st;
             prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
             const Vec16 kv = load16(k + 16 * c);
-            const Vec16 swapped = SHUFFLE(kv, Vec16{} - kv, 17, 0, 19, 2, 21, 4, 23, 6, 25, 8, 27, 10, 29, 12, 31, 14);
+            const Vec16 swapped = swap_pairs(kv) * kSigns;  // (-k1, k0, -k3, k2, ...)
             rotated[s][j][c] = kv * cs + swapped * sn;
           }
         }

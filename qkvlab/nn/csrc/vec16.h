@@ -5,6 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace qkvlab {
 
@@ -26,10 +29,102 @@ inline Vec16 load16(const float* p) {
 
 inline void store16(float* p, Vec16 v) { __builtin_memcpy(p, &v, sizeof v); }  // unaligned
 
+// Fixed lane permutations, named. With AVX-512 each is one shuffle of a register, written with the vector
+// extensions. With AVX2 but not AVX-512 a Vec16 is two ymm registers, and GCC 12 builds 16-lane shuffles lane by
+// lane (vinsertps chains through the stack: the cache read ran at 5-14 % of `x.sum()`'s rate on a Zen 1 EPYC), so
+// there they are spelled on the two halves with AVX intrinsics.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define QKVLAB_HALVES 1
+struct Halves {
+  __m256 lo, hi;  // lanes 0-7, 8-15
+};
+inline Halves halves(Vec16 v) {
+  Halves h;
+  __builtin_memcpy(&h, &v, sizeof v);  // a register pair: no memory once inlined
+  return h;
+}
+inline Vec16 joined(__m256 lo, __m256 hi) {
+  const Halves h{lo, hi};
+  Vec16 v;
+  __builtin_memcpy(&v, &h, sizeof v);
+  return v;
+}
+template <int kImm>
+inline Vec16 permute_within_fours(Vec16 v) {  // the same 4-lane permutation in each group of four lanes
+  const Halves h = halves(v);
+  return joined(_mm256_permute_ps(h.lo, kImm), _mm256_permute_ps(h.hi, kImm));
+}
+#endif
+
+// (v0, v0, v2, v2, ...): each pair's first lane in both (a rotation table's cosines).
+inline Vec16 dup_even(Vec16 v) {
+#ifdef QKVLAB_HALVES
+  const Halves h = halves(v);
+  return joined(_mm256_moveldup_ps(h.lo), _mm256_moveldup_ps(h.hi));
+#else
+  return SHUFFLE(v, v, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
+#endif
+}
+
+// (v1, v1, v3, v3, ...): each pair's second lane in both (a rotation table's sines).
+inline Vec16 dup_odd(Vec16 v) {
+#ifdef QKVLAB_HALVES
+  const Halves h = halves(v);
+  return joined(_mm256_movehdup_ps(h.lo), _mm256_movehdup_ps(h.hi));
+#else
+  return SHUFFLE(v, v, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15);
+#endif
+}
+
+// (v1, v0, v3, v2, ...): the lanes of each pair swapped.
+inline Vec16 swap_pairs(Vec16 v) {
+#ifdef QKVLAB_HALVES
+  return permute_within_fours<0xB1>(v);
+#else
+  return SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#endif
+}
+
+// (v2, v3, v0, v1, ...): the pairs of each four swapped.
+inline Vec16 swap_twos(Vec16 v) {
+#ifdef QKVLAB_HALVES
+  return permute_within_fours<0x4E>(v);
+#else
+  return SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+#endif
+}
+
+// (v4-v7, v0-v3, v12-v15, v8-v11): the fours of each eight swapped.
+inline Vec16 swap_fours(Vec16 v) {
+#ifdef QKVLAB_HALVES
+  const Halves h = halves(v);
+  return joined(_mm256_permute2f128_ps(h.lo, h.lo, 1), _mm256_permute2f128_ps(h.hi, h.hi, 1));
+#else
+  return SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+#endif
+}
+
+// (v8-v15, v0-v7): the two eights swapped.
+inline Vec16 swap_eights(Vec16 v) {
+#ifdef QKVLAB_HALVES
+  const Halves h = halves(v);
+  return joined(h.hi, h.lo);
+#else
+  return SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+#endif
+}
+
 // Pairwise lane sums of a and b: lanes 0-7 hold a's, lanes 8-15 b's (each in lane order).
 inline Vec16 fold(Vec16 a, Vec16 b) {
+#ifdef QKVLAB_HALVES
+  const Halves x = halves(a), y = halves(b);
+  // hadd of a's halves: (a0+a1, a2+a3, a8+a9, a10+a11 | a4+a5, a6+a7, a12+a13, a14+a15); 64-bit lanes 0, 2, 1, 3
+  const auto in_order = [](__m256 s) { return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8)); };
+  return joined(in_order(_mm256_hadd_ps(x.lo, x.hi)), in_order(_mm256_hadd_ps(y.lo, y.hi)));
+#else
   return SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          SHUFFLE(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#endif
 }
 
 // Lane j of the result: the sum of the 16 lanes of v[j].
