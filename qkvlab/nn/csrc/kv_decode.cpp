@@ -35,6 +35,12 @@ namespace {
 using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::store16, qkvlab::sum16, qkvlab::vexp;
 using qkvlab::swap_eights, qkvlab::swap_fours, qkvlab::swap_pairs, qkvlab::swap_twos;
 
+// Whether a Vec16 is two AVX2 registers (16 of them) rather than one of AVX-512's 32: loops hold fewer vectors.
+#ifdef QKVLAB_HALVES
+constexpr bool kNarrow = true;
+#else
+constexpr bool kNarrow = false;
+#endif
 constexpr int64_t kBlock = 32;  // keys per block: 32 x D floats stay in L1 between scoring and summing
 // Rotary reads ask for keys and table rows this far ahead, into L2 only (locality 2): L1's few miss buffers stay
 // free for the loads. Into L1 (locality 3), 32 keys ahead: 0.8-0.9x on the grouped rotary read (cache read alone,
@@ -252,23 +258,31 @@ inline float hsum(Vec16 v) {  // the sum of the lanes
 }
 
 // acc[g] (kC vectors) = acc[g] * r[g] + sum_j probs[g][j] v_j over the n values of a block, for kGN query heads at
-// once: each value is loaded once for all of them and the accumulators stay in registers.
+// once: each value is loaded once for all of them and the accumulators stay in registers. With AVX2 alone (16
+// registers of 8 floats, `kNarrow`) the heads' accumulators a few 16-dim columns at a time, so that they still fit
+// (all of them at once spilled, and GCC 12 moved the spilled vectors through general-purpose registers).
 template <int64_t kC, int kGN, int64_t kP = 16>
 inline void accumulate(const float* vals, int64_t st, int64_t n, const float* probs, const float* r,
                        float* const* acc) {
-  Vec16 a[kGN][kC];
-  for (int g = 0; g < kGN; ++g)
-    for (int64_t c = 0; c < kC; ++c) a[g][c] = load16(acc[g] + 16 * c) * r[g];
-  for (int64_t j = 0; j < n; ++j) {
-    const float* v = vals + j * st;
-    Vec16 vv[kC];
-    for (int64_t c = 0; c < kC; ++c) vv[c] = load16(v + 16 * c);
-    for (int g = 0; g < kGN; ++g) {
-      const float p = probs[g * kP + j];
-      for (int64_t c = 0; c < kC; ++c) a[g][c] += p * vv[c];
+  // Accumulator vectors a head holds per pass over the values: with AVX2, as many as leave the heads' and the
+  // value's vectors within 14 of the 16 registers.
+  constexpr int64_t kCols = !kNarrow || (kGN + 1) * kC <= 7 ? kC : (kGN + 1) * 2 <= 7 ? 2 : 1;
+  for (int64_t c0 = 0; c0 < kC; c0 += kCols) {
+    Vec16 a[kGN][kCols];
+    for (int g = 0; g < kGN; ++g)
+      for (int64_t c = 0; c < kCols; ++c) a[g][c] = load16(acc[g] + 16 * (c0 + c)) * qkvlab::splat(r[g]);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = vals + j * st + 16 * c0;
+      Vec16 vv[kCols];
+      for (int64_t c = 0; c < kCols; ++c) vv[c] = load16(v + 16 * c);
+      for (int g = 0; g < kGN; ++g) {
+        const Vec16 p = qkvlab::splat(probs[g * kP + j]);
+        for (int64_t c = 0; c < kCols; ++c) a[g][c] += p * vv[c];
+      }
     }
+    for (int g = 0; g < kGN; ++g)
+      for (int64_t c = 0; c < kCols; ++c) store16(acc[g] + 16 * (c0 + c), a[g][c]);
   }
-  for (int g = 0; g < kGN; ++g) __builtin_memcpy(acc[g], a[g], sizeof a[g]);
 }
 
 // kS (row, key head) streams from bh0 (bh = b * H + h): where each one's keys, values and row mask start.
@@ -346,8 +360,8 @@ inline Vec16 softmax_heads(Vec16 (*s)[kV], float* m, float* l) {
 // stride st from b0): part[g][j] holds key j's kD / 16 partial products with head g, lanes to be summed (sum16); keys
 // past n give 0. Each key vector is loaded once for the kGN heads.
 template <int64_t kD, bool kRotate, int kGN>
-inline void scores(const float* q, const float* keys, int64_t st, const Vec16 (*rotated)[kD / 16], int64_t b0,
-                   int64_t n, int64_t hg0, Vec16 (*part)[16]) {
+inline void scores(const float* q, const float* keys, int64_t st, const float (*rotated)[kD], int64_t b0,
+                   int64_t n, int64_t hg0, float (*part)[16][16]) {
   constexpr int64_t kC = kD / 16;
   Vec16 qv[kGN][kC];
   for (int g = 0; g < kGN; ++g)
@@ -356,11 +370,11 @@ inline void scores(const float* q, const float* keys, int64_t st, const Vec16 (*
     Vec16 sc[kGN] = {};
     if (j < n) {
       for (int64_t c = 0; c < kC; ++c) {
-        const Vec16 k = kRotate ? rotated[j][c] : load16(keys + (b0 + j) * st + 16 * c);
+        const Vec16 k = load16(kRotate ? rotated[j] + 16 * c : keys + (b0 + j) * st + 16 * c);
         for (int g = 0; g < kGN; ++g) sc[g] += qv[g][c] * k;
       }
     }
-    for (int g = 0; g < kGN; ++g) part[g][j] = sc[g];
+    for (int g = 0; g < kGN; ++g) store16(part[g][j], sc[g]);
   }
 }
 
@@ -373,9 +387,9 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
                   float* probs, float* rescale, float** accs) {
   constexpr int64_t kC = kD / 16;  // vectors per head
   constexpr int kHeads = kC >= 8 ? 2 : 4;  // query heads per pass over the values: their accumulators in registers
-  Vec16 rotated[kS][16][kC];  // rotary: this block's keys at their positions
+  float rotated[kS][16][kD];  // rotary: this block's keys at their positions
   constexpr int kScoreHeads = kRotate ? 1 : kHeads;
-  Vec16 parts[kScoreHeads][16];  // a pass's heads' products of the block's 16 keys, summed across lanes by sum16
+  float parts[kScoreHeads][16][16];  // a pass's heads' products of the block's 16 keys, summed across lanes by sum16
   const Streams<kS> streams(key, val, mask, mask_stride, H, bh0);
   const auto& keys = streams.keys;
   for (int64_t b0 = t0; b0 < t1; b0 += 16) {
@@ -395,7 +409,7 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
             prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
             const Vec16 kv = load16(k + 16 * c);
             const Vec16 swapped = swap_pairs(kv) * kSigns;  // (-k1, k0, -k3, k2, ...)
-            rotated[s][j][c] = kv * cs + swapped * sn;
+            store16(rotated[s][j] + 16 * c, kv * cs + swapped * sn);
           }
         }
       }
@@ -415,7 +429,7 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
         }
         for (int i = 0; i < gn; ++i) {
           const int64_t g = g0 + i, hg = bh * G + g;
-          store16(probs + g * 16, softmax_block(sum16(parts[i]) + keep[s], out, hg, rescale[g]));
+          store16(probs + g * 16, softmax_block(sum16(parts[i][0]) + keep[s], out, hg, rescale[g]));
           accs[g] = out.acc.data() + hg * kD;
         }
       }
@@ -474,27 +488,39 @@ void attend_heads(const float* q, Stream<float> key, Stream<float> val, const fl
       some = streams.block(b0 + 16 * v, nv, keep + v, any + v) || some;  // none past n: all -inf
     }
     if (!some) continue;  // every key of the block masked
-    Vec16 part[kG][16 * kV];
+    float part[kG][16 * kV][16];
     for (int64_t j = 0; j < 16 * kV; ++j) {
-      Vec16 sc[kG] = {};
-      if (j < n) {
-        const float* k = keys + (b0 + j) * key.st;
-        for (int64_t c = 0; c < kC; ++c) {
-          Vec16 kv = load16(k + 16 * c);
-          if constexpr (kRotate) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
-            const float* r = rot + (b0 + j) * kD;
-            prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
-            prefetch_l2(r + kPrefetchKeys * kD + 16 * c);
-            kv = rotate_pairs(kv, load16(r + 16 * c));
-          }
-          for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * kv;
+      if (j >= n) {
+        for (int g = 0; g < kG; ++g) store16(part[g][j], Vec16{});
+        continue;
+      }
+      const float* k = keys + (b0 + j) * key.st;
+      Vec16 kv[kC];
+      for (int64_t c = 0; c < kC; ++c) {
+        kv[c] = load16(k + 16 * c);
+        if constexpr (kRotate) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
+          const float* r = rot + (b0 + j) * kD;
+          prefetch_l2(k + kPrefetchKeys * key.st + 16 * c);
+          prefetch_l2(r + kPrefetchKeys * kD + 16 * c);
+          kv[c] = rotate_pairs(kv[c], load16(r + 16 * c));
         }
       }
-      for (int g = 0; g < kG; ++g) part[g][j] = sc[g];
+      if constexpr (kNarrow) {  // one head's sum at a time: the key (kC vectors) and one sum in registers
+        for (int g = 0; g < kG; ++g) {
+          Vec16 sc = qv[g][0] * kv[0];
+          for (int64_t c = 1; c < kC; ++c) sc += qv[g][c] * kv[c];
+          store16(part[g][j], sc);
+        }
+      } else {  // every head's sum at once, each key vector multiplied into all of them as it is ready
+        Vec16 sc[kG] = {};
+        for (int64_t c = 0; c < kC; ++c)
+          for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * kv[c];
+        for (int g = 0; g < kG; ++g) store16(part[g][j], sc[g]);
+      }
     }
     Vec16 s[kG][kV];
     for (int g = 0; g < kG; ++g)
-      for (int v = 0; v < kV; ++v) s[g][v] = sum16(part[g] + 16 * v) + keep[v];
+      for (int v = 0; v < kV; ++v) s[g][v] = sum16(part[g][16 * v]) + keep[v];
     const Vec16 r = softmax_heads<kG, kV>(s, m, l);
     float probs[kG * 16 * kV], rescale[kG];
     for (int g = 0; g < kG; ++g) {
@@ -580,7 +606,7 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
     Vec16 keep[kS];
     bool any[kS];
     if (!streams.block(b0, n, keep, any)) continue;  // every key of the block masked
-    Vec16 part[kS][16];
+    float part[kS][16][16];
     for (int64_t j = 0; j < 16; ++j) {
       Vec16 sc[kS] = {};
       if (j < n) {
@@ -591,10 +617,10 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
             sc[s] += load16(keys[s] + (b0 + j) * key.st + 16 * c) * (cs * qv[s][c] + sn * qsv[s][c]);
         }
       }
-      for (int s = 0; s < kS; ++s) part[s][j] = sc[s];
+      for (int s = 0; s < kS; ++s) store16(part[s][j], sc[s]);
     }
     Vec16 sv[kS][1];
-    for (int s = 0; s < kS; ++s) sv[s][0] = any[s] ? sum16(part[s]) + keep[s] : Vec16{} - INFINITY;
+    for (int s = 0; s < kS; ++s) sv[s][0] = any[s] ? sum16(part[s][0]) + keep[s] : Vec16{} - INFINITY;
     const Vec16 r = softmax_heads<kS, 1>(sv, m, l);
     for (int s = 0; s < kS; ++s) {
       if (!any[s]) continue;  // every key of the block masked for this stream

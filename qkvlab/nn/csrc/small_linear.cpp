@@ -56,7 +56,7 @@ template <int kM, int kStreams>
 void chunk(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K, int64_t n0) {
   constexpr int64_t per = kChunk / kStreams;  // rows per stream, a multiple of 16
   for (int64_t j0 = 0; j0 < per; j0 += 16) {
-    Vec16 part[kStreams][kM][16];  // each stream's 16 rows' partial sums, summed across lanes at the end
+    float part[kStreams][kM][16][16];  // each stream's 16 rows' partial sums, summed across lanes at the end
     for (int64_t j = 0; j < 16; ++j) {
       const float* rows[kStreams];
       for (int s = 0; s < kStreams; ++s) rows[s] = w + (n0 + s * per + j0 + j) * K;
@@ -74,12 +74,12 @@ void chunk(const float* x, const float* w, const float* b, float* y, int64_t N, 
         }
       }
       for (int s = 0; s < kStreams; ++s)
-        for (int m = 0; m < kM; ++m) part[s][m][j] = acc[s][m];
+        for (int m = 0; m < kM; ++m) store16(part[s][m][j], acc[s][m]);
     }
     for (int s = 0; s < kStreams; ++s) {
       const int64_t n = n0 + s * per + j0;
       const Vec16 bias = b == nullptr ? Vec16{} : load16(b + n);
-      for (int m = 0; m < kM; ++m) store16(y + m * N + n, sum16(part[s][m]) + bias);
+      for (int m = 0; m < kM; ++m) store16(y + m * N + n, sum16(part[s][m][0]) + bias);
     }
   }
 }

@@ -21,14 +21,6 @@ typedef int32_t Int16 __attribute__((vector_size(16 * sizeof(int32_t))));
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, qkvlab::Int16{__VA_ARGS__})
 #endif
 
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  __builtin_memcpy(&v, p, sizeof v);  // unaligned
-  return v;
-}
-
-inline void store16(float* p, Vec16 v) { __builtin_memcpy(p, &v, sizeof v); }  // unaligned
-
 // Fixed lane permutations, named. With AVX-512 each is one shuffle of a register, written with the vector
 // extensions. With AVX2 but not AVX-512 a Vec16 is two ymm registers, and GCC 12 builds 16-lane shuffles lane by
 // lane (vinsertps chains through the stack: the cache read ran at 5-14 % of `x.sum()`'s rate on a Zen 1 EPYC), so
@@ -55,6 +47,39 @@ inline Vec16 permute_within_fours(Vec16 v) {  // the same 4-lane permutation in 
   return joined(_mm256_permute_ps(h.lo, kImm), _mm256_permute_ps(h.hi, kImm));
 }
 #endif
+
+inline Vec16 load16(const float* p) {  // unaligned
+#ifdef QKVLAB_HALVES
+  return joined(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8));
+#else
+  Vec16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+
+// Unaligned. With AVX2 alone, stored half by half: GCC 12 copied a 64-byte vector's memcpy through
+// general-purpose registers.
+inline void store16(float* p, Vec16 v) {
+#ifdef QKVLAB_HALVES
+  const Halves h = halves(v);
+  _mm256_storeu_ps(p, h.lo);
+  _mm256_storeu_ps(p + 8, h.hi);
+#else
+  __builtin_memcpy(p, &v, sizeof v);
+#endif
+}
+
+// x in every lane. Write it where a float meets a vector in a hot loop: with AVX2 alone GCC 12 spelled `x * v` as
+// sixteen scalar stores and a vector load (a failed store-to-load forward each time).
+inline Vec16 splat(float x) {
+#ifdef QKVLAB_HALVES
+  const __m256 h = _mm256_set1_ps(x);
+  return joined(h, h);
+#else
+  return Vec16{} + x;
+#endif
+}
 
 // (v0, v0, v2, v2, ...): each pair's first lane in both (a rotation table's cosines).
 inline Vec16 dup_even(Vec16 v) {
@@ -127,10 +152,12 @@ inline Vec16 fold(Vec16 a, Vec16 b) {
 #endif
 }
 
-// Lane j of the result: the sum of the 16 lanes of v[j].
-inline Vec16 sum16(const Vec16* v) {
+// Lane j of the result: the sum of the 16 lanes of row j of `rows` (16 rows of 16 floats). Arrays of vectors that
+// live in memory are kept as floats, written by store16: with AVX2 alone GCC 12 copied Vec16 array elements through
+// general-purpose registers.
+inline Vec16 sum16(const float* rows) {
   Vec16 w[8], x[4];
-  for (int i = 0; i < 8; ++i) w[i] = fold(v[2 * i], v[2 * i + 1]);  // 8 partial sums of each
+  for (int i = 0; i < 8; ++i) w[i] = fold(load16(rows + 32 * i), load16(rows + 32 * i + 16));  // 8 partial sums
   for (int i = 0; i < 4; ++i) x[i] = fold(w[2 * i], w[2 * i + 1]);  // 4 of each
   return fold(fold(x[0], x[1]), fold(x[2], x[3]));  // 2 of each, then 1
 }
