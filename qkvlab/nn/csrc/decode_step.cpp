@@ -24,7 +24,7 @@ extern "C" void qkvlab_kv_decode_pair(const float* q, const float* k, int64_t ks
 
 namespace {
 
-using qkvlab::load16, qkvlab::store16, qkvlab::Vec16, qkvlab::vexp;
+using qkvlab::load16, qkvlab::select, qkvlab::splat, qkvlab::store16, qkvlab::Vec16, qkvlab::vexp;
 
 // The ABI of the structs below: bumped whenever their fields change (benchmarks/kernel_ab.py loads an older
 // revision's library only when its ABI matches).
@@ -86,14 +86,14 @@ void rotate(float* x, int64_t n, int64_t D, const float* r) {
 
 // erf of each lane, |error| < 1.5e-7 (Abramowitz and Stegun 7.1.26: 1 - t P(t) exp(-x^2), t = 1 / (1 + p |x|)).
 inline Vec16 verf(Vec16 x) {
-  const Vec16 ax = x < 0.f ? -x : x;
+  const Vec16 ax = select(x < 0.f, -x, x);
   const Vec16 t = 1.f / (1.f + 0.3275911f * ax);
   Vec16 p = 1.061405429f * t - 1.453152027f;
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
   const Vec16 y = 1.f - p * t * vexp(-ax * ax);
-  return x < 0.f ? -y : y;
+  return select(x < 0.f, -y, y);
 }
 
 // The MLP's activation of one row: a (hidden) from f (hidden, or 2 x hidden for SwiGLU: gate then up), 16 lanes at a
@@ -104,13 +104,13 @@ void activate(const float* f, float* a, int64_t hidden, int64_t kind) {
     const Vec16 v = load16(f + i);
     Vec16 out;
     if (kind == kSwiGlu) {  // silu(gate) * up; sigmoid from exp(-|v|) <= 1
-      const Vec16 e = vexp(v < 0.f ? v : -v);
-      out = v * (v < 0.f ? e : 1.f) / (1.f + e) * load16(f + hidden + i);
+      const Vec16 e = vexp(select(v < 0.f, v, -v));
+      out = v * select(v < 0.f, e, splat(1.f)) / (1.f + e) * load16(f + hidden + i);
     } else if (kind == kGeluTanh) {  // tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|)
       const Vec16 u = 0.7978845608f * (v + 0.044715f * v * v * v);
-      const Vec16 e = vexp(u < 0.f ? 2.f * u : -2.f * u);
+      const Vec16 e = vexp(select(u < 0.f, 2.f * u, -2.f * u));
       const Vec16 th = (1.f - e) / (1.f + e);
-      out = 0.5f * v * (1.f + (u < 0.f ? -th : th));
+      out = 0.5f * v * (1.f + select(u < 0.f, -th, th));
     } else {
       out = 0.5f * v * (1.f + verf(v * 0.7071067812f));
     }

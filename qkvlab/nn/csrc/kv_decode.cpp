@@ -33,10 +33,10 @@
 namespace {
 
 using qkvlab::Int16, qkvlab::Vec16, qkvlab::load16, qkvlab::store16, qkvlab::sum16, qkvlab::vexp;
-using qkvlab::swap_eights, qkvlab::swap_fours, qkvlab::swap_pairs, qkvlab::swap_twos;
+using qkvlab::select, qkvlab::splat, qkvlab::swap_eights, qkvlab::swap_fours, qkvlab::swap_pairs, qkvlab::swap_twos;
 
 // Whether a Vec16 is two AVX2 registers (16 of them) rather than one of AVX-512's 32: loops hold fewer vectors.
-#ifdef QKVLAB_HALVES
+#ifdef QKVLAB_HALVES  // vec16.h: a Vec16 is two AVX2 registers
 constexpr bool kNarrow = true;
 #else
 constexpr bool kNarrow = false;
@@ -239,7 +239,7 @@ inline Vec16 rotate_pairs(Vec16 k, Vec16 t) {
 #endif
 }
 
-inline Vec16 vmax(Vec16 a, Vec16 b) { return a > b ? a : b; }
+inline Vec16 vmax(Vec16 a, Vec16 b) { return select(a > b, a, b); }
 
 inline float hmax(Vec16 v) {  // the largest lane
   v = vmax(v, swap_eights(v));
@@ -270,13 +270,13 @@ inline void accumulate(const float* vals, int64_t st, int64_t n, const float* pr
   for (int64_t c0 = 0; c0 < kC; c0 += kCols) {
     Vec16 a[kGN][kCols];
     for (int g = 0; g < kGN; ++g)
-      for (int64_t c = 0; c < kCols; ++c) a[g][c] = load16(acc[g] + 16 * (c0 + c)) * qkvlab::splat(r[g]);
+      for (int64_t c = 0; c < kCols; ++c) a[g][c] = load16(acc[g] + 16 * (c0 + c)) * splat(r[g]);
     for (int64_t j = 0; j < n; ++j) {
       const float* v = vals + j * st + 16 * c0;
       Vec16 vv[kCols];
       for (int64_t c = 0; c < kCols; ++c) vv[c] = load16(v + 16 * c);
       for (int g = 0; g < kGN; ++g) {
-        const Vec16 p = qkvlab::splat(probs[g * kP + j]);
+        const Vec16 p = splat(probs[g * kP + j]);
         for (int64_t c = 0; c < kCols; ++c) a[g][c] += p * vv[c];
       }
     }
@@ -307,7 +307,7 @@ struct Streams {
     const Vec16 lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     bool some = false;
     for (int s = 0; s < kS; ++s) {
-      keep[s] = lane < static_cast<float>(n) ? Vec16{} : Vec16{} - INFINITY;
+      keep[s] = select(lane < static_cast<float>(n), Vec16{}, Vec16{} - INFINITY);
       if (mask[s] != nullptr)
         for (int64_t j = 0; j < n; ++j)
           if (!mask[s][b0 + j]) keep[s][j] = -INFINITY;
@@ -342,7 +342,7 @@ inline Vec16 softmax_heads(Vec16 (*s)[kV], float* m, float* l) {
     m_new[g] = std::max(m[g], hmax(x));
   }
   // A head with no key attended yet (its streams' own masks): subtract 0 instead, weights exp(-inf) = 0, m stays -inf.
-  const Vec16 shift = m_new == Vec16{} - INFINITY ? Vec16{} : m_new;
+  const Vec16 shift = select(m_new == Vec16{} - INFINITY, Vec16{}, m_new);
   const Vec16 r = vexp(m_old - shift);  // a head's first block: exp(-inf) = 0
   for (int g = 0; g < kG; ++g) {
     Vec16 total{};

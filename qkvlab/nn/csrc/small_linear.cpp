@@ -43,14 +43,6 @@ constexpr int streams() {
 template <int kM>
 constexpr int64_t kAhead() { return kM >= 3 ? 1024 : 256; }
 
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));  // kLanes floats, held in registers
-
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  __builtin_memcpy(&v, p, sizeof v);  // unaligned
-  return v;
-}
-
 // kM rows of x against the kChunk weight rows from n0 (all present; K a multiple of 16), kStreams at a time.
 template <int kM, int kStreams>
 void chunk(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K, int64_t n0) {
@@ -89,9 +81,9 @@ void chunk(const float* x, const float* w, const float* b, float* y, int64_t N, 
 void column_one(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const float* wn = w + n * K;
-    Lanes part{};
+    Vec16 part{};
     int64_t k = 0;
-    for (; k + kLanes <= K; k += kLanes) part += load_lanes(wn + k) * load_lanes(x + k);
+    for (; k + kLanes <= K; k += kLanes) part += load16(wn + k) * load16(x + k);
     float s = b == nullptr ? 0.f : b[n];
     for (int64_t i = 0; i < kLanes; ++i) s += part[i];
     for (int64_t r = k; r < K; ++r) s += wn[r] * x[r];
