@@ -260,7 +260,7 @@ inline float hsum(Vec16 v) {  // the sum of the lanes
 // acc[g] (kC vectors) = acc[g] * r[g] + sum_j probs[g][j] v_j over the n values of a block, for kGN query heads at
 // once: each value is loaded once for all of them and the accumulators stay in registers. With AVX2 alone (16
 // registers of 8 floats, `kNarrow`) the heads' accumulators a few 16-dim columns at a time, so that they still fit
-// (all of them at once spilled, and GCC 12 moved the spilled vectors through general-purpose registers).
+// (all of them at once spill).
 template <int64_t kC, int kGN, int64_t kP = 16>
 inline void accumulate(const float* vals, int64_t st, int64_t n, const float* probs, const float* r,
                        float* const* acc) {
