@@ -13,11 +13,12 @@ from tests.core.helpers import ATOL, full_and_steps, randomize_, small
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 33, 64, 128])
-@pytest.mark.parametrize("N, K", [(384, 128), (200, 48), (64, 1536), (100, 37), (7, 300), (1, 16)])
+@pytest.mark.parametrize("N, K", [(384, 128), (200, 48), (75, 40), (64, 1536), (100, 37), (7, 300), (1, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_kernel_equals_f_linear(M, N, K, bias):
     """Row counts up to the most `max_rows` allows (blocks of four and the rest); whole chunks of 64 weight rows
-    (the four streams), a partial chunk after them (200), sizes that are no multiple of the lanes."""
+    (the four streams), a partial chunk after them (200), an odd partial chunk with K a multiple of 8 but not of 16
+    (75, 40: AVX2's two weight streams and the row left over), sizes that are no multiple of the lanes."""
     g = torch.Generator().manual_seed(M * N + K)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None

@@ -113,11 +113,53 @@ void columns(const float* x, const float* w, const float* b, float* y, int64_t N
   }
 }
 
+#ifdef QKVLAB_HALVES
+using qkvlab::Vec8;
+
+// AVX2 alone, two to four rows of x: weight rows two at a time, the 2 x kM dot products as 8-lane partial sums in
+// registers (8 of the 16 for four rows), each weight vector loaded once for the kM rows of x, each x vector once
+// for both weight rows; the 8 partial sums of a pair summed across lanes together (sum8).
+template <int kM>
+void pairs(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  constexpr int kW = 2;  // weight rows at a time, each its own stream (four for two rows of x: the same speed)
+  const int64_t h = (n1 - n0) / kW;  // rows n0 + i, n0 + h + i, ...
+  for (int64_t i = 0; i < h; ++i) {
+    const float* wr[kW];
+    for (int r = 0; r < kW; ++r) wr[r] = w + (n0 + r * h + i) * K;
+    Vec8 acc[kW * kM] = {};  // (weight row, row of x)
+    for (int64_t k = 0; k < K; k += 8) {
+      Vec8 wv[kW];
+      for (int r = 0; r < kW; ++r) {
+        __builtin_prefetch(wr[r] + k + kAhead<kM>(), 0, 2);  // into L2
+        wv[r] = _mm256_loadu_ps(wr[r] + k);
+      }
+      for (int m = 0; m < kM; ++m) {
+        const Vec8 xv = _mm256_loadu_ps(x + m * K + k);
+        for (int r = 0; r < kW; ++r) acc[r * kM + m] += wv[r] * xv;
+      }
+    }
+    Vec8 rows8[8];
+    for (int j = 0; j < 8; ++j) rows8[j] = j < kW * kM ? acc[j] : Vec8{};
+    float sums[8];
+    _mm256_storeu_ps(sums, qkvlab::sum8(rows8));
+    for (int r = 0; r < kW; ++r) {
+      const int64_t n = n0 + r * h + i;
+      for (int m = 0; m < kM; ++m) y[m * N + n] = sums[r * kM + m] + (b == nullptr ? 0.f : b[n]);
+    }
+  }
+  if (n0 + kW * h < n1) columns<kM>(x, w, b, y, N, K, n0 + kW * h, n1);
+}
+#endif
+
 template <int kM>
 void rows(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   constexpr int kStreams = streams<kM>();
   if (kStreams > 0 && n1 - n0 == kChunk && K % 16 == 0)
     chunk<kM, std::max(kStreams, 1)>(x, w, b, y, N, K, n0);
+#ifdef QKVLAB_HALVES
+  else if (kM >= 2 && K % 8 == 0)
+    pairs<kM>(x, w, b, y, N, K, n0, n1);
+#endif
   else if (kM == 1)
     column_one(x, w, b, y, K, n0, n1);
   else

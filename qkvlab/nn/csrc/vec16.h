@@ -138,6 +138,28 @@ inline Vec16 fold(Vec16 a, Vec16 b) {
 
 #endif
 
+#ifdef QKVLAB_HALVES
+// Lane j: the sum of the 8 lanes of r[j]. Interleaves and adds within 128-bit lanes, then adds the two halves
+// (21 operations; `fold`'s horizontal adds decode into many more on AMD's Zen 1).
+inline Vec8 sum8(const Vec8* r) {
+  Vec8 s[4];
+  for (int i = 0; i < 4; ++i)  // rows 2i, 2i+1: (a0 + a2, b0 + b2, a1 + a3, b1 + b3 | the same of lanes 4-7)
+    s[i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]) + _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  Vec8 t[2];
+  for (int i = 0; i < 2; ++i)  // rows 4i..4i+3, each the sum of its lanes 0-3 | of its lanes 4-7
+    t[i] = _mm256_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44) + _mm256_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE);
+  const __m128 lo = _mm256_castps256_ps128(t[0]) + _mm256_extractf128_ps(t[0], 1);
+  const __m128 hi = _mm256_castps256_ps128(t[1]) + _mm256_extractf128_ps(t[1], 1);
+  return _mm256_set_m128(hi, lo);
+}
+
+// Lane j of the result: the sum of the 16 lanes of row j of `rows` (16 rows of 16 floats).
+inline Vec16 sum16(const float* rows) {
+  Vec8 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm256_loadu_ps(rows + 16 * i) + _mm256_loadu_ps(rows + 16 * i + 8);
+  return {sum8(r), sum8(r + 8)};
+}
+#else
 // Lane j of the result: the sum of the 16 lanes of row j of `rows` (16 rows of 16 floats).
 inline Vec16 sum16(const float* rows) {
   Vec16 w[8], x[4];
@@ -145,6 +167,7 @@ inline Vec16 sum16(const float* rows) {
   for (int i = 0; i < 4; ++i) x[i] = fold(w[2 * i], w[2 * i + 1]);  // 4 of each
   return fold(fold(x[0], x[1]), fold(x[2], x[3]));  // 2 of each, then 1
 }
+#endif
 
 // exp of each lane for x <= 0 (softmax weights; 0 below -87, so exp(-inf) = 0): Cody-Waite reduction to
 // r in about [-ln2/2, ln2/2] and Cephes' degree-6 polynomial (tested against float64: the cache read's softmax,
