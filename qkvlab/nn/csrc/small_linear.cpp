@@ -117,9 +117,9 @@ void columns(const float* x, const float* w, const float* b, float* y, int64_t N
 using qkvlab::Vec8;
 
 // AVX2 alone, two to four rows of x: weight rows two at a time, half the range apart (two memory streams: against
-// the row-by-row loop 1.2x at two rows, 1.5x at four; adjacent rows 0.86x / 1.18x), the 2 x kM dot products as 8-lane partial sums in
-// registers (8 of the 16 for four rows), each weight vector loaded once for the kM rows of x, each x vector once
-// for both weight rows; the 8 partial sums of a pair summed across lanes together (sum8).
+// the row-by-row loop 1.2x at two rows, 1.5x at four; adjacent rows 0.86x / 1.18x), the 2 x kM dot products as
+// 8-lane partial sums in registers (8 of the 16 for four rows), each weight vector loaded once for the kM rows of
+// x, each x vector once for both weight rows; the 8 partial sums of a pair summed across lanes together (sum8).
 template <int kM>
 void pairs(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   constexpr int kW = 2;  // weight rows at a time, each its own stream (four for two rows of x: the same speed)
