@@ -94,13 +94,6 @@ inline Vec16 swap_fours(Vec16 v) {
 // (v8-v15, v0-v7): the two eights swapped.
 inline Vec16 swap_eights(Vec16 v) { return {v.hi, v.lo}; }
 
-// Pairwise lane sums of a and b: lanes 0-7 hold a's, lanes 8-15 b's (each in lane order).
-inline Vec16 fold(Vec16 a, Vec16 b) {
-  // hadd of a's halves: (a0+a1, a2+a3, a8+a9, a10+a11 | a4+a5, a6+a7, a12+a13, a14+a15); 64-bit lanes 0, 2, 1, 3
-  const auto in_order = [](Vec8 s) -> Vec8 { return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8)); };
-  return {in_order(_mm256_hadd_ps(a.lo, a.hi)), in_order(_mm256_hadd_ps(b.lo, b.hi))};
-}
-
 #else  // one vector of 16 floats
 
 typedef float Vec16 __attribute__((vector_size(16 * sizeof(float))));
@@ -140,7 +133,7 @@ inline Vec16 fold(Vec16 a, Vec16 b) {
 
 #ifdef QKVLAB_HALVES
 // Lane j: the sum of the 8 lanes of r[j]. Interleaves and adds within 128-bit lanes, then adds the two halves
-// (21 operations; `fold`'s horizontal adds decode into many more on AMD's Zen 1).
+// (21 operations; horizontal adds, `vhaddps`, decode into many more on AMD's Zen 1).
 inline Vec8 sum8(const Vec8* r) {
   Vec8 s[4];
   for (int i = 0; i < 4; ++i)  // rows 2i, 2i+1: (a0 + a2, b0 + b2, a1 + a3, b1 + b3 | the same of lanes 4-7)
