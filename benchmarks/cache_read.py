@@ -17,6 +17,7 @@ Reads (6 query heads; keys of 64 dims):
     tied-rotary     one K = V stream rotated while read, one query head a key (Q-K=V, rotary)
     grouped-rotary  K = V rotated while read, three query heads a key (Q-GQA-2, rotary)
     mqa-rotary      K = V rotated while read, six query heads on one key head (Q-MQA, rotary)
+    grouped-learned K = V read as stored, three query heads a key (Q-GQA-2, learned positions)
     mqa-learned     K = V read as stored, six query heads on one key head (Q-MQA, learned positions)
 """
 
@@ -41,6 +42,7 @@ READS = {  # name: (key heads, query heads a key, rotary, separate values)
     "tied-rotary": (6, 1, True, False),
     "grouped-rotary": (2, 3, True, False),
     "mqa-rotary": (1, 6, True, False),
+    "grouped-learned": (2, 3, False, False),
     "mqa-learned": (1, 6, False, False),
 }
 

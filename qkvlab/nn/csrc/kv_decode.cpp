@@ -38,6 +38,7 @@ using qkvlab::select, qkvlab::splat, qkvlab::swap_eights, qkvlab::swap_fours, qk
 // Whether a Vec16 is two AVX2 registers (16 of them) rather than one of AVX-512's 32: loops hold fewer vectors.
 #ifdef QKVLAB_HALVES  // vec16.h: a Vec16 is two AVX2 registers
 constexpr bool kNarrow = true;
+using qkvlab::Vec8, qkvlab::join_halves, qkvlab::sum4_halves;
 #else
 constexpr bool kNarrow = false;
 #endif
@@ -388,6 +389,86 @@ inline void scores(const float* q, const float* keys, int64_t st, const float (*
   }
 }
 
+// The scores s[g][v] (16 keys each) of kG query heads (qv: kC vectors each) with the n <= 16 * kV keys from
+// `keys` (stride st; kRotate: rotated in registers by their rows of the table from `rot`), one key at a time: each
+// key vector loaded once for every head; keys past n score 0.
+template <int64_t kD, int kG, int kV, bool kRotate>
+inline void scores_each(const Vec16 (*qv)[kD / 16], const float* keys, int64_t st, const float* rot, int64_t n,
+                        Vec16 (*s)[kV]) {
+  constexpr int64_t kC = kD / 16;
+  float part[kG][16 * kV][16];
+  for (int64_t j = 0; j < 16 * kV; ++j) {
+    if (j >= n) {
+      for (int g = 0; g < kG; ++g) store16(part[g][j], Vec16{});
+      continue;
+    }
+    const float* k = keys + j * st;
+    Vec16 kv[kC];
+    for (int64_t c = 0; c < kC; ++c) {
+      if constexpr (kNarrow || kRotate) prefetch_keys(k + kPrefetchKeys * st + 16 * c);
+      kv[c] = load16(k + 16 * c);
+      if constexpr (kRotate) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
+        const float* r = rot + j * kD;
+        prefetch_l2(r + kPrefetchKeys * kD + 16 * c);
+        kv[c] = rotate_pairs(kv[c], load16(r + 16 * c));
+      }
+    }
+    if constexpr (kNarrow) {  // one head's sum at a time: the key (kC vectors) and one sum in registers
+      for (int g = 0; g < kG; ++g) {
+        Vec16 sc = qv[g][0] * kv[0];
+        for (int64_t c = 1; c < kC; ++c) sc += qv[g][c] * kv[c];
+        store16(part[g][j], sc);
+      }
+    } else {  // every head's sum at once, each key vector multiplied into all of them as it is ready
+      Vec16 sc[kG] = {};
+      for (int64_t c = 0; c < kC; ++c)
+        for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * kv[c];
+      for (int g = 0; g < kG; ++g) store16(part[g][j], sc[g]);
+    }
+  }
+  for (int g = 0; g < kG; ++g)
+    for (int v = 0; v < kV; ++v) s[g][v] = sum16(part[g][16 * v]);
+}
+
+#ifdef QKVLAB_HALVES
+// AVX2, keys as stored: the scores s[g][v] (16 keys each) of kG query heads from q (their kD-dim vectors in order)
+// with the n <= 16 * kV keys from `keys` (stride st); keys past n score 0. Blocked in registers: the 8-lane sums of
+// three (or two) heads with four keys, each 8-float slice of a query and of a key loaded once a block (12 multiply-
+// adds for 7 loads, against one head a key at a time: 8 for 9, two 8-float stores a head and key, 16 reloads by
+// sum16). Each head's four sums are folded into one vector before they leave the registers (sum4_halves).
+template <int64_t kD, int kG, int kV>
+inline void scores_blocked(const float* q, const float* keys, int64_t st, int64_t n, Vec16 (*s)[kV]) {
+  constexpr int kHB = kG % 3 == 0 ? 3 : kG % 2 == 0 ? 2 : 1;  // heads a block
+  constexpr int64_t kY = kD / 8;  // 8-float slices a vector
+  alignas(32) static const float zeros[kD] = {};  // the keys past n
+  alignas(32) float quarters[kG][4 * kV][8];  // per head and four keys: each key's sums of lanes 0-3 | 4-7
+  for (int64_t j0 = 0; j0 < 16 * kV; j0 += 4) {
+    const float* k[4];
+    for (int j = 0; j < 4; ++j) k[j] = j0 + j < n ? keys + (j0 + j) * st : zeros;
+    for (int g0 = 0; g0 < kG; g0 += kHB) {
+      Vec8 acc[kHB][4] = {};
+      for (int64_t c = 0; c < kY; ++c) {
+        if (g0 == 0 && c % 2 == 0)
+          for (int j = 0; j < 4; ++j) prefetch_keys(keys + (j0 + j + kPrefetchKeys) * st + 8 * c);
+        Vec8 qv[kHB];
+        for (int h = 0; h < kHB; ++h) qv[h] = _mm256_loadu_ps(q + (g0 + h) * kD + 8 * c);
+        for (int j = 0; j < 4; ++j) {
+          const Vec8 kv = _mm256_loadu_ps(k[j] + 8 * c);
+          for (int h = 0; h < kHB; ++h) acc[h][j] += qv[h] * kv;
+        }
+      }
+      for (int h = 0; h < kHB; ++h) _mm256_store_ps(quarters[g0 + h][j0 / 4], sum4_halves(acc[h]));
+    }
+  }
+  for (int g = 0; g < kG; ++g)
+    for (int v = 0; v < kV; ++v) {
+      const float(*t)[8] = quarters[g] + 4 * v;
+      s[g][v] = {join_halves(_mm256_load_ps(t[0]), _mm256_load_ps(t[1])),
+                 join_halves(_mm256_load_ps(t[2]), _mm256_load_ps(t[3]))};
+    }
+}
+#endif
+
 // kS (row, key head) streams starting at bh0, each streaming its keys once for its G query heads; rotary keys
 // are rotated once per block for all G heads, each table vector loaded and spread over its pair's dims once for
 // the kS streams. probs (G x 16), rescale (G), accs (G): scratch.
@@ -471,7 +552,9 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
 // rotating again: 0.98-1.01x); the softmax of all heads together and the pair swap's sign in a multiply-add-subtract
 // 1.05-1.09x more at three heads a key, 1.06x at six (blocks of 32 keys from four heads up; at three: 0.96-1.00x).
 // Keys as stored (GQA-2, MQA; the read alone, caches flushed, against attend_group): three heads a key 1.12-1.29x,
-// six 1.20-1.42x (blocks of 32 keys there: 0.7-0.8x). Other group sizes keep attend_group.
+// six 1.20-1.42x (blocks of 32 keys there: 0.7-0.8x). With AVX2, keys as stored are scored register-blocked
+// (scores_blocked; the read alone against scores_each, Zen 1: Q-MQA 1.15-1.46x, Q-GQA-2 0.91-1.01x). Other group
+// sizes keep attend_group.
 template <int64_t kD, int kG, bool kRotate>
 void attend_heads(const float* q, Stream<float> key, Stream<float> val, const float* rot, const bool* mask,
                   int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
@@ -500,39 +583,15 @@ void attend_heads(const float* q, Stream<float> key, Stream<float> val, const fl
       some = streams.block(b0 + 16 * v, nv, keep + v, any + v) || some;  // none past n: all -inf
     }
     if (!some) continue;  // every key of the block masked
-    float part[kG][16 * kV][16];
-    for (int64_t j = 0; j < 16 * kV; ++j) {
-      if (j >= n) {
-        for (int g = 0; g < kG; ++g) store16(part[g][j], Vec16{});
-        continue;
-      }
-      const float* k = keys + (b0 + j) * key.st;
-      Vec16 kv[kC];
-      for (int64_t c = 0; c < kC; ++c) {
-        if constexpr (kNarrow || kRotate) prefetch_keys(k + kPrefetchKeys * key.st + 16 * c);
-        kv[c] = load16(k + 16 * c);
-        if constexpr (kRotate) {  // pair (k0, k1) -> (k0 cos - k1 sin, k1 cos + k0 sin)
-          const float* r = rot + (b0 + j) * kD;
-          prefetch_l2(r + kPrefetchKeys * kD + 16 * c);
-          kv[c] = rotate_pairs(kv[c], load16(r + 16 * c));
-        }
-      }
-      if constexpr (kNarrow) {  // one head's sum at a time: the key (kC vectors) and one sum in registers
-        for (int g = 0; g < kG; ++g) {
-          Vec16 sc = qv[g][0] * kv[0];
-          for (int64_t c = 1; c < kC; ++c) sc += qv[g][c] * kv[c];
-          store16(part[g][j], sc);
-        }
-      } else {  // every head's sum at once, each key vector multiplied into all of them as it is ready
-        Vec16 sc[kG] = {};
-        for (int64_t c = 0; c < kC; ++c)
-          for (int g = 0; g < kG; ++g) sc[g] += qv[g][c] * kv[c];
-        for (int g = 0; g < kG; ++g) store16(part[g][j], sc[g]);
-      }
-    }
     Vec16 s[kG][kV];
+#ifdef QKVLAB_HALVES
+    if constexpr (!kRotate)
+      scores_blocked<kD, kG, kV>(q + bh * kG * kD, keys + b0 * key.st, key.st, n, s);
+    else
+#endif
+      scores_each<kD, kG, kV, kRotate>(qv, keys + b0 * key.st, key.st, kRotate ? rot + b0 * kD : nullptr, n, s);
     for (int g = 0; g < kG; ++g)
-      for (int v = 0; v < kV; ++v) s[g][v] = sum16(part[g][16 * v]) + keep[v];
+      for (int v = 0; v < kV; ++v) s[g][v] += keep[v];
     const Vec16 r = softmax_heads<kG, kV>(s, m, l);
     float probs[kG * 16 * kV], rescale[kG];
     for (int g = 0; g < kG; ++g) {

@@ -132,19 +132,25 @@ inline Vec16 fold(Vec16 a, Vec16 b) {
 #endif
 
 #ifdef QKVLAB_HALVES
-// Lane j: the sum of the 8 lanes of r[j]. Interleaves and adds within 128-bit lanes, then adds the two halves
-// (21 operations; horizontal adds, `vhaddps`, decode into many more on AMD's Zen 1).
-inline Vec8 sum8(const Vec8* r) {
-  Vec8 s[4];
-  for (int i = 0; i < 4; ++i)  // rows 2i, 2i+1: (a0 + a2, b0 + b2, a1 + a3, b1 + b3 | the same of lanes 4-7)
+// Sums across lanes without horizontal adds (`vhaddps` decodes into many more operations on AMD's Zen 1).
+// Lanes j and j + 4 of the result: the sums of lanes 0-3 and of lanes 4-7 of r[j] (four rows; interleaves and adds
+// within 128-bit lanes: 9 operations).
+inline Vec8 sum4_halves(const Vec8* r) {
+  Vec8 s[2];
+  for (int i = 0; i < 2; ++i)  // rows 2i, 2i+1: (a0 + a2, b0 + b2, a1 + a3, b1 + b3 | the same of lanes 4-7)
     s[i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]) + _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  Vec8 t[2];
-  for (int i = 0; i < 2; ++i)  // rows 4i..4i+3, each the sum of its lanes 0-3 | of its lanes 4-7
-    t[i] = _mm256_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44) + _mm256_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE);
-  const __m128 lo = _mm256_castps256_ps128(t[0]) + _mm256_extractf128_ps(t[0], 1);
-  const __m128 hi = _mm256_castps256_ps128(t[1]) + _mm256_extractf128_ps(t[1], 1);
+  return _mm256_shuffle_ps(s[0], s[1], 0x44) + _mm256_shuffle_ps(s[0], s[1], 0xEE);
+}
+
+// Two sum4_halves results (rows 0-3, rows 4-7) as the 8 rows' sums: lane j the sum of the 8 lanes of row j.
+inline Vec8 join_halves(Vec8 a, Vec8 b) {
+  const __m128 lo = _mm256_castps256_ps128(a) + _mm256_extractf128_ps(a, 1);
+  const __m128 hi = _mm256_castps256_ps128(b) + _mm256_extractf128_ps(b, 1);
   return _mm256_set_m128(hi, lo);
 }
+
+// Lane j: the sum of the 8 lanes of r[j] (21 operations).
+inline Vec8 sum8(const Vec8* r) { return join_halves(sum4_halves(r), sum4_halves(r + 4)); }
 
 // Lane j of the result: the sum of the 16 lanes of row j of `rows` (16 rows of 16 floats).
 inline Vec16 sum16(const float* rows) {
