@@ -434,8 +434,8 @@ inline void scores_each(const Vec16 (*qv)[kD / 16], const float* keys, int64_t s
 // AVX2, keys as stored: the scores s[g][v] (16 keys each) of kG query heads from q (their kD-dim vectors in order)
 // with the n <= 16 * kV keys from `keys` (stride st); keys past n score 0. Blocked in registers: the 8-lane sums of
 // three (or two) heads with four keys, each 8-float slice of a query and of a key loaded once a block (12 multiply-
-// adds for 7 loads, against one head a key at a time: 8 for 9, two 8-float stores a head and key, 16 reloads by
-// sum16). Each head's four sums are folded into one vector before they leave the registers (sum4_halves).
+// adds for 7 loads; scores_each, one key at a time: 8 for about 9, and two 8-float stores a head and key, reloaded
+// by sum16). Each head's four sums are folded into one vector before they leave the registers (sum4_halves).
 template <int64_t kD, int kG, int kV>
 inline void scores_blocked(const float* q, const float* keys, int64_t st, int64_t n, Vec16 (*s)[kV]) {
   constexpr int kHB = kG % 3 == 0 ? 3 : kG % 2 == 0 ? 2 : 1;  // heads a block
