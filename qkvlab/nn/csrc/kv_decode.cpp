@@ -431,12 +431,25 @@ inline void scores_each(const Vec16 (*qv)[kD / 16], const float* keys, int64_t s
 }
 
 #ifdef QKVLAB_HALVES
+// Keys 0..n-1 from `keys` (stride st) rotated to their positions by their rows of the table from `rot`, into out.
+template <int64_t kD>
+inline void rotate_block(const float* keys, int64_t st, const float* rot, int64_t n, float (*out)[kD]) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < kD / 16; ++c) {
+      const float* k = keys + j * st + 16 * c;
+      const float* r = rot + j * kD + 16 * c;
+      prefetch_keys(k + kPrefetchKeys * st);
+      prefetch_l2(r + kPrefetchKeys * kD);
+      store16(out[j] + 16 * c, rotate_pairs(load16(k), load16(r)));
+    }
+}
+
 // AVX2, keys as stored: the scores s[g][v] (16 keys each) of kG query heads from q (their kD-dim vectors in order)
 // with the n <= 16 * kV keys from `keys` (stride st); keys past n score 0. Blocked in registers: the 8-lane sums of
 // three (or two) heads with four keys, each 8-float slice of a query and of a key loaded once a block (12 multiply-
 // adds for 7 loads; scores_each, one key at a time: 8 for about 9, and two 8-float stores a head and key, reloaded
 // by sum16). Each head's four sums are folded into one vector before they leave the registers (sum4_halves).
-template <int64_t kD, int kG, int kV>
+template <int64_t kD, int kG, int kV, bool kPrefetch = true>
 inline void scores_blocked(const float* q, const float* keys, int64_t st, int64_t n, Vec16 (*s)[kV]) {
   constexpr int kHB = kG % 3 == 0 ? 3 : kG % 2 == 0 ? 2 : 1;  // heads a block
   constexpr int64_t kY = kD / 8;  // 8-float slices a vector
@@ -448,7 +461,7 @@ inline void scores_blocked(const float* q, const float* keys, int64_t st, int64_
     for (int g0 = 0; g0 < kG; g0 += kHB) {
       Vec8 acc[kHB][4] = {};
       for (int64_t c = 0; c < kY; ++c) {
-        if (g0 == 0 && c % 2 == 0)
+        if (kPrefetch && g0 == 0 && c % 2 == 0)
           for (int j = 0; j < 4; ++j) prefetch_keys(keys + (j0 + j + kPrefetchKeys) * st + 8 * c);
         Vec8 qv[kHB];
         for (int h = 0; h < kHB; ++h) qv[h] = _mm256_loadu_ps(q + (g0 + h) * kD + 8 * c);
@@ -553,8 +566,10 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
 // 1.05-1.09x more at three heads a key, 1.06x at six (blocks of 32 keys from four heads up; at three: 0.96-1.00x).
 // Keys as stored (GQA-2, MQA; the read alone, caches flushed, against attend_group): three heads a key 1.12-1.29x,
 // six 1.20-1.42x (blocks of 32 keys there: 0.7-0.8x). With AVX2, keys as stored are scored register-blocked
-// (scores_blocked; the read alone against scores_each, Zen 1: Q-MQA 1.15-1.46x, Q-GQA-2 0.91-1.01x). Other group
-// sizes keep attend_group.
+// (scores_blocked; the read alone against scores_each, Zen 1: Q-MQA 1.15-1.46x, Q-GQA-2 0.91-1.01x); rotary keys
+// with four or more heads a key are rotated into L1 a block at a time and scored the same way (Q-MQA rotary
+// 1.08-1.12x; at three heads 0.95x, kept in registers; QKV and Q-K=V through this loop with one head: 0.78-0.85x,
+// kept in attend_group). Other group sizes keep attend_group.
 template <int64_t kD, int kG, bool kRotate>
 void attend_heads(const float* q, Stream<float> key, Stream<float> val, const float* rot, const bool* mask,
                   int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
@@ -585,11 +600,17 @@ void attend_heads(const float* q, Stream<float> key, Stream<float> val, const fl
     if (!some) continue;  // every key of the block masked
     Vec16 s[kG][kV];
 #ifdef QKVLAB_HALVES
-    if constexpr (!kRotate)
+    if constexpr (!kRotate) {
       scores_blocked<kD, kG, kV>(q + bh * kG * kD, keys + b0 * key.st, key.st, n, s);
-    else
+    } else if constexpr (kG >= 4) {  // the block's keys rotated into L1 first, then scored as stored keys are
+      alignas(32) float rotated[16 * kV][kD];
+      rotate_block<kD>(keys + b0 * key.st, key.st, rot + b0 * kD, n, rotated);
+      scores_blocked<kD, kG, kV, false>(q + bh * kG * kD, rotated[0], kD, n, s);
+    } else
 #endif
+    {
       scores_each<kD, kG, kV, kRotate>(qv, keys + b0 * key.st, key.st, kRotate ? rot + b0 * kD : nullptr, n, s);
+    }
     for (int g = 0; g < kG; ++g)
       for (int v = 0; v < kV; ++v) s[g][v] += keep[v];
     const Vec16 r = softmax_heads<kG, kV>(s, m, l);
