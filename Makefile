@@ -7,6 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
+# Test processes (pytest-xdist): two halve the suite's time on a 2-core machine (measured 10 min 57 s -> 5 min 32 s);
+# each test still runs whole in one process. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install reproduce lint test test-fast data-test wheel-check bench-peers clean
 
@@ -33,10 +36,10 @@ data-test: $(STAMP)
 	$(BIN)/qkvlab data fetch test
 
 test: data-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test-fast: data-test
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 # Build the wheel, install it with the pinned PyTorch into a fresh venv, run it outside the source tree.
 wheel-check: $(STAMP)
