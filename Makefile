@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 # Test processes (pytest-xdist): two halve the suite's time on a 2-core machine (measured 10 min 57 s -> 5 min 32 s);
-# each test still runs whole in one process. TEST_WORKERS=0 runs it in this process.
+# each test still runs whole in one process. TEST_WORKERS=0 runs it in this process. Work stealing: an idle process
+# takes tests queued for the other, so the suite does not end on one process finishing a long queue alone (measured
+# 4 min 43 s for 493 s of tests, 2026-12-05).
 TEST_WORKERS ?= 2
 
 .PHONY: install reproduce lint test test-fast data-test wheel-check bench-peers clean
@@ -36,10 +38,10 @@ data-test: $(STAMP)
 	$(BIN)/qkvlab data fetch test
 
 test: data-test
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: data-test
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 # Build the wheel, install it with the pinned PyTorch into a fresh venv, run it outside the source tree.
 wheel-check: $(STAMP)
