@@ -9,16 +9,25 @@ both alike; the script prints medians and the ratio Q-K=V / QKV (below 1 = Q-K=V
 
 With several `--rotary-fraction` values every variant is built at each (rows "Q-K=V @0.25"; the
 first row is the baseline). "workspace MiB" is the K = V rotary workspace (one layer's rotated keys).
+
+Each decode row is also set against this machine's roofline, as `qkvlab bench` does (`qkvlab.bench.peers`):
+"% bound" = (weights + cache bytes) / read bandwidth / step time, the bandwidth that of `x.sum()` over
+`--bandwidth-mib` MiB; "% roof" = the longer of that time and the step's FLOPs (`decode_flops`: projections, MLP,
+LM head, scores and weighted sums; not norms, softmax or rotations) at `torch.mm`'s FLOP/s on a 1024-square GEMM,
+over the step time; both probes timed in the same interleaved rounds as the steps. Where the FLOPs take longer
+than the bytes, the step is bound by arithmetic and the memory bound is out of its reach on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
+from qkvlab.bench.peers import ROOF_GEMM, decode_flops, weight_bytes
 from qkvlab.errors import QkvlabError
 from qkvlab.models import ModelConfig, build_model
 
@@ -45,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--bandwidth-mib", type=int, default=512,
+                   help="size of the x.sum() read-bandwidth probe (0: no roofline columns)")
     return p.parse_args()
 
 
@@ -114,6 +125,9 @@ def main() -> None:
                 nbytes[name], workspace[name], of[name] = cache.nbytes, cache.workspace_nbytes, v
     rows = list(decode)
     times: dict[tuple[str, str], list[float]] = {(kind, v): [] for kind in kinds for v in rows}
+    probe = torch.ones(args.bandwidth_mib * 2 ** 20 // 4) if args.bandwidth_mib > 0 else None  # (N,) float32
+    m, k, n = ROOF_GEMM
+    a, b = torch.randn(m, k), torch.randn(k, n)  # the compute roof's GEMM: (m, k) @ (k, n)
     for fn_map in (train, decode):  # warm-up
         for fn in fn_map.values():
             fn()
@@ -124,6 +138,9 @@ def main() -> None:
         for v in rows:
             models[of[v]].eval()
             timed(decode[v], times["decode", v])
+        if probe is not None:  # this VM's bandwidth and FLOP/s move between runs: both timed in the same rounds
+            timed(probe.sum, times.setdefault(("probe", "x.sum()"), []))
+            timed(functools.partial(torch.mm, a, b), times.setdefault(("probe", "mm"), []))
     base = names[0]
     width = max(10, *map(len, rows))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} layers, d_model "
@@ -132,12 +149,17 @@ def main() -> None:
         print(f"train step: batch {args.train_batch} x {args.train_len} tokens (forward + backward + AdamW)")
     print(f"decode step: batch {args.decode_batch}, 1 new token on {args.context} cached tokens")
     med = {key: statistics.median(vals) * 1e3 for key, vals in times.items()}
+    read_bw = probe.numel() * 4 / med["probe", "x.sum()"] * 1e3 if probe is not None else None  # bytes/s
+    roof = 2 * m * k * n / med["probe", "mm"] * 1e3 if probe is not None else None  # FLOP/s
+    if read_bw and roof:
+        print(f"roofline: read {read_bw / 1e9:.1f} GB/s (x.sum() over {args.bandwidth_mib} MiB, in the same rounds), "
+              f"compute {roof / 1e9:.1f} GFLOP/s (torch.mm at {'x'.join(map(str, ROOF_GEMM))})")
     head = f"{'variant':<{width}}"
     if train:
         head += f" {'train ms':>10} {'ratio':>7}"
     head += f" {'decode ms':>10} {'ratio':>7} {'cache MiB':>10} {'ratio':>7}"
     show_ws = any(workspace.values())
-    print(head + (f" {'workspace MiB':>14}" if show_ws else ""))
+    print(head + (f" {'workspace MiB':>14}" if show_ws else "") + (f" {'% bound':>8} {'% roof':>7}" if read_bw else ""))
     for v in rows:
         row = f"{v:<{width}}"
         if train:
@@ -145,7 +167,13 @@ def main() -> None:
             row += f" {med['train', m]:>10.1f} {med['train', m] / med['train', base]:>7.3f}"
         row += (f" {med['decode', v]:>10.2f} {med['decode', v] / med['decode', rows[0]]:>7.3f} "
                 f"{nbytes[v] / 2**20:>10.1f} {nbytes[v] / nbytes[rows[0]]:>7.3f}")
-        print(row + (f" {workspace[v] / 2**20:>14.2f}" if show_ws else ""))
+        row += f" {workspace[v] / 2**20:>14.2f}" if show_ws else ""
+        if read_bw and roof:
+            config = models[of[v]].config
+            bound = (weight_bytes(config) + nbytes[v]) / read_bw * 1e3  # ms to read weights and cache once
+            compute = decode_flops(config, args.decode_batch, args.context) / roof * 1e3  # ms at the compute roof
+            row += f" {100 * bound / med['decode', v]:>7.0f}% {100 * max(bound, compute) / med['decode', v]:>6.0f}%"
+        print(row)
 
 
 if __name__ == "__main__":
