@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import time
 
@@ -126,8 +127,7 @@ def main() -> None:
     rows = list(decode)
     times: dict[tuple[str, str], list[float]] = {(kind, v): [] for kind in kinds for v in rows}
     probe = torch.ones(args.bandwidth_mib * 2 ** 20 // 4) if args.bandwidth_mib > 0 else None  # (N,) float32
-    m, k, n = ROOF_GEMM
-    a, b = torch.randn(m, k), torch.randn(k, n)  # the compute roof's GEMM: (m, k) @ (k, n)
+    roof_a, roof_b = torch.randn(ROOF_GEMM[:2]), torch.randn(ROOF_GEMM[1:])  # the compute roof's GEMM: (m, k) @ (k, n)
     for fn_map in (train, decode):  # warm-up
         for fn in fn_map.values():
             fn()
@@ -140,7 +140,7 @@ def main() -> None:
             timed(decode[v], times["decode", v])
         if probe is not None:  # this VM's bandwidth and FLOP/s move between runs: both timed in the same rounds
             timed(probe.sum, times.setdefault(("probe", "x.sum()"), []))
-            timed(functools.partial(torch.mm, a, b), times.setdefault(("probe", "mm"), []))
+            timed(functools.partial(torch.mm, roof_a, roof_b), times.setdefault(("probe", "mm"), []))
     base = names[0]
     width = max(10, *map(len, rows))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} layers, d_model "
@@ -150,7 +150,7 @@ def main() -> None:
     print(f"decode step: batch {args.decode_batch}, 1 new token on {args.context} cached tokens")
     med = {key: statistics.median(vals) * 1e3 for key, vals in times.items()}
     read_bw = probe.numel() * 4 / med["probe", "x.sum()"] * 1e3 if probe is not None else None  # bytes/s
-    roof = 2 * m * k * n / med["probe", "mm"] * 1e3 if probe is not None else None  # FLOP/s
+    roof = 2 * math.prod(ROOF_GEMM) / med["probe", "mm"] * 1e3 if probe is not None else None  # FLOP/s
     if read_bw and roof:
         print(f"roofline: read {read_bw / 1e9:.1f} GB/s (x.sum() over {args.bandwidth_mib} MiB, in the same rounds), "
               f"compute {roof / 1e9:.1f} GFLOP/s (torch.mm at {'x'.join(map(str, ROOF_GEMM))})")
