@@ -589,9 +589,10 @@ void attend_group(const float* q, Stream<float> key, Stream<float> val, const fl
 // six 1.20-1.42x (blocks of 32 keys there: 0.7-0.8x). With AVX2, keys as stored are scored register-blocked
 // (scores_blocked; the read alone against scores_each, Zen 1: Q-MQA 1.15-1.46x, Q-GQA-2 0.91-1.01x); rotary keys
 // with four or more heads a key are rotated into L1 a block at a time and scored the same way (Q-MQA rotary
-// 1.08-1.12x; at three heads 0.95x, kept in registers; QKV and Q-K=V through this loop with one head: 0.78-0.85x,
-// and scores_blocked for one head inside attend_group: 0.74-0.82x; both kept as they were; rotary keys turned by
-// a multiply-add-subtract with AVX2 as with AVX-512: 0.995x). Other group sizes keep attend_group.
+// 1.08-1.12x; at three heads 0.95x, and 0.99-1.01x once the rotation was de-interleaved: kept in registers; QKV
+// and Q-K=V through this loop with one head: 0.78-0.85x, and scores_blocked for one head inside attend_group:
+// 0.74-0.82x; both kept as they were; rotary keys turned by a multiply-add-subtract with AVX2 as with AVX-512:
+// 0.995x). Other group sizes keep attend_group.
 template <int64_t kD, int kG, bool kRotate>
 void attend_heads(const float* q, Stream<float> key, Stream<float> val, const float* rot, const bool* mask,
                   int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh, Partial& out) {
