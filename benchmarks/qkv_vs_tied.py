@@ -96,6 +96,8 @@ def timed(fn, repeats_box: list[float]) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.bandwidth_mib < 0:
+        raise SystemExit(f"qkv_vs_tied.py: --bandwidth-mib {args.bandwidth_mib} must be 0 (no roofline) or MiB > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     max_len = max(args.context + 1, args.train_len)
@@ -126,7 +128,10 @@ def main() -> None:
                 nbytes[name], workspace[name], of[name] = cache.nbytes, cache.workspace_nbytes, v
     rows = list(decode)
     times: dict[tuple[str, str], list[float]] = {(kind, v): [] for kind in kinds for v in rows}
-    probe = torch.ones(args.bandwidth_mib * 2 ** 20 // 4) if args.bandwidth_mib > 0 else None  # (N,) float32
+    try:
+        probe = torch.ones(args.bandwidth_mib * 2 ** 20 // 4) if args.bandwidth_mib > 0 else None  # (N,) float32
+    except RuntimeError as err:  # more than the machine can allocate
+        raise SystemExit(f"qkv_vs_tied.py: --bandwidth-mib {args.bandwidth_mib}: {str(err).splitlines()[0]}") from None
     roof_a, roof_b = torch.randn(ROOF_GEMM[:2]), torch.randn(ROOF_GEMM[1:])  # the compute roof's GEMM: (m, k) @ (k, n)
     for fn_map in (train, decode):  # warm-up
         for fn in fn_map.values():
