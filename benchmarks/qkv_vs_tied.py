@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from qkvlab.bench.peers import ROOF_GEMM, decode_flops, weight_bytes
+from qkvlab.bench.peers import ROOF_GEMM, decode_roofline, weight_bytes
 from qkvlab.errors import QkvlabError
 from qkvlab.models import ModelConfig, build_model
 
@@ -175,9 +175,9 @@ def main() -> None:
         row += f" {workspace[v] / 2**20:>14.2f}" if show_ws else ""
         if read_bw and roof:
             config = models[of[v]].config
-            bound = (weight_bytes(config) + nbytes[v]) / read_bw * 1e3  # ms to read weights and cache once
-            compute = decode_flops(config, args.decode_batch, args.context) / roof * 1e3  # ms at the compute roof
-            row += f" {100 * bound / med['decode', v]:>7.0f}% {100 * max(bound, compute) / med['decode', v]:>6.0f}%"
+            shares = decode_roofline(config, weight_bytes(config) + nbytes[v], args.decode_batch, args.context,
+                                     med["decode", v] / 1e3, read_bw, roof)
+            row += f" {shares['pct_memory_bound']:>7.0f}% {shares['pct_roofline']:>6.0f}%"
         print(row)
 
 

@@ -399,6 +399,20 @@ def decode_flops(config: ModelConfig, batch: int, context: int) -> int:
     return 2 * macs(config, seq_len=1, batch=batch, past=context)["total"]
 
 
+def decode_roofline(config: ModelConfig, moved: int, batch: int, context: int, seconds: float, read_bytes_per_s: float,
+                    flops_per_s: float | None) -> dict[str, float]:
+    """A decode step of `seconds` against this machine: the time to move `moved` bytes at `read_bytes_per_s` and
+    its share of the step ("% of memory bound"); with `flops_per_s`, the step's FLOPs at that rate and the share of
+    the longer of the two ("% roofline")."""
+    bound = moved / read_bytes_per_s
+    out = {"bound_seconds": bound, "pct_memory_bound": 100 * bound / seconds}
+    if flops_per_s:
+        flops = decode_flops(config, batch, context)
+        out.update(flops=flops, compute_seconds=flops / flops_per_s,
+                   pct_roofline=100 * max(bound, flops / flops_per_s) / seconds)
+    return out
+
+
 # --- the run --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -621,15 +635,9 @@ def _decode_phase(settings: BenchSettings, contenders: list[Contender], gen: tor
                 moved = weight_bytes(c.config) + cache_bytes(c.config, None, L + 1, B, "fp32")
                 row: dict[str, Any] = {"model": c.name, "kind": c.kind, "batch": B, "context": L,
                                        "seconds": medians[c.name], "bytes_moved": moved, "peak_bytes": peaks[c.name]}
-                if c.name in read_bw:
+                if c.name in read_bw:  # the roofline: the longer of reading the bytes and doing the arithmetic
                     row["read_bytes_per_s"] = read_bw[c.name]
-                    row["bound_seconds"] = moved / read_bw[c.name]
-                    row["pct_memory_bound"] = 100 * row["bound_seconds"] / medians[c.name]
-                    if flops_per_s:  # the roofline: the longer of reading the bytes and doing the arithmetic
-                        row["flops"] = decode_flops(c.config, B, L)
-                        row["compute_seconds"] = row["flops"] / flops_per_s
-                        roof = max(row["bound_seconds"], row["compute_seconds"])
-                        row["pct_roofline"] = 100 * roof / medians[c.name]
+                    row.update(decode_roofline(c.config, moved, B, L, medians[c.name], read_bw[c.name], flops_per_s))
                 rows.append(row)
             for c in contenders:
                 c.release(caches.pop(c.name, None))
