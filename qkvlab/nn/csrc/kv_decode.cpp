@@ -721,9 +721,11 @@ void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<f
 // against one, whole Q-K=V decode steps (6 layers, d_model 384, batch 4 / 1, 8,192 cached): 1.24x / 1.19x, 2,048
 // cached: 1.16x, 512: 1.03x; three streams against two: 0.94-1.03x. The streams' softmax states in registers, one
 // pass for both (`softmax_heads`; a stream may have attended nothing yet): the read alone 1.01-1.08x, whole Q-K=V
-// steps 0.99-1.04x (kept: one softmax for every all-heads loop). Asking for keys or table rows into L1 or L2 ahead
-// measured 0.84-1.01x here; a first try of attend_heads with one head (keys rotated) ran 0.76x with the data in
-// cache and was not pursued.
+// steps 0.99-1.04x (kept: one softmax for every all-heads loop). Keys asked for into L2, kPrefetchKeys ahead: whole
+// Q-K=V steps (Zen 1, after the softmax's lane reads left the stack) 8,192 cached, batch 4 / 1: 1.14x / 1.03x,
+// Llama shape 2,048 batch 4: 1.08x, 512 batch 1: 1.04x (non-temporal into L1: 0.90x / 1.07x; twice or half as far
+// ahead: 0.94-1.01x; measured 0.84-1.01x before the softmax change). A first try of attend_heads with one head
+// (keys rotated) ran 0.76x with the data in cache and was not pursued.
 template <int64_t kD, int kS>
 void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
                     const bool* mask, int64_t mask_stride, int64_t H, int64_t t0, int64_t t1, int64_t bh0,
@@ -754,8 +756,10 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
         const float* r = rot + (b0 + j) * kD;
         for (int64_t c = 0; c < kC; ++c) {
           const Vec16 t = load16(r + 16 * c), cs = coses(t), sn = sines(t);
-          for (int s = 0; s < kS; ++s)
+          for (int s = 0; s < kS; ++s) {
+            prefetch_l2(keys[s] + (b0 + j + kPrefetchKeys) * key.st + 16 * c);
             sc[s] += load16(keys[s] + (b0 + j) * key.st + 16 * c) * (cs * qv[s][c] + sn * qsv[s][c]);
+          }
         }
       }
       for (int s = 0; s < kS; ++s) store16(part[s][j], sc[s]);
