@@ -757,7 +757,8 @@ void attend_streams(const float* q, const float* qs, Stream<float> key, Stream<f
         for (int64_t c = 0; c < kC; ++c) {
           const Vec16 t = load16(r + 16 * c), cs = coses(t), sn = sines(t);
           for (int s = 0; s < kS; ++s) {
-            if constexpr (kNarrow) prefetch_l2(keys[s] + (b0 + j + kPrefetchKeys) * key.st + 16 * c);  // measured on AVX2
+            if constexpr (kNarrow)  // measured with AVX2 (Zen 1) only
+              prefetch_l2(keys[s] + (b0 + j + kPrefetchKeys) * key.st + 16 * c);
             sc[s] += load16(keys[s] + (b0 + j) * key.st + 16 * c) * (cs * qv[s][c] + sn * qsv[s][c]);
           }
         }
