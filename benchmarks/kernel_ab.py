@@ -10,13 +10,6 @@ medians and base / tree (above 1: the tree's kernels are faster).
     python benchmarks/kernel_ab.py --base 004f775~1 --cells QKV:learned:4:512 Q-MQA:rotary:4:8192 --rounds 31
 
 A cell is variant:positions:batch:context; positions learned, rotary, or llama (rotary, RMSNorm, SwiGLU 1024).
-
-`--read` times the cache read alone (`kv_decode.decode` over six layers' caches of random keys, the cell's
-variant giving the key heads and query heads a key; rotary keys are turned on the fly only where K = V, as the
-model does), without the projections, MLP and the step's other work: with `--threads 1` and a short context, whose
-caches stay in the CPU's caches, what the kernel's arithmetic costs; at 8k, batch 4, what the step's read costs.
-
-    python benchmarks/kernel_ab.py --base HEAD~1 --read --threads 1 --cells Q-MQA:rotary:1:512 Q-K=V:rotary:1:512
 """
 
 from __future__ import annotations
@@ -34,8 +27,6 @@ from qkvlab.bench.peers import interleaved
 from qkvlab.errors import QkvlabError
 from qkvlab.models.gpt import GPT
 from qkvlab.nn import kv_decode
-from qkvlab.nn.positions import Rotary
-from qkvlab.nn.rotary_read import pair_swap
 
 CELLS = ["QKV:learned:1:512", "QKV:learned:4:512", "Q-K=V:llama:4:512", "QKV:rotary:4:8192", "Q-MQA:rotary:4:8192"]
 SHAPE = dict(n_layers=6, d_model=384, n_heads=6, vocab_size=8192)
@@ -47,7 +38,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cells", nargs="+", default=CELLS)
     p.add_argument("--rounds", type=int, default=21, help="interleaved rounds (each times both libraries once)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--read", action="store_true", help="time the cache read alone (random caches, six layers)")
     return p.parse_args()
 
 
@@ -96,25 +86,6 @@ def model_for(variant: str, positions: str, context: int) -> GPT:
     return GPT(cfg, seed=0).eval()
 
 
-def read_fn(model: GPT, batch: int, context: int):
-    """The model's cache read alone, one call per layer: random float32 caches shaped as its attention's (keys and
-    values, or the one K = V stream), queries scaled as the read expects, rotary keys turned on the fly where K = V."""
-    cfg = model.config
-    H, G, D = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.resolved_head_dim
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, H, G, D, generator=gen) / D ** 0.5  # (B, H_kv, G, D)
-    tied, rotary = cfg.spec.kv_tied, cfg.positions == "rotary"
-    rot = Rotary(D, context).read_table(context, "cpu") if tied and rotary else None  # (T, D)
-    qs = pair_swap(q) if rot is not None else None
-    caches = [(torch.randn(batch, H, context, D, generator=gen),  # (B, H_kv, T, D)
-               None if tied else torch.randn(batch, H, context, D, generator=gen)) for _ in range(cfg.n_layers)]
-
-    def read() -> None:
-        for kv, values in caches:
-            kv_decode.decode(q, qs, kv, rot, None, values=values)
-    return read
-
-
 def with_library(lib, step):
     """`step` with `lib` as the kernel library that decode_step and linear call."""
     def run() -> None:
@@ -138,18 +109,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = build_base(args.base, Path(tmp))
         libraries = {"base": base, "tree": tree}
-        what = "the cache read alone" if args.read else "whole decode steps"
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; base = kernels at {args.base}, tree = "
-              f"the working tree's; {what}; 6 layers, d_model 384, 6 heads; medians of {args.rounds} interleaved "
-              "rounds")
+              f"the working tree's; 6 layers, d_model 384, 6 heads; medians of {args.rounds} interleaved rounds")
         print(f"{'variant':8} {'positions':9} {'batch':>5} {'context':>7} {'base ms':>8} {'tree ms':>8} "
               f"{'base/tree':>9}")
         for variant, positions, batch, context in cells:
             model = models[variant, positions, context]
-            if args.read:
-                step = read_fn(model, batch, context)
-            else:
-                step, _ = decode_step_fn(model, batch, context, SHAPE["vocab_size"], fused=True)
+            step, _ = decode_step_fn(model, batch, context, SHAPE["vocab_size"], fused=True)
             fns = {name: with_library(lib, step) for name, lib in libraries.items()}
             for fn in fns.values():
                 fn()  # warm-up
