@@ -21,10 +21,10 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 typedef float F8 __attribute__((vector_size(32)));  // eight floats: the unit's width whatever the build
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef __AVX__
 #define KEEP(x) __asm__ volatile("" : "+x"(x))  // in a register, not computed away
-#else
-#define KEEP(x) __asm__ volatile("" : "+w"(x))
+#else  // no 8-float registers: through memory, so the unit is slower than the CPU's peak there
+#define KEEP(x) __asm__ volatile("" : "+m"(x))
 #endif
 
 // Seconds per 8-float multiply-add at full rate: ten independent chains held in registers.
