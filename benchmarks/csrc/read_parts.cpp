@@ -74,15 +74,23 @@ int main(int argc, char** argv) {
   }
   constexpr int64_t D = 64;
   constexpr int G = 6;
-  std::vector<float> kv(T * D), q(G * D), rot(T * D);
+  // 64-byte aligned, as PyTorch allocates a cache (a std::vector's 16 bytes split 8-float loads across lines)
+  std::vector<float> kv_buf(T * D + 16), q_buf(G * D + 16), rot_buf(T * D + 16);
+  const auto aligned = [](std::vector<float>& b) {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b.data()) + 63) & ~uintptr_t{63});
+  };
+  struct View {
+    float* p;
+    float* data() const { return p; }
+  } kv{aligned(kv_buf)}, q{aligned(q_buf)}, rot{aligned(rot_buf)};
   std::srand(0);
-  for (auto& x : kv) x = std::rand() / float(RAND_MAX) - 0.5f;
-  for (auto& x : q) x = (std::rand() / float(RAND_MAX) - 0.5f) / 8;
+  for (int64_t i = 0; i < T * D; ++i) kv.p[i] = std::rand() / float(RAND_MAX) - 0.5f;
+  for (int64_t i = 0; i < G * D; ++i) q.p[i] = (std::rand() / float(RAND_MAX) - 0.5f) / 8;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < D / 2; ++i) {
       const float angle = t * std::pow(10000.f, -2.f * i / D);
-      rot[t * D + 2 * i] = std::cos(angle);
-      rot[t * D + 2 * i + 1] = std::sin(angle);
+      rot.p[t * D + 2 * i] = std::cos(angle);
+      rot.p[t * D + 2 * i + 1] = std::sin(angle);
     }
   std::printf("six query heads a key, 64 dims, one thread, keys in cache; per key, in FMA times (one 8-float "
               "multiply-add at full rate); medians of %d rounds\n", rounds);
