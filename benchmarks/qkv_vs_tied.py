@@ -6,9 +6,12 @@ both alike; the script prints medians and the ratio Q-K=V / QKV (below 1 = Q-K=V
     python benchmarks/qkv_vs_tied.py                     # defaults: 6 layers, d 512, 8 heads
     python benchmarks/qkv_vs_tied.py --positions rotary --context 4096 --variants QKV Q-K=V Q-MQA
     python benchmarks/qkv_vs_tied.py --positions rotary --rotary-fraction 1 0.5 0.25 --no-train
+    python benchmarks/qkv_vs_tied.py --positions rotary --rotary-values off on --fused-rotary --no-train
 
-With several `--rotary-fraction` values every variant is built at each (rows "Q-K=V @0.25"; the
-first row is the baseline). "workspace MiB" is the K = V rotary workspace (one layer's rotated keys).
+With several `--rotary-fraction` values every variant is built at each (rows "Q-K=V @0.25"), and with
+`--rotary-values off on` with and without rotary values (rows "Q-K=V rv": values turned by their positions,
+K = V stored rotated; `ModelConfig.rotary_values`); the first row is the baseline. "workspace MiB" is the K = V
+rotary workspace (one layer's rotated keys).
 
 Each decode row is also set against this machine's roofline, as `qkvlab bench` does (`qkvlab.bench.peers`):
 "% bound" = (weights + cache bytes) / read bandwidth / step time, the bandwidth that of `x.sum()` over
@@ -43,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--positions", default="learned", choices=["learned", "rotary"])
     p.add_argument("--rotary-fraction", type=float, nargs="+", default=[1.0], metavar="F",
                    help="share of each head's dims that rotate (partial rotary; needs --positions rotary)")
+    p.add_argument("--rotary-values", nargs="+", choices=["off", "on"], default=["off"],
+                   help="build each variant without and/or with rotary values (needs --positions rotary)")
     p.add_argument("--no-train", action="store_true", help="time the decode step only")
     p.add_argument("--fused-rotary", action="store_true",
                    help="also decode each model through the one-pass cache read (a '(fused)' row; a layer's "
@@ -105,14 +110,16 @@ def main() -> None:
     models = {}
     for v in args.variants:
         for f in fractions:
-            torch.manual_seed(0)
-            try:
-                cfg = ModelConfig(variant=v, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
-                                  vocab_size=args.vocab, max_seq_len=max_len, positions=args.positions,
-                                  rotary_fraction=f)
-            except QkvlabError as err:
-                raise SystemExit(f"qkv_vs_tied.py: {err}") from None
-            models[v if fractions == [1.0] else f"{v} @{f:g}"] = build_model(cfg)
+            for turned in dict.fromkeys(args.rotary_values):
+                torch.manual_seed(0)
+                try:
+                    cfg = ModelConfig(variant=v, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
+                                      vocab_size=args.vocab, max_seq_len=max_len, positions=args.positions,
+                                      rotary_fraction=f, rotary_values=turned == "on")
+                except QkvlabError as err:
+                    raise SystemExit(f"qkv_vs_tied.py: {err}") from None
+                name = (v if fractions == [1.0] else f"{v} @{f:g}") + (" rv" if turned == "on" else "")
+                models[name] = build_model(cfg)
     names = list(models)
     kinds = ("decode",) if args.no_train else ("train", "decode")
     train = {} if args.no_train else {

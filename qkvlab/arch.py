@@ -113,6 +113,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # rotary only: the share of each head's dims that rotate (the first rotary_dim; GPT-NeoX's rotary_pct)
     rotary_fraction: float = 1.0
+    # rotary only: values turn by their positions too and each head's output turns back by its query's (the
+    # output then depends on relative positions only). With K = V the one stored vector is stored rotated, so the
+    # cache read rotates nothing (docs/PERFORMANCE.md, "Rotary values").
+    rotary_values: bool = False
     pair_bias_dim: int = 32  # m of the (n, n, m) table of the "+" variants (a multiple of 8)
     norm_eps: float = 1e-5
     # ViT
@@ -149,6 +153,10 @@ class ModelConfig:
             check(self.resolved_head_dim % 2 == 0,
                   f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
         self._check_rotary_fraction()
+        check(isinstance(self.rotary_values, bool),
+              f"rotary_values must be true or false, got {self.rotary_values!r}")
+        check(not self.rotary_values or self.positions == "rotary",
+              f"rotary_values=True needs positions='rotary' (got {self.positions!r})")
         if self.kind == "vit":
             check(self.image_size % self.patch_size == 0,
                   f"patch_size={self.patch_size} does not divide image_size={self.image_size}")

@@ -9,7 +9,8 @@ preallocated for `max_context` tokens and passed in as tensors the program updat
 `cache` is, per stream (K and V, or the one shared K = V tensor), the values (L, 1, H_kv, C, D) and,
 for a quantised cache (int8), their bfloat16 scales (L, 1, H_kv, C): exactly the bytes
 `qkvlab.cost.cache_bytes(config, variant, C, 1, dtype)` gives. With rotary and K = V the shared
-tensor is stored before rotation and keys are rotated when read, as in `KVCache`. Keys are always
+tensor is stored before rotation and keys are rotated when read, as in `KVCache` (with rotary values,
+`rotary_values`, stored rotated). Keys are always
 read over all C slots with the mask `key_pos <= query_pos`, so shapes never depend on the data.
 
 The package holds two AOTInductor models, "prefill" and "decode", and their metadata (config,
@@ -37,10 +38,13 @@ from qkvlab.nn.kv_cache import QUANT_MAX, SCALE_DTYPE, dequantize, quantize, res
 FORMAT = "qkvlab-pt2/1"
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[2i], x[2i+1]) of x (B, H, T, D) by angles with cos, sin (T, D/2), in real arithmetic;
-    with cos, sin (T, R/2), R < D (partial rotary), only the first R dims, the rest pass through."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, H, T, D) by angles with cos, sin (T, D/2), in real arithmetic
+    (by the opposite angles when `back`); with cos, sin (T, R/2), R < D (partial rotary), only the first R dims,
+    the rest pass through."""
     R = 2 * cos.shape[-1]
+    if back:
+        sin = -sin
     if R < x.shape[-1]:
         return torch.cat([_rotate(x[..., :R], cos, sin), x[..., R:]], dim=-1)  # (B, H, T, D)
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
@@ -134,17 +138,20 @@ class StaticDecoder(nn.Module):
     def _attention(self, attn, x, layer, cache, q_pos, k_pos, mask, rot_q, rot_k) -> torch.Tensor:
         """One layer's attention over the cache, as `Attention.forward` computes it: (1, T, C_model)."""
         q, k, v = attn.project(x)  # (1, H, T, D), (1, H_kv, T, D), (1, H_kv, T, D) or None
+        turn_values = rot_q is not None and attn.rotary.values  # keys and values stored rotated, outputs turned back
         if rot_q is not None:
             q = _rotate(q, *rot_q)
-            if v is not None:  # separate V: keys are stored rotated
+            if v is not None or turn_values:  # separate V or rotary values: keys are stored rotated
                 k = _rotate(k, *rot_q)
+            if v is not None and turn_values:
+                v = _rotate(v, *rot_q)
         self._write(cache, 0, layer, q_pos, k)
         if v is not None:
             self._write(cache, 1, layer, q_pos, v)
             k, v = self._read(cache, 0, layer, q.dtype), self._read(cache, 1, layer, q.dtype)  # (1, H_kv, C, D)
         else:  # K = V: one stored tensor, rotated when read as keys, used as stored as values
             v = self._read(cache, 0, layer, q.dtype)  # (1, H_kv, C, D)
-            k = v if rot_k is None else _rotate(v, *rot_k)
+            k = v if rot_k is None or turn_values else _rotate(v, *rot_k)
         bias = None
         if attn.pair_bias is not None:
             q = q * attn.pair_bias.score_scale()
@@ -152,6 +159,8 @@ class StaticDecoder(nn.Module):
         attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            enable_gqa=attn.n_kv_heads != attn.n_heads)  # (1, H, T, D)
+        if turn_values:
+            y = _rotate(y, rot_q[0], rot_q[1], back=True)
         T = y.shape[2]
         return attn.proj(y.transpose(1, 2).reshape(1, T, attn.n_heads * attn.head_dim))  # (1, T, C_model)
 

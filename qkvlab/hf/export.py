@@ -115,7 +115,8 @@ def to_llama(model: GPT):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
-    _refuse("llama", c, {"kind": "decoder", "positions": "rotary", "norm": "rmsnorm", "mlp": "swiglu"})
+    _refuse("llama", c, {"kind": "decoder", "positions": "rotary", "rotary_values": False, "norm": "rmsnorm",
+                         "mlp": "swiglu"})
     spec = c.spec
     if spec.q_source != "q" or spec.kv_tied or spec.pair_bias:
         raise QkvlabError(f"--format llama holds QKV and GQA/MQA models, not {c.variant} (Llama has separate "

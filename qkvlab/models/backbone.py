@@ -30,7 +30,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.config = config
         self.pos_emb = absolute_positions(config)  # added to the inputs; rotary is applied inside attention
-        self.rotary = (Rotary(config.resolved_head_dim, config.max_seq_len, config.rope_theta, config.rotary_dim)
+        self.rotary = (Rotary(config.resolved_head_dim, config.max_seq_len, config.rope_theta, config.rotary_dim,
+                              config.rotary_values)
                        if config.positions == "rotary" else None)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i, self.rotary) for i in range(config.n_layers))

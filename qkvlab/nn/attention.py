@@ -7,7 +7,8 @@ input itself). Attention runs through `scaled_dot_product_attention` with groupe
     attn = Attention(d_model=64, n_heads=4, variant="Q-K=V", causal=True)
     y = attn(x)                                  # x (B, T, 64) -> (B, T, 64)
 
-Positions are composed, not built in: a `Rotary` module passed in rotates queries and keys, a
+Positions are composed, not built in: a `Rotary` module passed in rotates queries and keys (and values,
+turning the output back, with `Rotary(values=True)`), a
 `PairBias` module passed in adds the "+" variants' (T, Tk) score bias. A model shares what every
 layer of one forward pass needs (positions, mask, KV cache) through an `AttentionContext`.
 """
@@ -135,29 +136,41 @@ class Attention(nn.Module):
             ctx = AttentionContext.plain(x.shape[0], x.shape[1], x.device, self.causal)
         q, k, v = self.project(x)
         rotations = None
+        turn_values = self.rotary is not None and self.rotary.values
         if self.rotary is not None:
             rotations = ctx.rotations(self.rotary, q.dtype)
             q = apply_rotary(q, rotations[0])
-            if v is not None:  # separate V: keys are stored rotated
+            if v is not None or turn_values:  # separate V or rotary values: keys are stored rotated
                 k = apply_rotary(k, rotations[0])
+            if v is not None and turn_values:
+                v = apply_rotary(v, rotations[0])
+        y = self._attend(q, k, v, ctx, None if turn_values else rotations)  # (B, H, T, D)
+        if turn_values and rotations is not None:  # each head's output turned back by its query's position
+            y = apply_rotary(y, rotations[0].conj())
+        return self._merge(y)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, ctx: AttentionContext,
+                rotations: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Heads (B, H, T, D) of attention over q, k, v after the cache write; v None: K = V, whose keys are
+        rotated while read when `rotations` is given (rotary keys stored unrotated)."""
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
             if self._narrow_cache(q, ctx) and self._fused_read(q, ctx):
-                return self._merge(self._stored_read(q, ctx))
+                return self._stored_read(q, ctx)
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
             if v is not None and self._fused_read(q, ctx) and self._large(k):  # keys stored rotated: no tables
-                return self._merge(decode_attention(q, k, None, ctx.mask, values=v))
+                return decode_attention(q, k, None, ctx.mask, values=v)
         split = None  # partial rotary, K = V, few queries: (rotated key dims, unrotated key dims)
-        if v is None:  # K = V: one stored tensor; keys are rotated when read, values never
+        if v is None:  # K = V: one stored tensor, used as stored for the values
             v = k
             if self._fused_read(q, ctx):
-                if self.rotary is not None:
+                if rotations is not None and self.rotary is not None:
                     rot = self.rotary.read_table(ctx.k_len, q.device, q.dtype)  # (Tk, D)
-                    return self._merge(decode_attention(q, k, rot, ctx.mask))
+                    return decode_attention(q, k, rot, ctx.mask)
                 if self._large(k):
-                    return self._merge(decode_attention(q, k, None, ctx.mask))  # one read of each key
+                    return decode_attention(q, k, None, ctx.mask)  # one read of each key
             if rotations is not None:
                 cis = rotations[1]  # (Tk, R/2)
                 workspace = None  # reused across layers when decoding with a cache (none kept for the fused read)
@@ -184,7 +197,7 @@ class Attention(nn.Module):
                 mask, is_causal = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))), False
             y = _sdpa(q, k, v, mask, is_causal, self.attn_dropout if self.training else 0.0,
                       self.n_kv_heads != self.n_heads)  # (B, H, T, D)
-        return self._merge(y)
+        return y
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         """Heads (B, H, T, D) -> the output projection (B, T, C)."""
@@ -207,7 +220,7 @@ class Attention(nn.Module):
         streams, scales = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk) each
         separate = len(streams) == 2  # K and V stored apart (keys stored rotated)
         rot = None
-        if self.rotary is not None and not separate:
+        if self.rotary is not None and not separate and not self.rotary.values:  # keys stored unrotated
             rot = self.rotary.read_table(ctx.k_len, q.device, q.dtype)  # (Tk, D)
         quantized = bool(scales)
         return decode_attention(q, streams[0], rot, ctx.mask, scales=scales[0] if quantized else None,

@@ -181,7 +181,8 @@ class _Plan:
         widths = attn.widths
         self.static = (len(blocks), attn.qkv.in_features, attn.n_heads, attn.n_kv_heads, attn.head_dim, widths["q"],
                        widths["k"], widths["v"], _Q_SOURCE[attn.spec.q_source], self.norm[0],
-                       SWIGLU if mlp.swiglu else _ACTIVATION[mlp.approximate], mlp.proj.in_features)
+                       SWIGLU if mlp.swiglu else _ACTIVATION[mlp.approximate], mlp.proj.in_features,
+                       int(attn.rotary is not None and attn.rotary.values))
         self.layers = _Addresses(_block_owners(blocks))
         self.first = first  # its `training` flag is read at every step
         self.servable = _blocks_kind_serves(blocks)
@@ -207,7 +208,7 @@ class _Plan:
         buffers = cache.buffers  # (layers, B, H_kv, max_len, D) each
         keys = buffers[0]
         values = buffers[1].data_ptr() if len(buffers) > 1 else 0
-        return (ctypes.c_int64 * 20)(*self.static, B, pos, cache.max_len, kv_decode.splits_for(pos + 1),
+        return (ctypes.c_int64 * 21)(*self.static, B, pos, cache.max_len, kv_decode.splits_for(pos + 1),
                                      keys.data_ptr(), values, keys.stride(0), vocab)
 
 

@@ -50,11 +50,16 @@ class Rotary(nn.Module):
     float32 (float64 for float64 models), so they stay exact however the model's dtype is changed
     (there are no tables to be cast). Attention calls it on queries and keys: `rotary(x, positions)`,
     or with precomputed `tables(...)`.
+
+    `values`: attention also turns each value by its key's position and each head's output back by its
+    query's, so that out_m = sum_n p_mn R(n - m) v_n depends on relative positions only. Keys and values are
+    then stored rotated, which with K = V leaves the cache read nothing to rotate.
     """
 
-    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0, rotary_dim: int | None = None):
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0, rotary_dim: int | None = None,
+                 values: bool = False):
         super().__init__()
-        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        self.head_dim, self.max_len, self.theta, self.values = head_dim, max_len, theta, values
         self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
         check(0 < self.rotary_dim <= head_dim and self.rotary_dim % 2 == 0,
               f"rotary_dim={self.rotary_dim} must be even and in 2..head_dim ({head_dim})")

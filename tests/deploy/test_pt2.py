@@ -16,10 +16,23 @@ from tests.core.helpers import randomize_
 CONTEXT = 40
 
 
-def _model(variant: str, positions: str):
+def _model(variant: str, positions: str, **kw):
     config = ModelConfig(kind="decoder", variant=variant, n_layers=2, d_model=32, n_heads=4, max_seq_len=48,
-                         vocab_size=40, positions=positions)
+                         vocab_size=40, positions=positions, **kw)
     return randomize_(build_model(config, seed=0)).eval()
+
+
+@pytest.mark.parametrize("variant", ["QKV", "Q-K=V"])
+def test_rotary_values_export_generates_the_same_tokens(variant):
+    """Rotary values (keys and values stored rotated, outputs turned back) in the exported programs."""
+    model = _model(variant, "rotary", rotary_values=True)
+    decoder = StaticDecoder(model, CONTEXT)
+    programs = export_programs(decoder)
+    sampling = SamplingConfig(max_new_tokens=20, temperature=0)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    ours = generate_with(programs["prefill"].module(), programs["decode"].module(), decoder.empty_cache(), prompt,
+                         sampling, CONTEXT, 40)
+    assert ours == generate(model, [prompt], sampling)[0]
 
 
 @pytest.mark.parametrize("variant", ["QKV", "Q-K=V", "Q-MQA"])

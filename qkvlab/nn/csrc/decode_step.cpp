@@ -28,14 +28,15 @@ using qkvlab::load16, qkvlab::select, qkvlab::splat, qkvlab::store16, qkvlab::Ve
 
 // The ABI of the structs below: bumped whenever their fields change (benchmarks/kernel_ab.py loads an older
 // revision's library only when its ABI matches).
-constexpr int32_t kAbi = 2;
+constexpr int32_t kAbi = 3;
 
 // The model's shape, then the step's rows, position and cache, as the int64 array `cfg` gives them (in this
 // order; built by qkvlab/nn/decode_step.py). keys / values: the start of each stored stream (layers, B, H_kv,
 // max_len, D), values 0 when K = V; cache_layer: the floats from one layer's slice to the next; vocab: the
-// output layer's rows (a whole step; 0 for the blocks alone).
+// output layer's rows (a whole step; 0 for the blocks alone). rotate_values: rotary values (Rotary.values), keys
+// and values stored rotated and each head's output turned back by the new position.
 struct Shape {
-  int64_t layers, C, H, H_kv, D, q_width, k_width, v_width, q_source, norm, mlp, hidden;
+  int64_t layers, C, H, H_kv, D, q_width, k_width, v_width, q_source, norm, mlp, hidden, rotate_values;
   int64_t B, pos, max_len, splits, keys, values, cache_layer, vocab;
 };
 
@@ -72,12 +73,14 @@ void normalize(const float* x, const float* w, const float* b, float* y, int64_t
   }
 }
 
-// Each pair (x0, x1) of n heads of D dims rotated by the table row r: (x0 c - x1 s, x1 c + x0 s).
-void rotate(float* x, int64_t n, int64_t D, const float* r) {
+// Each pair (x0, x1) of n heads of D dims rotated by the table row r: (x0 c - x1 s, x1 c + x0 s); back (by the
+// opposite angle) when `back`.
+void rotate(float* x, int64_t n, int64_t D, const float* r, bool back = false) {
+  const float sign = back ? -1.f : 1.f;
   for (int64_t h = 0; h < n; ++h) {
     float* v = x + h * D;
     for (int64_t d = 0; d < D; d += 2) {
-      const float x0 = v[d], x1 = v[d + 1], c = r[d], s = r[d + 1];
+      const float x0 = v[d], x1 = v[d + 1], c = r[d], s = sign * r[d + 1];
       v[d] = x0 * c - x1 * s;
       v[d + 1] = x1 * c + x0 * s;
     }
@@ -158,7 +161,8 @@ void blocks(float* h, const Shape& s, const Layer* layers, const float* rot, flo
       std::copy(src, src + s.H * D, qr);
       if (row != nullptr) {
         rotate(qr, s.H, D, row);
-        if (s.v_width > 0) rotate(kr, s.H_kv, D, row);  // separate values: keys are stored rotated
+        if (s.v_width > 0 || s.rotate_values) rotate(kr, s.H_kv, D, row);  // keys stored rotated
+        if (s.v_width > 0 && s.rotate_values) rotate(kr + s.k_width, s.H_kv, D, row);  // values too
       }
       for (int64_t i = 0; i < s.H * D; ++i) qr[i] *= scale;
       for (int64_t i = 0; i < s.H * D; i += 2) {  // the pair-swapped query (q1, -q0), for keys rotated when read
@@ -176,9 +180,11 @@ void blocks(float* h, const Shape& s, const Layer* layers, const float* rot, flo
     if (s.v_width > 0)
       qkvlab_kv_decode_pair(q.data(), keys, sb, sh, D, values, sb, sh, D, nullptr, B, s.H_kv, G, D, T, s.splits,
                             threads, att.data());
-    else
-      qkvlab_kv_rotary_decode(q.data(), qs.data(), keys, sb, sh, D, row == nullptr ? nullptr : rot, nullptr, B,
-                              s.H_kv, G, D, T, s.splits, threads, att.data());
+    else  // K = V: rotary keys rotated while read, unless stored rotated (rotary values)
+      qkvlab_kv_rotary_decode(q.data(), qs.data(), keys, sb, sh, D, row == nullptr || s.rotate_values ? nullptr : rot,
+                              nullptr, B, s.H_kv, G, D, T, s.splits, threads, att.data());
+    if (row != nullptr && s.rotate_values)
+      for (int64_t r = 0; r < B; ++r) rotate(att.data() + r * s.H * D, s.H, D, row, true);  // outputs turned back
     qkvlab_small_linear(att.data(), p.proj_w, p.proj_b, y.data(), B, C, s.H * D, threads);
     for (int64_t i = 0; i < B * C; ++i) h[i] += y[i];
     normalize(h, p.norm2_w, p.norm2_b, x.data(), B, C, s.norm, eps);
