@@ -92,6 +92,8 @@ def describe(config: ModelConfig, label: str = "") -> str:
     positions = f"{config.positions} positions"
     if config.rotary_fraction < 1:
         positions += f" (rotating {config.rotary_dim} of {config.resolved_head_dim} dims per head)"
+    if config.rotary_values:
+        positions += " with rotary values"
     text = (f"{label or 'custom'}: {config.kind}, {config.n_layers} layers, d_model {config.d_model}, "
             f"{config.n_heads} heads{kv}, head_dim {config.resolved_head_dim}, d_mlp {config.resolved_d_mlp} "
             f"{config.mlp}, {config.norm}, bias {'on' if config.bias else 'off'}, {positions}, "

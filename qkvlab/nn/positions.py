@@ -52,8 +52,9 @@ class Rotary(nn.Module):
     or with precomputed `tables(...)`.
 
     `values`: attention also turns each value by its key's position and each head's output back by its
-    query's, so that out_m = sum_n p_mn R(n - m) v_n depends on relative positions only. Keys and values are
-    then stored rotated, which with K = V leaves the cache read nothing to rotate.
+    query's, so that out_m = sum_n p_mn R(n - m) v_n depends on relative positions only (VO-RoPE: J. Su, "The
+    second type of rotary position encoding", kexue.fm/archives/10862, 2025). Keys and values are then stored
+    rotated, which with K = V leaves the cache read nothing to rotate.
     """
 
     def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0, rotary_dim: int | None = None,

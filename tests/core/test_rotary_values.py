@@ -173,5 +173,12 @@ def test_llama_export_refuses_in_one_line():
     assert "\n" not in str(err.value)
 
 
+def test_the_cost_line_names_it():
+    from qkvlab.cost import describe
+
+    assert "rotary positions with rotary values" in describe(config())
+    assert "rotary values" not in describe(config(rotary_values=False))
+
+
 def test_the_default_rotary_module_turns_no_values():
     assert not Rotary(16, 32).values and Rotary(16, 32, values=True).values

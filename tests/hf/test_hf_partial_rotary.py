@@ -44,6 +44,23 @@ def test_qkvlab_export_round_trip(tmp_path, variant):
     assert saved["qkvlab"]["rotary_fraction"] == 0.5 and saved["partial_rotary_factor"] == 0.5
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.config.model_config.rotary_fraction == 0.5
+    _same_logits_and_tokens(hf, model)
+
+
+@pytest.mark.parametrize("variant", ["QKV", "Q-MQA"])
+def test_rotary_values_export_round_trip(tmp_path, variant):
+    """`rotary_values` (values turned by their positions) goes through the qkvlab export; stock Llama refuses it."""
+    model = tiny(variant, 1.0, rotary_values=True)
+    export(model, tmp_path / "hf", "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.model_config.rotary_values
+    _same_logits_and_tokens(hf, model)
+    with pytest.raises(QkvlabError, match="rotary_values=True"):
+        export(tiny("QKV", 1.0, rotary_values=True, norm="rmsnorm", mlp="swiglu"), tmp_path / "llama", "llama")
+    assert not (tmp_path / "llama").exists()
+
+
+def _same_logits_and_tokens(hf, model) -> None:
     x = torch.tensor([[5, 9, 2, 31, 7, 11]])
     with torch.no_grad():
         assert torch.equal(hf(x, use_cache=False).logits, model(x))
