@@ -1,5 +1,5 @@
-"""`qkvlab experiment NAME`: the study's experiments (core, context-length, scale, iso-parameter, analysis) and
-conversion as a measured method (converted, uptrained, from scratch)."""
+"""`qkvlab experiment NAME`: the study's experiments (core, context-length, scale, iso-parameter, analysis), the
+positions extension, and conversion as a measured method (converted, uptrained, from scratch)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ resumes (finished runs are skipped), other settings need --force (which replaces
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("experiment", help="measured experiments: core, context-length, scale, "
-                                                      "iso-parameter, analysis, conversion",
+                                                      "iso-parameter, positions, analysis, conversion",
                                    description=__doc__)
     sub = parser.add_subparsers(dest="experiment", required=True, parser_class=type(parser))
     p = sub.add_parser("conversion", help="a trained QKV model converted to K=V / GQA: converted, uptrained, "
@@ -73,11 +73,12 @@ TRAINING = {
     "context-length": "QKV vs Q-K=V at three context lengths, everything else fixed",
     "scale": "QKV vs Q-K=V at three model sizes, everything else fixed",
     "iso-parameter": "each tied variant with its saved attention parameters spent on MLP width",
+    "positions": "QKV, Q-K=V and Q-MQA with learned, rotary and rotary-value positions (not in the study)",
 }
 TRAINING_EPILOG = """Runs train with the tasks' recipes at --preset (every variant of a task with the same recipe) into
 OUT/<experiment>/<arm>/<task>/<variant>/seedN; rerunning skips finished runs and resumes interrupted
 ones. OUT/report.md and OUT/report.json compare each variant with QKV in the same arm, paired by seed
-(95 % t-intervals). `qkvlab reproduce --preset study` runs all four and the analysis in one sweep."""
+(95 % t-intervals). `qkvlab reproduce --preset study` runs the first four and the analysis in one sweep."""
 
 
 def run_training(args: argparse.Namespace) -> int:

