@@ -115,6 +115,20 @@ def test_cached_decoding_equals_the_full_forward(variant, fraction, monkeypatch)
         torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["QKV", "Q-K=V", "Q-MQA"])
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_narrow_caches_read_in_place_equal_their_dequantised_read(variant, dtype, monkeypatch):
+    """int8 / bfloat16 caches: the one-pass read of the stored values (no rotation table for K = V) gives what
+    SDPA over the dequantised cache gives. One layer, so both write the same cache (with two, a difference at
+    float32 rounding in the first layer's output can round a second-layer value to the next int8 step)."""
+    monkeypatch.setattr(decode_step, "enabled", False)
+    model = make(config(variant, n_layers=1))
+    x = torch.randint(0, 50, (2, 12))
+    fused, _ = _decode(model, x, 4, dtype=dtype, fused_rotary=True)
+    plain, _ = _decode(model, x, 4, dtype=dtype)
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=0)
+
+
 def test_the_native_step_serves_it(monkeypatch):
     from tests.core.test_decode_step import counting_native_calls
 
