@@ -114,13 +114,13 @@ def arm_comparison(cells: dict[tuple[str, str, str], Cell], arms: list[str]) -> 
         if variant != BASELINE:
             continue
         variants = [v for (t, a, v) in cells if (t, a) == (task, arm) and v != BASELINE]
-        row = [task, arm, _value(cell) + f" ({len(cell.seeds)})"]
+        changes = []  # one cell for every variant: the header has one column for them
         entry = {BASELINE: _cell_json(cell)}
         for v in variants:
             change = _change(cells[(task, arm, v)], cell)
-            row.append(f"{v}: {_value(cells[(task, arm, v)])} ({_delta(change)})")
+            changes.append(f"{v}: {_value(cells[(task, arm, v)])} ({_delta(change)})")
             entry[v] = {**_cell_json(cells[(task, arm, v)]), **_change_json(change)}
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join([task, arm, _value(cell) + f" ({len(cell.seeds)})", "; ".join(changes)]) + " |")
         data.setdefault(task, {})[arm] = entry
     return lines, data
 

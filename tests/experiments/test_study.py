@@ -173,7 +173,10 @@ def test_positions_end_to_end_on_a_tiny_budget(tmp_path, fetched):
     assert cross["rotary"]["n_seeds"] == cross["rotary_values"]["n_seeds"] == 2 and cross["ci95_delta_pct"]
     configs = sorted((out / "positions" / "rotary_values").rglob("config.yaml"))
     assert len(configs) == 4 and all("rotary_values: true" in c.read_text() for c in configs)
-    assert "Rotary values against plain rotary" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Rotary values against plain rotary" in report
+    rows = [line for line in report.splitlines() if line.startswith("| shakespeare-char | rotary values |")]
+    assert len(rows) == 1 and rows[0].count("|") == 5  # four columns, as the header: the variants share one
 
 
 @pytest.mark.parametrize(("argv", "match"), [
