@@ -156,7 +156,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             ctx.cache.write(self.layer_idx, ctx.q_pos, *([k] if v is None else [k, v]))
             if self._narrow_cache(q, ctx) and self._fused_read(q, ctx):
-                return self._stored_read(q, ctx)
+                return self._stored_read(q, ctx, rotate=rotations is not None)
             stored = ctx.cache.read(self.layer_idx, ctx.k_len, q.dtype)  # (B, H_kv, Tk, D) each
             stored = [t.to(q.dtype) for t in stored]
             k, v = (stored[0], None) if v is None else stored
@@ -213,14 +213,14 @@ class Attention(nn.Module):
         return ctx.cache.quantized or (ctx.cache.dtype == torch.bfloat16 and q.dtype == torch.float32
                                        and q.device.type == "cpu")
 
-    def _stored_read(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """One-token attention over an int8 / float8 / bfloat16 cache, widened (dequantised) while read (K = V
-        rotary keys rotated too; separate keys are stored rotated): (B, H, 1, D)."""
+    def _stored_read(self, q: torch.Tensor, ctx: AttentionContext, rotate: bool) -> torch.Tensor:
+        """One-token attention over an int8 / float8 / bfloat16 cache, widened (dequantised) while read (`rotate`:
+        K = V rotary keys, stored unrotated, rotated too; separate keys are stored rotated): (B, H, 1, D)."""
         assert ctx.cache is not None
         streams, scales = ctx.cache.stored(self.layer_idx, ctx.k_len)  # (B, H_kv, Tk, D), (B, H_kv, Tk) each
         separate = len(streams) == 2  # K and V stored apart (keys stored rotated)
         rot = None
-        if self.rotary is not None and not separate and not self.rotary.values:  # keys stored unrotated
+        if rotate and not separate and self.rotary is not None:
             rot = self.rotary.read_table(ctx.k_len, q.device, q.dtype)  # (Tk, D)
         quantized = bool(scales)
         return decode_attention(q, streams[0], rot, ctx.mask, scales=scales[0] if quantized else None,
