@@ -209,6 +209,19 @@ def convert_variant(model: M, variant: str, merge: str = "mean", calibration: to
     return new
 
 
+def with_rotary_values(model: M, on: bool = True) -> M:
+    """`model` with rotary values switched on (or off): the same weights in a model that also turns each value
+    by its position and each head's output back by its query's (`ModelConfig.rotary_values`). A different
+    function, not a re-parametrisation: the result needs uptraining. Needs rotary positions (a one-line error
+    otherwise); the model is returned unchanged if it already has the setting."""
+    if model.config.rotary_values == on:
+        return model
+    new = type(model)(model.config.replace(rotary_values=on))  # validated: rotary positions only
+    new.load_state_dict(model.state_dict())  # rotation tables are buffers, not weights: the same state dict
+    new.train(model.training)
+    return new
+
+
 def _gpt2_key(state: dict, name: str) -> torch.Tensor:
     for prefix in ("transformer.", ""):
         if prefix + name in state:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from qkvlab.atomic import check_output
-from qkvlab.convert import MERGES, convert_variant, load_gpt2
+from qkvlab.convert import MERGES, convert_variant, load_gpt2, with_rotary_values
 from qkvlab.errors import check
 from qkvlab.interop.llama import load_llama
 from qkvlab.interop.paper import load_paper
@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", metavar="TASK", default=None,
                    help="--merge lsq: a language-modelling task whose training windows the fit uses (shakespeare-char)")
     p.add_argument("--calibration-windows", type=int, default=64, help="--merge lsq: windows to fit on (64)")
+    p.add_argument("--rotary-values", action="store_true",
+                   help="also turn the values by their positions (model.rotary_values; needs a rotary source, "
+                        "e.g. --llama): with K=V the cache is then read with no rotation; a different model, "
+                        "uptrain it (docs/practitioners.md)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--from", dest="fmt", choices=FORMATS, default="qkvlab",
                         help="format of SRC (default qkvlab: an export, checkpoint or run directory)")
@@ -100,11 +104,16 @@ def run(args: argparse.Namespace) -> int:
         if args.calibration is not None:
             calibration = calibration_inputs(args.calibration, model, args.calibration_windows)
         model = convert_variant(model, args.variant, args.merge, calibration)
+    if args.rotary_values:
+        check(model.config.positions == "rotary", f"--rotary-values needs a source with rotary positions; "
+              f"{args.src} has positions={model.config.positions!r}")
+        model = with_rotary_values(model)
     tokenizer = source_tokenizer(args.src, args.fmt)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         tokenizer = None  # not this model's vocabulary
     out = save_model(model, args.out, tokenizer)
     params = sum(p.numel() for p in model.parameters())
     note = f", tokenizer {tokenizer.name}" if tokenizer is not None else ""
-    print(f"wrote {model.config.variant} model ({params:,} parameters{note}) to {out}")
+    what = f"{model.config.variant} model" + (" with rotary values" if model.config.rotary_values else "")
+    print(f"wrote {what} ({params:,} parameters{note}) to {out}")
     return 0

@@ -14,7 +14,9 @@ For each seed: the task's QKV model trained with the preset's recipe (N steps; o
 converted to each --variants target with each --inits initialisation (keep K, keep V, mean, lsq
 fitted on calibration windows), evaluated as converted, after uptraining for each --uptrain
 fraction of N, and against the target trained from scratch for (1 + fraction) x N steps (the same
-total budget). Writes OUT/conversion.md and OUT/conversion.json; rerunning with the same settings
+total budget). --positions rotary --rotary-values off,on adds each target with rotary values (the
+converted weights with values turned by their positions), uptrained and from scratch that way.
+Writes OUT/conversion.md and OUT/conversion.json; rerunning with the same settings
 resumes (finished runs are skipped), other settings need --force (which replaces OUT)."""
 
 
@@ -36,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="uptraining budgets as fractions of the source's steps (default 0.05,0.2)")
     p.add_argument("--calibration-windows", type=int, default=64, help="training windows lsq is fitted on (64)")
     p.add_argument("--source", default=None, help="a trained run directory to convert instead of training one")
+    p.add_argument("--positions", choices=("learned", "rotary"), default=None,
+                   help="positions of the sources the experiment trains (default: the preset's)")
+    p.add_argument("--rotary-values", nargs="+", default=["off"],
+                   help="targets without (off) and/or with (on) rotary values, e.g. off,on; on needs rotary sources")
     p.add_argument("--data-dir", default=None, help="dataset cache to look in first")
     p.add_argument("--out", default=None, help="output directory (default runs/experiment-conversion-<task>-<preset>)")
     p.add_argument("--jobs", type=int, default=1,
@@ -153,6 +159,17 @@ def _fractions(values: list[str]) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _switches(option: str, items: list[str]) -> tuple[bool, ...]:
+    """off / on words as booleans (a one-line error naming anything else)."""
+    from qkvlab.errors import QkvlabError
+
+    words = {"off": False, "on": True}
+    for item in items:
+        if item not in words:
+            raise QkvlabError(f"{option} {item!r} is not off or on")
+    return tuple(words[i] for i in items)
+
+
 def command_line(spec, out: str, jobs: int = 1) -> str:
     """The command that reproduces `spec` into `out`, every setting spelled out."""
     words = ["qkvlab", "experiment", "conversion", "--task", spec.task, "--preset", spec.preset,
@@ -160,6 +177,9 @@ def command_line(spec, out: str, jobs: int = 1) -> str:
              "--inits", ",".join(spec.inits), "--uptrain", ",".join(f"{f:g}" for f in spec.fractions),
              "--calibration-windows", str(spec.calibration_windows)]
     words += ["--source", spec.source] if spec.source else []
+    words += ["--positions", spec.positions] if spec.positions else []
+    words += ["--rotary-values", ",".join("on" if v else "off" for v in spec.rotary_values)] \
+        if spec.rotary_values != (False,) else []
     words += ["--data-dir", spec.data_dir] if spec.data_dir else []
     words += ["--jobs", str(jobs)] if jobs != 1 else []
     return shlex.join(words + ["--out", out])
@@ -176,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     spec = ConversionSpec(task=args.task, preset=args.preset, seeds=tuple(parse_seeds(args.seeds)),
                           variants=tuple(parse_list(args.variants)), inits=tuple(parse_list(args.inits)),
                           fractions=_fractions(args.uptrain), calibration_windows=args.calibration_windows,
-                          source=args.source, data_dir=args.data_dir)
+                          source=args.source, data_dir=args.data_dir, positions=args.positions,
+                          rotary_values=_switches("--rotary-values", parse_list(args.rotary_values)))
     if args.source is None:
         from qkvlab.train.runs import load_task
 

@@ -16,8 +16,10 @@ Per seed s (the source's budget is N steps of B rows, peak lr, warmup W: the pre
    budget* as source + uptraining: (1 + f)·N steps of B rows, the preset's recipe otherwise.
 
 Targets that do not tie K and V (GQA-g, MQA) pool keys and values separately, so keep K / keep V
-equal the mean there; they run `mean` and `lsq` only. Every metric is the task's held-out
-evaluation as the trainer runs it (for language models, perplexity on the whole validation split).
+equal the mean there; they run `mean` and `lsq` only. With rotary sources (`positions`), each target may also
+be converted to rotary values (`rotary_values`: `qkvlab.convert.with_rotary_values`, the same weights with
+values turned by their positions), uptrained that way and trained that way from scratch. Every metric is the
+task's held-out evaluation as the trainer runs it (for language models, perplexity on the whole validation split).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ConversionSpec:
     calibration_windows: int = 64
     source: str | None = None
     data_dir: str | None = None
+    positions: str | None = None  # the trained sources' positions (None: the preset's); not with `source`
+    rotary_values: tuple[bool, ...] = (False,)  # targets without / with rotary values (True needs rotary)
 
     def __post_init__(self) -> None:
         from qkvlab.convert import MERGES
@@ -83,6 +87,15 @@ class ConversionSpec:
               f"--source {self.source} is not a run directory (no config.yaml); give a directory written by "
               "`qkvlab train`")
         check(self.calibration_windows >= 1, f"calibration_windows must be at least 1, got {self.calibration_windows}")
+        check(self.positions is None or self.source is None,
+              "positions applies to the sources the experiment trains; a given --source keeps its own")
+        check(self.positions in (None, "learned", "rotary"),
+              f"positions {self.positions!r} is not one of learned, rotary")
+        check(len(self.rotary_values) >= 1 and all(isinstance(v, bool) for v in self.rotary_values),
+              f"rotary_values must be false and/or true, got {list(self.rotary_values)}")
+        object.__setattr__(self, "rotary_values", tuple(sorted(set(self.rotary_values))))
+        check(not any(self.rotary_values) or self.source is not None or self.positions == "rotary",
+              "targets with rotary values need rotary sources: add --positions rotary (or a rotary --source)")
 
     def inits_for(self, variant: str) -> tuple[str, ...]:
         """The initialisations that differ for `variant`: keep K / keep V only where K and V are tied."""
@@ -90,8 +103,23 @@ class ConversionSpec:
             return self.inits
         return tuple(i for i in self.inits if i in ("mean", "lsq")) or ("mean",)
 
+    def targets(self) -> list[tuple[str, bool]]:
+        """(variant, rotary values) for every target, in order."""
+        return [(v, rv) for v in self.variants for rv in self.rotary_values]
+
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """Every setting; the positions settings only where they differ from the defaults, so an experiment
+        directory written before they existed still resumes."""
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        if self.positions is None:
+            del d["positions"]
+        if self.rotary_values == (False,):
+            del d["rotary_values"]
+        return d
+
+
+def target_label(variant: str, rotary_values: bool) -> str:
+    return f"{variant}, rotary values" if rotary_values else variant
 
 
 @dataclass
@@ -104,8 +132,8 @@ class Result:
     json: Path | None = None
 
 
-def _slug(variant: str) -> str:
-    return variant.replace("/", "_")
+def _slug(variant: str, rotary_values: bool = False) -> str:
+    return variant.replace("/", "_") + ("-rv" if rotary_values else "")
 
 
 def _pct(f: float) -> str:
@@ -148,7 +176,8 @@ def _source_config(spec: ConversionSpec, out: Path, seed: int):
 
     if spec.source is not None:
         return load_config(Path(spec.source) / "config.yaml")
-    return RunConfig(task=spec.task, variant="QKV", seed=seed, preset=spec.preset, data_dir=spec.data_dir,
+    model = {} if spec.positions is None else {"positions": spec.positions}
+    return RunConfig(task=spec.task, variant="QKV", seed=seed, preset=spec.preset, data_dir=spec.data_dir, model=model,
                      train=TrainConfig(eval_every=0, checkpoint_every=0, progress=False,
                                        out_dir=str(out / "runs" / f"seed{seed}" / "source")))
 
@@ -199,9 +228,10 @@ def _source_stage(spec: ConversionSpec, out: Path, seed: int) -> list[dict]:
              "wall_s": summary["wall_time_s"]}]
 
 
-def _variant_stage(spec: ConversionSpec, out: Path, seed: int, variant: str) -> list[dict]:
-    """Convert seed's source to `variant` with each initialisation, uptrain each, and train it from scratch."""
-    from qkvlab.convert import convert_variant
+def _variant_stage(spec: ConversionSpec, out: Path, seed: int, variant: str, rv: bool = False) -> list[dict]:
+    """Convert seed's source to `variant` (with rotary values: `rv`) with each initialisation, uptrain each, and
+    train it from scratch."""
+    from qkvlab.convert import convert_variant, with_rotary_values
     from qkvlab.models.io import load_model, save_model
     from qkvlab.models.tokenizer import recorded_tokenizer
     from qkvlab.train.config import RunConfig, TrainConfig
@@ -214,8 +244,9 @@ def _variant_stage(spec: ConversionSpec, out: Path, seed: int, variant: str) -> 
     calibration = task.model_inputs(task.train_batch(n, spec.calibration_windows, seed))
     rows = []
     here = out / "runs" / f"seed{seed}"
+    label = target_label(variant, rv)
     for init in spec.inits_for(variant):
-        name = f"{_slug(variant)}-{init}"
+        name = f"{_slug(variant, rv)}-{init}"
         model_dir = out / "converted" / f"seed{seed}" / name
         measured = out / "converted" / f"seed{seed}" / f"{name}.json"
         t0 = time.perf_counter()
@@ -223,14 +254,16 @@ def _variant_stage(spec: ConversionSpec, out: Path, seed: int, variant: str) -> 
             done = json.loads(measured.read_text())
         else:
             converted = convert_variant(source, variant, init, calibration if init == "lsq" else None)
+            converted = with_rotary_values(converted, rv)
             metrics = _evaluate(resolved, converted)
             save_model(converted, model_dir, tokenizer)
             done = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3)}
             atomic_write_json(measured, done)
         value = done["metrics"][metric]
-        rows.append({"seed": seed, "variant": variant, "init": init, "stage": "converted", "fraction": 0.0,
-                     "steps": 0, "total_steps": n, metric: value, "run_dir": str(model_dir), "wall_s": done["wall_s"]})
-        _say(f"[seed {seed}] {variant} {INIT_LABELS[init]}: converted {metric} {value:.4g}")
+        rows.append({"seed": seed, "variant": variant, "rotary_values": rv, "init": init, "stage": "converted",
+                     "fraction": 0.0, "steps": 0, "total_steps": n, metric: value, "run_dir": str(model_dir),
+                     "wall_s": done["wall_s"]})
+        _say(f"[seed {seed}] {label} {INIT_LABELS[init]}: converted {metric} {value:.4g}")
         for f in spec.fractions:
             steps = _budget_steps(n, f)
             up = RunConfig(task=cfg.task, variant=variant, seed=UPTRAIN_SEED_OFFSET + seed, preset=cfg.preset,
@@ -240,23 +273,24 @@ def _variant_stage(spec: ConversionSpec, out: Path, seed: int, variant: str) -> 
                                              checkpoint_every=0, progress=False,
                                              out_dir=str(here / f"{name}-up{_pct(f)}")))
             s = train(up)
-            rows.append({"seed": seed, "variant": variant, "init": init, "stage": "uptrained", "fraction": f,
-                         "steps": steps, "total_steps": n + steps, metric: s["final"][metric],
+            rows.append({"seed": seed, "variant": variant, "rotary_values": rv, "init": init, "stage": "uptrained",
+                         "fraction": f, "steps": steps, "total_steps": n + steps, metric: s["final"][metric],
                          "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
-            _say(f"[seed {seed}] {variant} {INIT_LABELS[init]}: +{_pct(f)} % uptraining ({steps} steps) "
+            _say(f"[seed {seed}] {label} {INIT_LABELS[init]}: +{_pct(f)} % uptraining ({steps} steps) "
                  f"{metric} {s['final'][metric]:.4g}")
     for f in spec.fractions:
         total = n + _budget_steps(n, f)
+        model = {**cfg.model, "rotary_values": True} if rv else dict(cfg.model)
         scratch = RunConfig(task=cfg.task, variant=variant, seed=seed, preset=cfg.preset, data_dir=cfg.data_dir,
-                            model=dict(cfg.model), optim=cfg.optim, schedule=cfg.schedule,
+                            model=model, optim=cfg.optim, schedule=cfg.schedule,
                             train=TrainConfig(steps=total, batch_size=cfg.train.batch_size, eval_every=0,
                                               checkpoint_every=0, progress=False,
-                                              out_dir=str(here / f"{_slug(variant)}-scratch{_pct(1 + f)}")))
+                                              out_dir=str(here / f"{_slug(variant, rv)}-scratch{_pct(1 + f)}")))
         s = train(scratch)
-        rows.append({"seed": seed, "variant": variant, "init": None, "stage": "scratch", "fraction": f,
-                     "steps": total, "total_steps": total, metric: s["final"][metric],
+        rows.append({"seed": seed, "variant": variant, "rotary_values": rv, "init": None, "stage": "scratch",
+                     "fraction": f, "steps": total, "total_steps": total, metric: s["final"][metric],
                      "run_dir": s["run_dir"], "wall_s": s["wall_time_s"]})
-        _say(f"[seed {seed}] {variant} from scratch, {total} steps: {metric} {s['final'][metric]:.4g}")
+        _say(f"[seed {seed}] {label} from scratch, {total} steps: {metric} {s['final'][metric]:.4g}")
     return rows
 
 
@@ -287,18 +321,24 @@ def run_conversion(spec: ConversionSpec, out: str | Path, force: bool = False, c
     import os
 
     started = time.perf_counter()
+    if any(spec.rotary_values) and spec.source is not None:
+        from qkvlab.models.io import saved_model_config
+
+        positions = saved_model_config(spec.source).positions
+        check(positions == "rotary", f"targets with rotary values need a rotary source; --source {spec.source} "
+              f"has positions={positions!r}")
     out = prepare_out(out, spec, force)
     workers = max(1, jobs)
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
     rows = _run_stages([(threads, "source", (spec, out, seed)) for seed in spec.seeds], workers)
-    rows += _run_stages([(threads, "variant", (spec, out, seed, variant))
-                         for seed in spec.seeds for variant in spec.variants], workers)
+    rows += _run_stages([(threads, "variant", (spec, out, seed, variant, rv))
+                         for seed in spec.seeds for variant, rv in spec.targets()], workers)
     wall = time.perf_counter() - started
     resolved, n, w = _resolved_source(spec, out, spec.seeds[0])
     cfg, metric, higher = resolved.config, resolved.task.metric, resolved.task.higher_is_better
     budget = {"steps": n, "batch_size": cfg.train.batch_size, "lr": cfg.optim.lr, "warmup_steps": w,
               "schedule": cfg.schedule.kind, "task": cfg.task, "preset": cfg.preset,
-              "source_variant": resolved.model.variant}
+              "source_variant": resolved.model.variant, "positions": resolved.model.positions}
     cells = aggregate(rows, spec, metric)
     table = markdown_table(cells, spec, metric, higher, budget)
     from qkvlab.train.report import machine
@@ -337,28 +377,28 @@ def aggregate(rows: list[dict], spec: ConversionSpec, metric: str) -> list[dict]
     paired change against scratch at the same total budget."""
     from qkvlab.train.stats import paired_change
 
-    def values(**match) -> dict[int, float]:
-        return {r["seed"]: r[metric] for r in rows if all(r[k] == v for k, v in match.items())}
+    def values(**match) -> dict[int, float]:  # rows written before rotary values existed have none: False
+        return {r["seed"]: r[metric] for r in rows if all(r.get(k, False) == v for k, v in match.items())}
 
     cells = []
     source = values(stage="source")
     cells.append({"stage": "source", "variant": next(r["variant"] for r in rows if r["stage"] == "source"),
                   "init": None, "fraction": 0.0, **_stats(list(source.values()))})
-    for variant in spec.variants:
+    for variant, rv in spec.targets():
+        target = {"variant": variant, "rotary_values": rv}
         for init in spec.inits_for(variant):
-            got = values(stage="converted", variant=variant, init=init)
+            got = values(stage="converted", init=init, **target)
             change = paired_change(got, source)
-            cells.append({"stage": "converted", "variant": variant, "init": init, "fraction": 0.0,
+            cells.append({"stage": "converted", **target, "init": init, "fraction": 0.0,
                           **_stats(list(got.values())), "change_vs_source": change.mean, "ci95": change.ci95})
             for f in spec.fractions:
-                got = values(stage="uptrained", variant=variant, init=init, fraction=f)
-                change = paired_change(got, values(stage="scratch", variant=variant, fraction=f))
-                cells.append({"stage": "uptrained", "variant": variant, "init": init, "fraction": f,
+                got = values(stage="uptrained", init=init, fraction=f, **target)
+                change = paired_change(got, values(stage="scratch", fraction=f, **target))
+                cells.append({"stage": "uptrained", **target, "init": init, "fraction": f,
                               **_stats(list(got.values())), "change_vs_scratch": change.mean, "ci95": change.ci95})
         for f in spec.fractions:
-            got = values(stage="scratch", variant=variant, fraction=f)
-            cells.append({"stage": "scratch", "variant": variant, "init": None, "fraction": f,
-                          **_stats(list(got.values()))})
+            got = values(stage="scratch", fraction=f, **target)
+            cells.append({"stage": "scratch", **target, "init": None, "fraction": f, **_stats(list(got.values()))})
     return cells
 
 
@@ -378,7 +418,7 @@ def _cell(c: dict | None, key: str | None = None) -> str:
 def markdown_table(cells: list[dict], spec: ConversionSpec, metric: str, higher: bool, budget: dict) -> str:
     """The table: one row per (variant, init) and a scratch row per variant; columns converted, then uptrained."""
     def find(**match):
-        return next((c for c in cells if all(c[k] == v for k, v in match.items())), None)
+        return next((c for c in cells if all(c.get(k) == v for k, v in match.items())), None)
 
     n = budget["steps"]
     head = ["target", "initialisation", "converted (+0 steps)"]
@@ -387,14 +427,15 @@ def markdown_table(cells: list[dict], spec: ConversionSpec, metric: str, higher:
     src = find(stage="source")
     lines.append("| " + " | ".join([f"{src['variant']} (source, {n} steps)", "–", _cell(src)]
                                    + ["–"] * len(spec.fractions)) + " |")
-    for variant in spec.variants:
+    for variant, rv in spec.targets():
+        target, label = {"variant": variant, "rotary_values": rv}, target_label(variant, rv)
         for init in spec.inits_for(variant):
-            row = [variant, INIT_LABELS[init], _cell(find(stage="converted", variant=variant, init=init))]
-            row += [_cell(find(stage="uptrained", variant=variant, init=init, fraction=f), "change_vs_scratch")
+            row = [label, INIT_LABELS[init], _cell(find(stage="converted", init=init, **target))]
+            row += [_cell(find(stage="uptrained", init=init, fraction=f, **target), "change_vs_scratch")
                     for f in spec.fractions]
             lines.append("| " + " | ".join(row) + " |")
-        row = [variant, "from scratch, same total steps", "–"]
-        row += [_cell(find(stage="scratch", variant=variant, fraction=f)) + f" ({n + _budget_steps(n, f)} steps)"
+        row = [label, "from scratch, same total steps", "–"]
+        row += [_cell(find(stage="scratch", fraction=f, **target)) + f" ({n + _budget_steps(n, f)} steps)"
                 for f in spec.fractions]
         lines.append("| " + " | ".join(row) + " |")
     better = "higher" if higher else "lower"
@@ -407,7 +448,7 @@ def document(table: str, spec: ConversionSpec, data: dict) -> str:
     b, m = data["budget"], data["machine"]
     lines = [
         f"# Conversion: {b['task']} ({b['preset']} preset), {b['source_variant']} to "
-        f"{', '.join(spec.variants)}",
+        f"{', '.join(target_label(v, rv) for v, rv in spec.targets())}",
         "",
         table,
         "",
@@ -419,6 +460,10 @@ def document(table: str, spec: ConversionSpec, data: dict) -> str:
         f"of the command "
         f"{data['wall_time_s']:.0f} s (training and evaluation summed over rows: {data['rows_wall_s']:.0f} s)",
         f"- calibration for lsq: {spec.calibration_windows} training windows per seed",
+        f"- positions: {b.get('positions', 'as the preset')}"
+        + ("; rotary values: the converted weights with values turned by their positions "
+           "(`qkvlab.convert.with_rotary_values`), uptrained and trained from scratch that way"
+           if any(spec.rotary_values) else ""),
         "",
         "Definitions:",
         "",

@@ -107,6 +107,36 @@ def test_convert_bad_variant_exits_2_and_writes_nothing(saved, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
+def test_convert_rotary_values(tmp_path, capsys):
+    """--rotary-values: the saved model has them, its weights are the converted ones, and it decodes with its
+    cache as its full forward does."""
+    from qkvlab.convert import convert_variant
+
+    torch.manual_seed(0)
+    source = build_model(ModelConfig(variant="QKV", positions="rotary", n_layers=2, d_model=32, n_heads=4,
+                                     max_seq_len=64)).eval()
+    src = save_model(source, tmp_path / "rotary")
+    assert main(["convert", str(src), "--variant", "Q-MQA", "--rotary-values", "--out", str(tmp_path / "rv")]) == 0
+    assert "Q-MQA model with rotary values" in capsys.readouterr().out
+    got = load_model(tmp_path / "rv").eval()
+    assert got.config.rotary_values and got.config.variant == "Q-MQA"
+    for name, t in convert_variant(source, "Q-MQA").state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
+    idx = torch.randint(0, 256, (1, 9))
+    cache = got.make_cache(1)
+    with torch.no_grad():
+        got(idx[:, :8], cache=cache)
+        torch.testing.assert_close(got(idx[:, 8:], cache=cache)[:, -1], got(idx)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_convert_rotary_values_needs_a_rotary_source(saved, tmp_path, capsys):
+    _, path = saved  # learned positions
+    assert main(["convert", str(path), "--variant", "Q-K=V", "--rotary-values", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--rotary-values needs a source with rotary positions" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_analyze_reports_every_layer(saved, capsys):
     _, path = saved
     assert main(["analyze", str(path), "--random-inputs", "--batch", "2", "--json"]) == 0

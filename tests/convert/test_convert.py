@@ -84,3 +84,40 @@ def test_gqa_pooling_averages_consecutive_heads():
     k = attn.qkv.weight[d:2 * d].reshape(4, D, d)  # (H, D, C)
     pooled = convert_variant(model, "GQA-2").backbone.blocks[1].attn.qkv.weight[d:d + 2 * D].reshape(2, D, d)
     torch.testing.assert_close(pooled, k.reshape(2, 2, D, d).mean(1))
+
+
+def test_rotary_values_switch_keeps_the_weights_and_round_trips():
+    """Switching rotary values on keeps every weight; the model computes another function (values turned), and
+    switching off again gives back the source's logits exactly."""
+    from qkvlab.convert import with_rotary_values
+
+    model = _tiny("Q-K=V", positions="rotary")
+    on = with_rotary_values(model)
+    assert on.config.rotary_values and not model.config.rotary_values
+    assert on.state_dict().keys() == model.state_dict().keys()
+    for name, t in model.state_dict().items():
+        assert torch.equal(on.state_dict()[name], t), name
+    with torch.no_grad():
+        assert not torch.allclose(on(IDX), model(IDX), atol=1e-3)  # the values now turn with their positions
+        torch.testing.assert_close(with_rotary_values(on, False)(IDX), model(IDX), atol=0, rtol=0)
+    assert with_rotary_values(on) is on  # already set: unchanged
+
+
+@pytest.mark.parametrize("target", ["Q-K=V", "Q-MQA", "Q-GQA-2"])
+def test_rotary_values_switch_commutes_with_conversion(target):
+    """Tie then switch, or switch then tie: the same model (the switch touches no weight)."""
+    from qkvlab.convert import with_rotary_values
+
+    model = _tiny("QKV", positions="rotary")
+    a = with_rotary_values(convert_variant(model, target))
+    b = convert_variant(with_rotary_values(model), target)
+    assert a.config == b.config and a.config.rotary_values
+    with torch.no_grad():
+        torch.testing.assert_close(a(IDX), b(IDX), atol=0, rtol=0)
+
+
+def test_rotary_values_switch_needs_rotary_positions():
+    from qkvlab.convert import with_rotary_values
+
+    with pytest.raises(QkvlabError, match="positions='rotary'"):
+        with_rotary_values(_tiny("Q-K=V"))

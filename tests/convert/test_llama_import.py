@@ -85,6 +85,24 @@ def test_cli_llama_import_then_convert(tmp_path, capsys):
     assert "wrote Q-MQA model" in capsys.readouterr().out
 
 
+def test_cli_llama_to_q_mqa_with_rotary_values(tmp_path, capsys):
+    """A Llama directory straight to Q-MQA with rotary values: the imported, converted weights in a model that
+    turns values by position, whose cached decoding equals its full forward."""
+    from qkvlab.convert import with_rotary_values
+
+    _hf_llama(tmp_path / "hf")
+    assert main(["convert", "--llama", str(tmp_path / "hf"), "--variant", "Q-MQA", "--rotary-values",
+                 "--out", str(tmp_path / "rv")]) == 0
+    assert "wrote Q-MQA model with rotary values" in capsys.readouterr().out
+    got = load_model(tmp_path / "rv")
+    want = with_rotary_values(load_llama(tmp_path / "hf", "Q-MQA"))
+    with torch.no_grad():
+        full = got(IDX)
+        torch.testing.assert_close(full, want(IDX), atol=0, rtol=0)
+        assert not torch.allclose(full, load_llama(tmp_path / "hf", "Q-MQA")(IDX), atol=1e-3)
+    torch.testing.assert_close(cached_logits(got, IDX, (5,) + (1,) * 7), full, **TOL)
+
+
 def _edit(path, config=None, drop=None, reshape=None):
     from safetensors.torch import load_file, save_file
 

@@ -114,3 +114,88 @@ def test_tiny_conversion_experiment_end_to_end_and_resumed(tmp_path, fetched, ca
     again = json.loads((out / "conversion.json").read_text())
     assert [r["perplexity"] for r in again["rows"]] == [r["perplexity"] for r in data["rows"]]
     assert "resumed" not in capsys.readouterr().out
+
+
+def _rv_rows(spec):
+    """_rows with every target row once per rotary-values setting; rotary values 1 lower after uptraining."""
+    rows = []
+    for r in _rows(spec):
+        if r["stage"] == "source":
+            rows.append(r)
+            continue
+        for rv in spec.rotary_values:
+            bump = -1 if rv and r["stage"] != "converted" else 0
+            rows.append({**r, "rotary_values": rv, "perplexity": r["perplexity"] + bump})
+    return rows
+
+
+def test_table_has_rotary_value_targets_beside_plain_ones():
+    spec = ConversionSpec(seeds=(0, 1), variants=("Q-K=V",), inits=("mean",), fractions=(0.2,),
+                          positions="rotary", rotary_values=(True, False))
+    assert spec.rotary_values == (False, True) and spec.targets() == [("Q-K=V", False), ("Q-K=V", True)]
+    cells = aggregate(_rv_rows(spec), spec, "perplexity")
+    lines = markdown_table(cells, spec, "perplexity", False, {"steps": 400}).splitlines()
+    assert [ln.split(" | ")[0:2] for ln in lines[3:7]] == [
+        ["| Q-K=V", "mean"], ["| Q-K=V", "from scratch, same total steps"],
+        ["| Q-K=V, rotary values", "mean"], ["| Q-K=V, rotary values", "from scratch, same total steps"]]
+    assert "| Q-K=V, rotary values | from scratch, same total steps | – | 11.850 ± 0.071 (480 steps) |" in lines
+    assert "| Q-K=V | from scratch, same total steps | – | 12.850 ± 0.071 (480 steps) |" in lines
+
+
+def test_rows_without_rotary_values_read_as_plain():
+    """Rows stored before the setting existed carry no rotary_values: they aggregate as plain targets."""
+    spec = ConversionSpec(seeds=(0, 1), variants=("Q-K=V",), inits=("mean",), fractions=(0.2,))
+    old = aggregate(_rows(spec), spec, "perplexity")
+    assert [c["mean"] for c in old] == [c["mean"] for c in aggregate(_rv_rows(spec), spec, "perplexity")]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rotary_values": (True,)}, "need rotary sources"),
+    ({"rotary_values": (True,), "positions": "learned"}, "need rotary sources"),
+    ({"positions": "alibi"}, "positions 'alibi'"),
+    ({"rotary_values": ()}, "rotary_values"),
+    ({"rotary_values": ("on",)}, "rotary_values"),
+])
+def test_bad_rotary_settings_are_one_line_errors(kwargs, match):
+    with pytest.raises(QkvlabError, match=match):
+        ConversionSpec(**kwargs)
+
+
+def test_spec_without_rotary_settings_matches_one_stored_before_them(tmp_path):
+    """An experiment directory written before positions / rotary values existed still resumes."""
+    spec = ConversionSpec(seeds=(0,))
+    assert "positions" not in spec.to_dict() and "rotary_values" not in spec.to_dict()
+    rotary = ConversionSpec(seeds=(0,), positions="rotary", rotary_values=(False, True)).to_dict()
+    assert rotary["positions"] == "rotary" and rotary["rotary_values"] == [False, True]
+
+
+def test_cli_rotary_values_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    for argv, match in ((["--rotary-values", "yes"], "--rotary-values 'yes' is not off or on"),
+                        (["--rotary-values", "on"], "need rotary sources"),
+                        (["--positions", "rotary", "--source", str(tmp_path)], "not a run directory")):
+        assert main(["experiment", "conversion", *argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_tiny_conversion_to_rotary_values_end_to_end(tmp_path, fetched):
+    """A rotary source converted with rotary values: the converted model, its uptraining and the scratch run all
+    have them; the table names the target."""
+    from qkvlab.models.io import load_model, saved_model_config
+
+    fetched("shakespeare")
+    out = tmp_path / "exp"
+    assert main(["experiment", "conversion", "--preset", "tiny", "--seeds", "0", "--variants", "Q-MQA",
+                 "--inits", "mean", "--uptrain", "0.1", "--positions", "rotary", "--rotary-values", "on",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "conversion.json").read_text())
+    assert data["budget"]["positions"] == "rotary"
+    assert "--positions rotary --rotary-values on" in data["command"]
+    by_stage = {r["stage"]: r for r in data["rows"]}
+    assert load_model(by_stage["source"]["run_dir"]).config.rotary_values is False
+    for stage in ("converted", "uptrained", "scratch"):
+        assert by_stage[stage]["rotary_values"] is True
+        config = saved_model_config(by_stage[stage]["run_dir"])
+        assert config.rotary_values and config.positions == "rotary" and config.variant == "Q-MQA", stage
+    assert "| Q-MQA, rotary values | mean |" in (out / "conversion.md").read_text()
