@@ -9,7 +9,9 @@ weights (no downloads):
   same math). litgpt has no learned positions: its peer rotates all of each head (rotary) and has no position
   table, so it has max_seq_len x d_model fewer parameters.
 - "llama": rotary, RMSNorm, SwiGLU (d_mlp 1024), no biases, untied head; ours GQA-2 and Q-GQA-2. The Hugging Face
-  peer is our GQA-2 model's weights in a `LlamaForCausalLM` with 2 key/value heads.
+  peer is our GQA-2 model's weights in a `LlamaForCausalLM` with 2 key/value heads. With `rotary_values`, also
+  "Q-GQA-2 (rotary values)": the same weights with values turned by position, so the one tensor a K = V cache
+  holds is read with no rotation (a model no peer has; its speed-ups are against the peers' GQA-2).
 
 Measured, each as its library's own generation does it, interleaved over repeats (the order rotates every round)
 and reported as medians:
@@ -53,6 +55,7 @@ from qkvlab.arch import ModelConfig, is_positive_int
 from qkvlab.bench.roofline import Gemm, PeakMemory, matmul_peak, read_bandwidth, training_gemms
 from qkvlab.cost import cache_bytes, describe, macs, measured_flops, param_counts
 from qkvlab.errors import check
+from qkvlab.variants import parse_variant
 
 # shape name -> (our variants, ModelConfig fields); sizes come from BenchSettings
 SHAPES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -95,6 +98,7 @@ class BenchSettings:
     seed: int = 0
     device: str = "cpu"
     fused_rotary: bool = False  # also time our variants through the one-pass cache read, as "(fused)" rows
+    rotary_values: bool = False  # also time rotary shapes' tied variants with rotary values (ours only: no peer has it)
     train_dtype: str = "float32"  # "bfloat16": every contender's training step under bf16 autocast
     train_loss: str = "native"  # TRAIN_LOSSES
 
@@ -125,6 +129,8 @@ class BenchSettings:
                                        f"got {self.heads}")
             check((self.d_model // self.heads) % 2 == 0, "the llama shape is rotary: head_dim (--d-model / --heads) "
                                                          "must be even")
+        check(not self.rotary_values or any(SHAPES[s][1]["positions"] == "rotary" for s in self.shapes),
+              f"--rotary-values times rotary shapes (llama); --shapes {' '.join(self.shapes)} has none")
         check(self.device == "cpu" or self.device.startswith("cuda"),
               f"--device must be cpu or cuda[:N], got {self.device!r}")
 
@@ -328,8 +334,11 @@ def build_contenders(settings: BenchSettings, shape: str, available: dict[str, b
     from qkvlab.models import build_model
 
     device = torch.device(settings.device)
-    ours = [Contender(v, build_model(settings.config(shape, v), seed=settings.seed).to(device),
-                      settings.config(shape, v)) for v in SHAPES[shape][0]]
+    configs = [(v, settings.config(shape, v)) for v in SHAPES[shape][0]]
+    if settings.rotary_values and SHAPES[shape][1]["positions"] == "rotary":  # K = V read with no rotation
+        configs += [(f"{v} (rotary values)", c.replace(rotary_values=True)) for v, c in configs
+                    if parse_variant(v).kv_tied]
+    ours = [Contender(name, build_model(c, seed=settings.seed).to(device), c) for name, c in configs]
     if settings.fused_rotary:  # the same models again, decoding through the one-pass cache read
         ours += [Contender(f"{c.name} (fused)", c.model, c.config, "one-pass cache read", fused_rotary=True)
                  for c in list(ours)]

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused-rotary", action="store_true", default=None,
                    help="also time our variants decoding through the one-pass cache read (qkvlab.nn.rotary_read: "
                         "K = V rotary keys rotated while read, large caches read once), as '(fused)' rows")
+    p.add_argument("--rotary-values", action="store_true", default=None,
+                   help="also time the llama shape's Q-GQA-2 with rotary values (model.rotary_values: its K = V cache "
+                        "read with no rotation), as a '(rotary values)' row of ours")
     p.add_argument("--train-dtype", help="float32 (default) or bfloat16: every contender's training step under "
                                          "bf16 autocast (what train.dtype=auto picks on a CPU with bf16 hardware)")
     p.add_argument("--train-loss", help="native (default: each library's own training loss; ours without the full "
@@ -55,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _FIELDS = ("shapes", "peers", "phases", "layers", "d_model", "heads", "vocab", "d_mlp", "train_batch", "train_len",
            "prefill_len", "contexts", "batches", "repeats", "bandwidth_mib", "max_cache_gib", "device", "seed",
-           "fused_rotary", "train_dtype", "train_loss")
+           "fused_rotary", "rotary_values", "train_dtype", "train_loss")
 
 
 def run(args: argparse.Namespace) -> int:

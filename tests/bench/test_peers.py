@@ -96,6 +96,35 @@ def test_decode_steps_agree_with_the_full_forward(shape):
         torch.testing.assert_close(again, first)
 
 
+def test_rotary_values_row_is_the_tied_model_with_values_turned():
+    """--rotary-values adds Q-GQA-2 with rotary values to the llama shape only: the same weights as Q-GQA-2, another
+    function, its timed decode step equal to its full forward; the speed-up columns compare it with the peers."""
+    settings = bench.BenchSettings(**{**TINY, "rotary_values": True})
+    assert [c.name for c in bench.build_contenders(settings, "gpt2", {})] == ["QKV", "Q-K=V"]
+    contenders = bench.build_contenders(settings, "llama", {"hf": True})
+    assert [c.name for c in contenders] == ["GQA-2", "Q-GQA-2", "Q-GQA-2 (rotary values)", HF["llama"]]
+    tied, rv = contenders[1], contenders[2]
+    assert rv.kind == "ours" and rv.config.rotary_values and not tied.config.rotary_values
+    for name, t in tied.model.state_dict().items():
+        assert torch.equal(rv.model.state_dict()[name], t), name
+    idx = torch.randint(0, 64, (2, 9))
+    token = idx[:, 8:]
+    with torch.inference_mode():
+        assert not torch.allclose(rv.logits(idx), tied.logits(idx), atol=1e-4)
+        rv.model.eval()
+        cache = rv.fill(2, 8, torch.Generator().manual_seed(1))
+        prefix = torch.cat(list(bench._chunks(2, 8, 64, torch.Generator().manual_seed(1), torch.device("cpu"))), 1)
+        torch.testing.assert_close(rv.step(cache, token, 8), rv.logits(torch.cat([prefix, token], 1))[:, -1:],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_rotary_values_cli_times_the_extra_row(capsys):
+    code, out, err = run_cli(["bench", *TINY_ARGS, "--peers", "hf", "--shapes", "llama", "--phases", "decode",
+                              "--rotary-values"], capsys)
+    assert code == 0, err
+    assert "Q-GQA-2 (rotary values)" in out
+
+
 def test_missing_peer_is_reported_not_raised(monkeypatch, capsys):
     monkeypatch.setattr(bench, "peer_status", lambda peer: (False, "import transformers failed (test)"))
     settings = bench.BenchSettings(**{**TINY, "shapes": ("gpt2",), "phases": ("prefill",), "batches": (1,)})
@@ -216,6 +245,7 @@ def test_peak_memory_sees_an_allocation():
     (["--max-cache-gib", "0"], "--max-cache-gib must be > 0"),
     (["--train-dtype", "fp16"], "--train-dtype must be one of float32, bfloat16, got 'fp16'"),
     (["--repeats", "x"], "invalid int value: 'x'"),
+    (["--rotary-values", "--shapes", "gpt2"], "--rotary-values times rotary shapes (llama); --shapes gpt2 has none"),
 ])
 def test_bad_values_are_one_line_errors(argv, expect, capsys):
     code, out, err = run_cli(["bench", *argv], capsys)
