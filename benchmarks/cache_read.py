@@ -10,9 +10,14 @@ alternating, with base / tree ratios (above 1: the tree is faster).
 
     python benchmarks/cache_read.py --threads 2
     python benchmarks/cache_read.py --threads 2 --base HEAD~1 --reads tied-rotary grouped-rotary
+    python benchmarks/cache_read.py --threads 2 --base HEAD~1 --cache-dtype bf16 int8
+
+With `--cache-dtype` the caches are stored as each dtype (bf16; int8 / fp8 with a bfloat16 scale a vector) and
+every read is timed over each, rows named "read@dtype"; bytes are the stored ones (scales included).
 
 Reads (6 query heads; keys of 64 dims):
     qkv             separate keys and values, one query head a key (QKV, stored rotated)
+    gqa             separate keys and values, three query heads a key (GQA-2, stored rotated)
     tied-learned    one K = V stream read as stored, one query head a key (Q-K=V, learned positions)
     tied-rotary     one K = V stream rotated while read, one query head a key (Q-K=V, rotary)
     grouped-rotary  K = V rotated while read, three query heads a key (Q-GQA-2, rotary)
@@ -34,10 +39,12 @@ import torch
 from kernel_ab import build_base  # benchmarks/, on the path when this script runs
 
 from qkvlab.nn import kv_decode
+from qkvlab.nn.kv_cache import quantize
 
 HEADS, DIM = 6, 64
 READS = {  # name: (key heads, query heads a key, rotary, separate values)
     "qkv": (6, 1, False, True),
+    "gqa": (2, 3, False, True),
     "tied-learned": (6, 1, False, False),
     "tied-rotary": (6, 1, True, False),
     "grouped-rotary": (2, 3, True, False),
@@ -56,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--bandwidth-mib", type=int, default=64)
     p.add_argument("--base", help="git revision whose kernels run beside the tree's")
+    p.add_argument("--cache-dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8", "fp8"],
+                   help="how the caches are stored (each timed)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     for name in ("batch", "context", "layers", "rounds", "bandwidth_mib"):
@@ -71,21 +80,32 @@ def rotation_table(T: int, D: int) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], -1).reshape(T, D).contiguous()
 
 
-def make_read(name: str, B: int, T: int, layers: int, rot: torch.Tensor) -> tuple[Callable[[], None], int, int]:
+def stored(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x as a cache of `dtype` stores it: (values, bfloat16 scales or None)."""
+    if dtype == "fp32":
+        return x, None
+    if dtype == "bf16":
+        return x.bfloat16(), None
+    return quantize(x, torch.int8 if dtype == "int8" else torch.float8_e4m3fn)
+
+
+def make_read(name: str, B: int, T: int, layers: int, rot: torch.Tensor,
+              dtype: str = "fp32") -> tuple[Callable[[], None], int, int]:
     """(one pass over every layer's cache, cache bytes a layer, keys a layer)."""
     H, G, rotary, separate = READS[name]
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(B, H, G, DIM, generator=gen) * DIM ** -0.5  # (B, H_kv, G, D)
     q_swap = torch.randn(B, H, G, DIM, generator=gen) * DIM ** -0.5 if rotary else None
-    keys = [torch.randn(B, H, T, DIM, generator=gen) for _ in range(layers)]  # (B, H_kv, T, D) each
-    values = [torch.randn(B, H, T, DIM, generator=gen) for _ in range(layers)] if separate else None
+    keys = [stored(torch.randn(B, H, T, DIM, generator=gen), dtype) for _ in range(layers)]  # (B, H_kv, T, D) each
+    values = [stored(torch.randn(B, H, T, DIM, generator=gen), dtype) for _ in range(layers)] if separate else None
 
     def run() -> None:
         for i in range(layers):
-            kv_decode.decode(q, q_swap, keys[i], rot if rotary else None, None,
-                             values=None if values is None else values[i])
+            (k, ks), (v, vs) = keys[i], (None, None) if values is None else values[i]
+            kv_decode.decode(q, q_swap, k, rot if rotary else None, None, ks, values=v, value_scales=vs)
 
-    per_layer = keys[0].numel() * 4 * (2 if separate else 1)
+    k, ks = keys[0]
+    per_layer = (k.numel() * k.element_size() + (0 if ks is None else ks.numel() * 2)) * (2 if separate else 1)
     return run, per_layer, B * H * T
 
 
@@ -100,7 +120,9 @@ def main() -> None:
         if args.base:
             libraries = {"base": build_base(args.base, Path(tmp)), "tree": tree}
         rot = rotation_table(args.context, DIM)
-        reads = {name: make_read(name, args.batch, args.context, args.layers, rot) for name in args.reads}
+        reads = {name if dtype == "fp32" else f"{name}@{dtype}": make_read(name, args.batch, args.context, args.layers,
+                                                                          rot, dtype)
+                 for name in args.reads for dtype in args.cache_dtype}
         probe = torch.randn(args.bandwidth_mib * 2 ** 20 // 4)
         times: dict[tuple[str, str], list[float]] = {(r, lib): [] for r in reads for lib in libraries}
         rates: list[float] = []
@@ -123,7 +145,7 @@ def main() -> None:
     print(f"cache read alone: batch {args.batch}, {args.context:,} cached, {args.layers} caches cycled, "
           f"{threads} threads, {args.rounds} rounds; x.sum() {bandwidth / 1e9:.1f} GB/s "
           f"(range {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f})")
-    print(f"{'read':16s} {'kernels':8s} {'ms/layer':>9s} {'GB/s':>6s} {'ns/key/thread':>14s} {'of x.sum()':>10s}"
+    print(f"{'read':21s} {'kernels':8s} {'ms/layer':>9s} {'GB/s':>6s} {'ns/key/thread':>14s} {'of x.sum()':>10s}"
           + ("  base/tree" if args.base else ""))
     for r, (_, nbytes, keys) in reads.items():
         for lib in libraries:
@@ -131,7 +153,7 @@ def main() -> None:
             ratio = ""
             if args.base and lib == "tree":
                 ratio = f"  {statistics.median(times[(r, 'base')]) / s:.3f}x"
-            print(f"{r:16s} {lib:8s} {s * 1e3:9.3f} {nbytes / s / 1e9:6.1f} {s / keys * threads * 1e9:14.2f} "
+            print(f"{r:21s} {lib:8s} {s * 1e3:9.3f} {nbytes / s / 1e9:6.1f} {s / keys * threads * 1e9:14.2f} "
                   f"{100 * nbytes / s / bandwidth:9.0f} %{ratio}")
 
 

@@ -8,6 +8,10 @@ medians and base / tree (above 1: the tree's kernels are faster).
 
     python benchmarks/kernel_ab.py --base HEAD~1 --threads 2
     python benchmarks/kernel_ab.py --base 004f775~1 --cells QKV:learned:4:512 Q-MQA:rotary:4:8192 --rounds 31
+    python benchmarks/kernel_ab.py --base HEAD --cache-dtype bf16 --cells Q-MQA:rotary:4:8192
+
+With `--cache-dtype bf16 / int8 / fp8` the caches are stored so; the native step takes float32 caches only, so
+those steps run the model's per-layer path, whose cache reads still call the kernels compared.
 
 A cell is variant:positions:batch:context; positions learned, rotary, or llama (rotary, RMSNorm, SwiGLU 1024).
 """
@@ -38,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cells", nargs="+", default=CELLS)
     p.add_argument("--rounds", type=int, default=21, help="interleaved rounds (each times both libraries once)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8", "fp8"])
     return p.parse_args()
 
 
@@ -110,12 +115,14 @@ def main() -> None:
         base = build_base(args.base, Path(tmp))
         libraries = {"base": base, "tree": tree}
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; base = kernels at {args.base}, tree = "
-              f"the working tree's; 6 layers, d_model 384, 6 heads; medians of {args.rounds} interleaved rounds")
+              f"the working tree's; 6 layers, d_model 384, 6 heads, {args.cache_dtype} caches; medians of "
+              f"{args.rounds} interleaved rounds")
         print(f"{'variant':8} {'positions':9} {'batch':>5} {'context':>7} {'base ms':>8} {'tree ms':>8} "
               f"{'base/tree':>9}")
         for variant, positions, batch, context in cells:
             model = models[variant, positions, context]
-            step, _ = decode_step_fn(model, batch, context, SHAPE["vocab_size"], fused=True)
+            step, _ = decode_step_fn(model, batch, context, SHAPE["vocab_size"], fused=True,
+                                     dtype=None if args.cache_dtype == "fp32" else args.cache_dtype)
             fns = {name: with_library(lib, step) for name, lib in libraries.items()}
             for fn in fns.values():
                 fn()  # warm-up

@@ -367,23 +367,31 @@ def test_large_float_caches_read_in_one_pass_and_equal_the_full_forward(variant,
 
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
-                                           (2, 2, 3, 65, 32)])
+                                           (2, 2, 3, 65, 32), (1, 3, 1, 300, 64), (2, 1, 5, 260, 64)])
 @pytest.mark.parametrize("dtype", QUANTIZED)
 def test_the_cpu_kernel_dequantises_a_quantised_cache_as_it_reads(B, H, G, T, D, rotate, dtype):
-    """int8 / float8 values and bfloat16 scales read in place give what the dequantised float cache gives."""
+    """int8 / float8 values and bfloat16 scales read in place (one stream, or keys and values apart; rows of other
+    lengths) give what the dequantised float cache gives."""
     g = torch.Generator().manual_seed(T + D)
     q, x = torch.randn(B, H, G, D, generator=g), torch.randn(B, H, T + 3, D, generator=g)
     values, scales = quantize(x, dtype)
     values, scales = values[:, :, :T], scales[:, :, :T]  # views of a longer cache, as the model reads them
     rot = Rotary(D, T, rotary_dim=int(D * rotate)).read_table(T, "cpu") if rotate else None
     swapped = rotary_read.pair_swap(q) if rotate else None
-    want = kv_decode.decode(q, swapped, dequantize(values, scales), rot, None)
-    assert torch.allclose(kv_decode.decode(q, swapped, values, rot, None, scales), want, atol=ATOL)
+    mask = _ragged_mask(B, T, g)
+    want = kv_decode.decode(q, swapped, dequantize(values, scales), rot, mask)
+    assert torch.allclose(kv_decode.decode(q, swapped, values, rot, mask, scales), want, atol=ATOL)
+    if not rotate:  # keys and values apart (QKV, GQA), each with its own scales
+        v, v_scales = (t[:, :, :T] for t in quantize(torch.randn(B, H, T + 3, D, generator=g), dtype))
+        want = kv_decode.decode(q, None, dequantize(values, scales), None, mask, values=dequantize(v, v_scales))
+        assert torch.allclose(kv_decode.decode(q, None, values, None, mask, scales, values=v, value_scales=v_scales),
+                              want, atol=ATOL)
 
 
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
-                                           (2, 2, 3, 65, 48)])
+                                           (2, 2, 3, 65, 48), (1, 3, 1, 300, 64), (2, 1, 5, 260, 64),
+                                           (2, 2, 4, 129, 32), (1, 2, 2, 700, 128)])
 def test_the_cpu_kernel_widens_a_bfloat16_cache_as_it_reads(B, H, G, T, D, rotate):
     """bfloat16 values read in place (one stream, or keys and values apart) give what their float32 copy gives."""
     g = torch.Generator().manual_seed(T + D + 1)

@@ -11,9 +11,10 @@
 // 32, 64 or 128 take `attend_vec` (16 keys per vector of scores, each (row, key head) in order; rotary keys
 // with one query head a key: `attend_streams`, two (row, key head) streams sharing the table; two, three, four or
 // six query heads a key of up to 64 dims, rotary or not: `attend_heads`, each key (rotated in registers) scored
-// for all of them at once; other groups `attend_group`); the rest
-// (quantised caches, other head sizes) `attend_range` (four keys at a time without a table; with one, rows and
-// heads inner, so each block of the table is read once for all of them). Ranges (flash-decoding's split) give
+// for all of them at once; other groups `attend_group`); bfloat16 and quantised caches of those head sizes widen
+// a chunk of positions at a time into float32 scratch and read it through the same loops (`attend_widened`);
+// other head sizes `attend_range` (four keys at a time without a table; with one, rows and heads inner, so each
+// block of the table is read once for all of them). Ranges (flash-decoding's split) give
 // every thread work at batch 1 and are merged by log-sum-exp; short caches split the rows and heads as well.
 // Plain C++ and OpenMP, no PyTorch headers: built at first use with the system compiler and called through
 // ctypes (qkvlab/nn/kv_decode.py).
@@ -65,6 +66,12 @@ inline float bf16_to_float(uint16_t bits) {
 
 struct Partial {  // one work item's softmax state for every (row, query head)
   std::vector<float> m, l, acc;  // (B * H * G), (B * H * G), (B * H * G, D)
+
+  void start(int64_t rows, int64_t D) {  // nothing attended yet
+    m.assign(rows, -INFINITY);
+    l.assign(rows, 0.f);
+    acc.assign(rows * D, 0.f);
+  }
 };
 
 // Where a quantised cache's scales are: scale of vector t of head h in row b at data + b * sb + h * sh + t.
@@ -690,9 +697,7 @@ void attend_vec(const float* q, const float* /*qs*/, Stream<float> key, Stream<f
                 int64_t t1, int64_t bh0, int64_t bh1, Partial& out) {
   constexpr int kS = kRotate && kD <= 64 ? 2 : 1;
   const int64_t HG = B * H * G;
-  out.m.assign(HG, -INFINITY);
-  out.l.assign(HG, 0.f);
-  out.acc.assign(HG * kD, 0.f);
+  out.start(HG, kD);
   std::vector<float> probs(G * 16), rescale(G);  // a block's softmax weights and accumulator rescaling per head
   std::vector<float*> accs(G);
   if constexpr (kD <= 64) {
@@ -787,12 +792,92 @@ template <int64_t kD>
 void attend_pairs(const float* q, const float* qs, Stream<float> key, Stream<float> val, const float* rot,
                   const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t t0, int64_t t1,
                   int64_t bh0, int64_t bh1, Partial& out) {
-  out.m.assign(B * H * G, -INFINITY);
-  out.l.assign(B * H * G, 0.f);
-  out.acc.assign(B * H * G * kD, 0.f);
+  out.start(B * H * G, kD);
   int64_t bh = bh0;
   for (; bh + 2 <= bh1; bh += 2) attend_streams<kD, 2>(q, qs, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
   for (; bh < bh1; ++bh) attend_streams<kD, 1>(q, qs, key, val, rot, mask, mask_stride, H, t0, t1, bh, out);
+}
+
+// Caches stored narrower than float32 (bfloat16 bits; int8 or float8 codes with their scales), heads of 32, 64 or
+// 128 dims: a work item widens kWiden positions of one or two (row, key head) streams at a time into float32
+// scratch (each vector its decoded values times its scale), which stays in L2, and reads that with the float32
+// loops above, their softmax state carried from chunk to chunk. Memory gives the narrow bytes; the arithmetic is
+// the float32 read's (against `attend_range`'s general loop, which the other head sizes keep).
+constexpr int64_t kWiden = 128;
+
+// Vectors t0 .. t0 + n - 1 of stream s's (row b, head h) as floats, into out (n, D).
+template <typename V>
+inline void widen(const Stream<V>& s, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t D, float* out) {
+  constexpr bool kQuantized = std::is_same_v<V, int8_t> || std::is_same_v<V, uint8_t>;
+  const V* src = s.data + b * s.sb + h * s.sh + t0 * s.st;
+  for (int64_t t = 0; t < n; ++t) {
+    const V* x = src + t * s.st;
+    float* __restrict__ y = out + t * D;
+    if constexpr (std::is_same_v<V, uint16_t>) {  // bfloat16: the bits are a float32's upper half
+      const auto* w = reinterpret_cast<const uint16_t*>(x);
+      auto* u = reinterpret_cast<uint32_t*>(y);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) u[d] = static_cast<uint32_t>(w[d]) << 16;
+    } else if constexpr (kQuantized) {
+      const float scale = bf16_to_float(s.scales.data[b * s.scales.sb + h * s.scales.sh + t0 + t]);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) y[d] = load(x[d], s.lut) * scale;
+    }
+  }
+}
+
+template <typename V, int64_t kD, bool kRotate>
+void attend_widened(const float* q, const float* qs, Stream<V> key, Stream<V> val, const float* rot,
+                    const bool* mask, int64_t mask_stride, int64_t B, int64_t H, int64_t G, int64_t t0, int64_t t1,
+                    int64_t bh0, int64_t bh1, Partial& out) {
+  out.start(B * H * G, kD);
+  const bool shared = key.data == val.data && key.sb == val.sb && key.sh == val.sh && key.st == val.st;
+  // Scratch for every stream up to bh1 (stream bh at bh * kWiden * kD), so the float32 loops find each (row, key
+  // head) where their strides say; only this item's streams are written, two at most a chunk.
+  thread_local std::vector<float> kbuf, vbuf;
+  const auto size = static_cast<size_t>(bh1 * kWiden * kD);
+  if (kbuf.size() < size) kbuf.resize(size);
+  if (!shared && vbuf.size() < size) vbuf.resize(size);
+  const Stream<float> kf{kbuf.data(), H * kWiden * kD, kWiden * kD, kD, Scales{nullptr, 0, 0}, nullptr};
+  const Stream<float> vf = shared ? kf : Stream<float>{vbuf.data(), kf.sb, kf.sh, kD, Scales{nullptr, 0, 0}, nullptr};
+  const bool heads = kD <= 64 && ((G >= 2 && G <= 4) || G == 6);  // attend_heads: one stream a call
+  const int64_t streams = heads ? 1 : (kRotate && (G == 1 || kD <= 64)) ? 2 : 1;
+  std::vector<float> probs(G * 16), rescale(G);  // attend_group's scratch
+  std::vector<float*> accs(G);
+  for (int64_t bh = bh0; bh < bh1; bh += streams) {
+    const int64_t ns = std::min(streams, bh1 - bh);
+    for (int64_t c0 = t0; c0 < t1; c0 += kWiden) {
+      const int64_t n = std::min(kWiden, t1 - c0);
+      for (int64_t s = bh; s < bh + ns; ++s) {
+        widen(key, s / H, s % H, c0, n, kD, kbuf.data() + s * kWiden * kD);
+        if (!shared) widen(val, s / H, s % H, c0, n, kD, vbuf.data() + s * kWiden * kD);
+      }
+      const float* r = kRotate ? rot + c0 * kD : nullptr;  // positions from c0: the chunk's 0 .. n - 1
+      const bool* mk = mask == nullptr ? nullptr : mask + c0;
+      if constexpr (kD <= 64) {
+        if (heads) {
+          if (G == 2) attend_heads<kD, 2, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else if (G == 3) attend_heads<kD, 3, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else if (G == 4) attend_heads<kD, 4, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else attend_heads<kD, 6, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          continue;
+        }
+      }
+      if constexpr (kRotate) {
+        if (G == 1) {
+          if (ns == 2) attend_streams<kD, 2>(q, qs, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else attend_streams<kD, 1>(q, qs, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          continue;
+        }
+      }
+      if (ns == 2)
+        attend_group<kD, kRotate, 2>(q, kf, vf, r, mk, mask_stride, H, G, 0, n, bh, out, probs.data(),
+                                     rescale.data(), accs.data());
+      else
+        attend_group<kD, kRotate, 1>(q, kf, vf, r, mk, mask_stride, H, G, 0, n, bh, out, probs.data(),
+                                     rescale.data(), accs.data());
+    }
+  }
 }
 
 // The work items' partial softmax states merged by log-sum-exp into out (rows = B * H * G, D).
@@ -830,27 +915,39 @@ void decode(const float* q, const float* qs, Stream<V> key, Stream<V> val, const
   std::vector<Partial> parts(splits);
   const bool* mp = reinterpret_cast<const bool*>(mask);
   const bool rotate = rot != nullptr;
-  if constexpr (std::is_same_v<V, float>) {
-    if (D == 32 || D == 64 || D == 128) {  // float32, heads of 16-float vectors: 16 keys per vector of scores
-      auto vec = rotate && G == 1
-                     ? (D == 64 ? attend_pairs<64> : D == 128 ? attend_pairs<128> : attend_pairs<32>)
-                 : rotate ? (D == 64 ? attend_vec<64, true> : D == 128 ? attend_vec<128, true> : attend_vec<32, true>)
-                        : (D == 64 ? attend_vec<64, false> : D == 128 ? attend_vec<128, false> : attend_vec<32, false>);
-      // Fewer key ranges than threads (short caches): the (row, key head) streams are split too, so every thread
-      // reads; a work item's rows outside its group keep m = -inf and the merge skips them.
-      const int64_t rows = B * H;
-      const int64_t groups = std::min(rows, std::max<int64_t>(1, (threads + splits - 1) / splits));
-      parts.resize(splits * groups);
+  // Narrower caches with one query head a key read as stored (QKV; Q-K=V with learned positions): the general
+  // loop. Widening them first measured (Zen 1, the read alone at 8k, batch 4, chunks of 32-128 positions) keys and
+  // values apart bf16 0.81-0.95x, int8 0.69-0.78x, float8 0.91x; one K = V stream bf16 0.93-1.15x, int8
+  // 0.99-1.19x, but float8 1.50-1.53x (the general loop looks each code up one at a time): widened.
+  const bool apart = key.data != val.data || key.sb != val.sb || key.sh != val.sh || key.st != val.st;
+  const bool general = !std::is_same_v<V, float> && G == 1 && !rotate && (apart || !std::is_same_v<V, uint8_t>);
+  if ((D == 32 || D == 64 || D == 128) && !general) {  // heads of 16-float vectors: 16 keys per vector of scores
+    using Read = void (*)(const float*, const float*, Stream<V>, Stream<V>, const float*, const bool*, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, Partial&);
+    Read vec;
+    if constexpr (std::is_same_v<V, float>)
+      vec = rotate && G == 1 ? (D == 64 ? attend_pairs<64> : D == 128 ? attend_pairs<128> : attend_pairs<32>)
+            : rotate ? (D == 64 ? attend_vec<64, true> : D == 128 ? attend_vec<128, true> : attend_vec<32, true>)
+                     : (D == 64 ? attend_vec<64, false> : D == 128 ? attend_vec<128, false> : attend_vec<32, false>);
+    else  // narrower caches: widened a chunk at a time, then read as float32
+      vec = rotate ? (D == 64 ? attend_widened<V, 64, true> : D == 128 ? attend_widened<V, 128, true>
+                                                                       : attend_widened<V, 32, true>)
+                   : (D == 64 ? attend_widened<V, 64, false> : D == 128 ? attend_widened<V, 128, false>
+                                                                        : attend_widened<V, 32, false>);
+    // Fewer key ranges than threads (short caches): the (row, key head) streams are split too, so every thread
+    // reads; a work item's rows outside its group keep m = -inf and the merge skips them.
+    const int64_t rows = B * H;
+    const int64_t groups = std::min(rows, std::max<int64_t>(1, (threads + splits - 1) / splits));
+    parts.resize(splits * groups);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-      for (int64_t w = 0; w < splits * groups; ++w) {
-        const int64_t s = w / groups, g = w % groups;
-        const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
-        vec(q, qs, key, val, rot, mp, T, B, H, G, t0, std::max(t0, t1), g * rows / groups, (g + 1) * rows / groups,
-            parts[w]);
-      }
-      merge(parts, B * H * G, D, threads, out);
-      return;
+    for (int64_t w = 0; w < splits * groups; ++w) {
+      const int64_t s = w / groups, g = w % groups;
+      const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
+      vec(q, qs, key, val, rot, mp, T, B, H, G, t0, std::max(t0, t1), g * rows / groups, (g + 1) * rows / groups,
+          parts[w]);
     }
+    merge(parts, B * H * G, D, threads, out);
+    return;
   }
   auto attend = rotate ? (D == 64 ? attend_range<V, 64, true> : D == 128 ? attend_range<V, 128, true>
                           : D == 32 ? attend_range<V, 32, true> : attend_range<V, 0, true>)
