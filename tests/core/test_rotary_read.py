@@ -367,7 +367,8 @@ def test_large_float_caches_read_in_one_pass_and_equal_the_full_forward(variant,
 
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
-                                           (2, 2, 3, 65, 32), (1, 3, 1, 300, 64), (2, 1, 5, 260, 64)])
+                                           (2, 2, 3, 65, 32), (1, 3, 1, 300, 64), (2, 1, 5, 260, 64),
+                                           (2, 3, 1, 200, 64)])
 @pytest.mark.parametrize("dtype", QUANTIZED)
 def test_the_cpu_kernel_dequantises_a_quantised_cache_as_it_reads(B, H, G, T, D, rotate, dtype):
     """int8 / float8 values and bfloat16 scales read in place (one stream, or keys and values apart; rows of other
@@ -391,7 +392,7 @@ def test_the_cpu_kernel_dequantises_a_quantised_cache_as_it_reads(B, H, G, T, D,
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("B, H, G, T, D", [(2, 3, 1, 100, 8), (1, 1, 6, 2100, 64), (3, 2, 1, 1500, 128),
                                            (2, 2, 3, 65, 48), (1, 3, 1, 300, 64), (2, 1, 5, 260, 64),
-                                           (2, 2, 4, 129, 32), (1, 2, 2, 700, 128)])
+                                           (2, 2, 4, 129, 32), (1, 2, 2, 700, 128), (2, 3, 1, 200, 64)])
 def test_the_cpu_kernel_widens_a_bfloat16_cache_as_it_reads(B, H, G, T, D, rotate):
     """bfloat16 values read in place (one stream, or keys and values apart) give what their float32 copy gives."""
     g = torch.Generator().manual_seed(T + D + 1)
