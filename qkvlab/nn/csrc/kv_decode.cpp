@@ -832,61 +832,51 @@ void attend_widened(const float* q, const float* qs, Stream<V> key, Stream<V> va
                     int64_t bh0, int64_t bh1, Partial& out) {
   out.start(B * H * G, kD);
   const bool shared = key.data == val.data && key.sb == val.sb && key.sh == val.sh && key.st == val.st;
+  // Scratch for every stream up to bh1 (stream bh at bh * kWiden * kD), so the float32 loops find each (row, key
+  // head) where their strides say; only this item's streams are written, two at most a chunk.
+  thread_local std::vector<float> kbuf, vbuf;
+  const auto size = static_cast<size_t>(bh1 * kWiden * kD);
+  if (kbuf.size() < size) kbuf.resize(size);
+  if (!shared && vbuf.size() < size) vbuf.resize(size);
+  const Stream<float> kf{kbuf.data(), H * kWiden * kD, kWiden * kD, kD, Scales{nullptr, 0, 0}, nullptr};
+  const Stream<float> vf = shared ? kf : Stream<float>{vbuf.data(), kf.sb, kf.sh, kD, Scales{nullptr, 0, 0}, nullptr};
   const bool heads = kD <= 64 && ((G >= 2 && G <= 4) || G == 6);  // attend_heads: one stream a call
   const int64_t streams = heads ? 1 : (kRotate && (G == 1 || kD <= 64)) ? 2 : 1;
-  // The float32 loops see the ns streams being read as rows 0 .. ns - 1 of a batch with one key head a row (H = 1):
-  // their scratch (kbuf, vbuf: stream s at s * kWiden * kD), queries, softmax state (`part`) and mask rows (the
-  // second stream's the next row's, or the same row's with mask stride 0) all start at the first of them.
-  thread_local std::vector<float> kbuf, vbuf;
-  kbuf.resize(2 * kWiden * kD);
-  vbuf.resize(shared ? 0 : 2 * kWiden * kD);
-  const Stream<float> kf{kbuf.data(), kWiden * kD, 0, kD, Scales{nullptr, 0, 0}, nullptr};
-  const Stream<float> vf = shared ? kf : Stream<float>{vbuf.data(), kWiden * kD, 0, kD, Scales{nullptr, 0, 0}, nullptr};
   std::vector<float> probs(G * 16), rescale(G);  // attend_group's scratch
   std::vector<float*> accs(G);
-  Partial part;
   for (int64_t bh = bh0; bh < bh1; bh += streams) {
     const int64_t ns = std::min(streams, bh1 - bh);
-    const float* qb = q + bh * G * kD;
-    const float* qsb = qs + bh * G * kD;
-    const bool* mb = mask == nullptr ? nullptr : mask + (bh / H) * mask_stride;
-    const int64_t ms = ns == 2 && (bh + 1) / H != bh / H ? mask_stride : 0;
-    part.start(ns * G, kD);
     for (int64_t c0 = t0; c0 < t1; c0 += kWiden) {
       const int64_t n = std::min(kWiden, t1 - c0);
-      for (int64_t s = 0; s < ns; ++s) {
-        widen(key, (bh + s) / H, (bh + s) % H, c0, n, kD, kbuf.data() + s * kWiden * kD);
-        if (!shared) widen(val, (bh + s) / H, (bh + s) % H, c0, n, kD, vbuf.data() + s * kWiden * kD);
+      for (int64_t s = bh; s < bh + ns; ++s) {
+        widen(key, s / H, s % H, c0, n, kD, kbuf.data() + s * kWiden * kD);
+        if (!shared) widen(val, s / H, s % H, c0, n, kD, vbuf.data() + s * kWiden * kD);
       }
       const float* r = kRotate ? rot + c0 * kD : nullptr;  // positions from c0: the chunk's 0 .. n - 1
-      const bool* mk = mb == nullptr ? nullptr : mb + c0;
+      const bool* mk = mask == nullptr ? nullptr : mask + c0;
       if constexpr (kD <= 64) {
         if (heads) {
-          if (G == 2) attend_heads<kD, 2, kRotate>(qb, kf, vf, r, mk, ms, 1, 0, n, 0, part);
-          else if (G == 3) attend_heads<kD, 3, kRotate>(qb, kf, vf, r, mk, ms, 1, 0, n, 0, part);
-          else if (G == 4) attend_heads<kD, 4, kRotate>(qb, kf, vf, r, mk, ms, 1, 0, n, 0, part);
-          else attend_heads<kD, 6, kRotate>(qb, kf, vf, r, mk, ms, 1, 0, n, 0, part);
+          if (G == 2) attend_heads<kD, 2, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else if (G == 3) attend_heads<kD, 3, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else if (G == 4) attend_heads<kD, 4, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else attend_heads<kD, 6, kRotate>(q, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
           continue;
         }
       }
       if constexpr (kRotate) {
         if (G == 1) {
-          if (ns == 2) attend_streams<kD, 2>(qb, qsb, kf, vf, r, mk, ms, 1, 0, n, 0, part);
-          else attend_streams<kD, 1>(qb, qsb, kf, vf, r, mk, ms, 1, 0, n, 0, part);
+          if (ns == 2) attend_streams<kD, 2>(q, qs, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
+          else attend_streams<kD, 1>(q, qs, kf, vf, r, mk, mask_stride, H, 0, n, bh, out);
           continue;
         }
       }
       if (ns == 2)
-        attend_group<kD, kRotate, 2>(qb, kf, vf, r, mk, ms, 1, G, 0, n, 0, part, probs.data(), rescale.data(),
-                                     accs.data());
+        attend_group<kD, kRotate, 2>(q, kf, vf, r, mk, mask_stride, H, G, 0, n, bh, out, probs.data(),
+                                     rescale.data(), accs.data());
       else
-        attend_group<kD, kRotate, 1>(qb, kf, vf, r, mk, ms, 1, G, 0, n, 0, part, probs.data(), rescale.data(),
-                                     accs.data());
+        attend_group<kD, kRotate, 1>(q, kf, vf, r, mk, mask_stride, H, G, 0, n, bh, out, probs.data(),
+                                     rescale.data(), accs.data());
     }
-    const int64_t rows = ns * G, at = bh * G;  // these streams' (row, query head)s in out
-    std::copy(part.m.begin(), part.m.end(), out.m.begin() + at);
-    std::copy(part.l.begin(), part.l.end(), out.l.begin() + at);
-    std::copy(part.acc.begin(), part.acc.begin() + rows * kD, out.acc.begin() + at * kD);
   }
 }
 
